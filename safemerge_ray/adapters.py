@@ -1,0 +1,168 @@
+"""PEFT LoRA adapter directories: config, key <-> module mapping, and per-module scaling.
+
+Saved PEFT keys look like `base_model.model.<module>.lora_A.weight`; `<module>` is the module path
+inside the base model (`model.layers.0.self_attn.q_proj`), whose weight is `<module>.weight` in the
+model's checkpoint. Everything is matched by these names, never by position in a file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import SafeMergeError
+from .storage import Dir, sha256_of
+from .tensors import SafetensorsFile, natural_key
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+# Config switches for LoRA variants whose update is not `scaling * B @ A` on a 2-D weight.
+_UNSUPPORTED_FLAGS = {
+    "use_dora": "DoRA (its magnitude vector changes the update; SafeMERGE merges plain LoRA)",
+    "lora_bias": "LoRA with a bias on lora_B",
+    "target_parameters": "LoRA on raw nn.Parameters",
+    "layer_replication": "layer replication",
+    "trainable_token_indices": "trainable tokens",
+}
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    module: str  # PEFT module path, e.g. model.layers.0.self_attn.q_proj
+    rank: int
+    alpha: float
+    scaling: float
+    a_shape: tuple[int, int]  # [r, in]
+    b_shape: tuple[int, int]  # [out, r]
+
+    @property
+    def a_key(self) -> str:
+        return f"{PREFIX}{self.module}.lora_A.weight"
+
+    @property
+    def b_key(self) -> str:
+        return f"{PREFIX}{self.module}.lora_B.weight"
+
+
+@dataclass
+class LoraAdapter:
+    uri: str
+    config: dict
+    modules: dict[str, LoraModule]
+    extra_keys: list[str] = field(default_factory=list)  # modules_to_save tensors, passed through
+    fingerprint: str = ""
+    file: SafetensorsFile | None = None
+
+    def read_lora(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of one module as float32, checked for NaN/Inf."""
+        m = self.modules[module]
+        pair = []
+        for key in (m.a_key, m.b_key):
+            t = self.file.read(key).float()
+            if not torch.isfinite(t).all():
+                raise SafeMergeError(f"adapter {self.uri}: tensor {key} contains NaN or Inf")
+            pair.append(t)
+        return pair[0], pair[1]
+
+    def read_extra(self) -> dict[str, torch.Tensor]:
+        return {k: self.file.read(k) for k in self.extra_keys}
+
+    @property
+    def modules_to_save(self) -> list[str]:
+        return list(self.config.get("modules_to_save") or [])
+
+
+def load_adapter(store: Dir, what: str) -> LoraAdapter:
+    if not store.exists(CONFIG):
+        pickles = [n for n in store.list() if n.startswith("adapter_model.") and n != WEIGHTS]
+        hint = f" (found {', '.join(pickles)})" if pickles else ""
+        raise SafeMergeError(f"{what}: {store.uri} is not a PEFT adapter directory: no {CONFIG}{hint}")
+    raw_config = store.read(CONFIG)
+    try:
+        config = json.loads(raw_config)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise SafeMergeError(f"{what}: corrupt {CONFIG} in {store.uri} ({exc})") from None
+    if not store.exists(WEIGHTS):
+        others = [n for n in store.list() if n.startswith("adapter_model.")]
+        if others:
+            raise SafeMergeError(
+                f"{what}: {store.uri} holds {', '.join(others)} but no {WEIGHTS}; pickle checkpoints run "
+                "arbitrary code when loaded, so they are refused. Re-save with safe_serialization=True."
+            )
+        raise SafeMergeError(f"{what}: missing {WEIGHTS} in {store.uri}")
+    _check_config(config, what)
+    weights = SafetensorsFile(store, WEIGHTS)
+    modules, extra = _parse_keys(weights, config, what)
+    fingerprint = sha256_of(raw_config + b"\0" + store.read(WEIGHTS))
+    return LoraAdapter(store.uri, config, modules, extra, fingerprint, weights)
+
+
+def _check_config(config: dict, what: str) -> None:
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise SafeMergeError(f"{what}: peft_type {peft_type} is not LoRA; SafeMERGE merges LoRA adapters")
+    for flag, name in _UNSUPPORTED_FLAGS.items():
+        if config.get(flag):
+            raise SafeMergeError(f"{what}: {name} is not supported ({flag} is set in {CONFIG})")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
+            raise SafeMergeError(f"{what}: {CONFIG} needs a positive {key!r}, got {config.get(key)!r}")
+
+
+def _parse_keys(weights: SafetensorsFile, config: dict, what: str):
+    from peft.utils.other import get_pattern_key  # PEFT's own pattern semantics, so scaling matches PEFT
+
+    halves: dict[str, dict[str, tuple]] = {}
+    extra: list[str] = []
+    to_save = list(config.get("modules_to_save") or [])
+    for key, info in weights.tensors.items():
+        if not key.startswith(PREFIX):
+            raise SafeMergeError(f"{what}: unexpected tensor {key!r} (PEFT keys start with {PREFIX!r})")
+        path = key[len(PREFIX):]
+        module, _, tail = path.rpartition(".lora_")
+        if module and tail in ("A.weight", "B.weight"):
+            if len(info.shape) != 2:
+                raise SafeMergeError(
+                    f"{what}: module {module} has a {len(info.shape)}-D LoRA weight (convolution LoRA); "
+                    "only linear layers are supported"
+                )
+            halves.setdefault(module, {})[tail[0]] = info.shape
+        elif module and tail.startswith(("embedding_A", "embedding_B")):
+            raise SafeMergeError(f"{what}: module {module} is an embedding LoRA, which SafeMERGE does not cover")
+        elif module and tail.startswith("magnitude_vector"):
+            raise SafeMergeError(f"{what}: module {module} is a DoRA layer, which SafeMERGE does not cover")
+        elif module and tail == "B.bias":
+            raise SafeMergeError(f"{what}: module {module} has a lora_B bias, which SafeMERGE does not cover")
+        elif any(path == m or path.startswith(m + ".") or f".{m}." in f".{path}" for m in to_save):
+            extra.append(key)
+        else:
+            raise SafeMergeError(f"{what}: unexpected tensor {key!r}: neither LoRA nor modules_to_save")
+
+    use_rslora = bool(config.get("use_rslora"))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    modules: dict[str, LoraModule] = {}
+    for module in sorted(halves, key=natural_key):
+        shapes = halves[module]
+        if set(shapes) != {"A", "B"}:
+            raise SafeMergeError(f"{what}: module {module} has lora_{''.join(shapes)} but not both lora_A and lora_B")
+        a_shape, b_shape = shapes["A"], shapes["B"]
+        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config["r"])
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config["lora_alpha"])
+        if a_shape[0] != r or b_shape[1] != r:
+            raise SafeMergeError(
+                f"{what}: module {module}: config gives rank {r} but lora_A is {list(a_shape)} and "
+                f"lora_B is {list(b_shape)}"
+            )
+        scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        modules[module] = LoraModule(module, int(r), float(alpha), scaling, tuple(a_shape), tuple(b_shape))
+    if not modules:
+        raise SafeMergeError(f"{what}: {WEIGHTS} holds no LoRA layers")
+    return modules, sorted(extra)

@@ -1,0 +1,139 @@
+"""Merge decisions and per-layer merge arithmetic.
+
+Policies decide per module from `rho`; methods combine one module's fine-tune and safety LoRA
+exactly as PEFT's `add_weighted_adapter` does for weights `[w_ft, w_safe]` on that layer (they call
+`peft.utils.merge_utils`, so the arithmetic is PEFT's own). Every output layer is expressed with
+scaling 1 (the output config has `r = lora_alpha` per module), as `add_weighted_adapter` does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from peft.utils import merge_utils
+
+from .errors import SafeMergeError
+
+Lora = tuple[torch.Tensor, torch.Tensor]  # (A [r, in], B [out, r]), float32
+
+POLICIES = ("safemerge", "safelora")
+SIGN_METHODS = ("total", "frequency")
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    policy: str = "safemerge"
+    tau: float = 0.35
+    weights: tuple[float, float] = (0.8, 0.2)  # (fine-tune, safety)
+    method: str = "linear"
+    density: float | None = None
+    majority_sign_method: str = "total"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise SafeMergeError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
+        if self.method not in METHODS:
+            raise SafeMergeError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        # rho = ||V^T dW||^2 / (||C dW|| ||dW||) >= 0 because C is positive semi-definite.
+        if not (isinstance(self.tau, (int, float)) and 0.0 <= self.tau <= 1.0):
+            raise SafeMergeError(f"tau must be a number in [0, 1] (rho is a cosine >= 0); got {self.tau!r}")
+        if len(self.weights) != 2 or not all(isinstance(w, (int, float)) and 0.0 <= w <= 1.0 for w in self.weights):
+            raise SafeMergeError(
+                f"weights must be two numbers in [0, 1], fine-tune then safety (e.g. 0.8,0.2); got {self.weights!r}"
+            )
+        if not any(self.weights):
+            raise SafeMergeError("weights must not both be 0: the merged layer would be empty")
+        if self.method in DENSITY_METHODS:
+            if self.density is None:
+                raise SafeMergeError(f"method {self.method} needs a density in (0, 1], e.g. --density 0.5")
+        if self.density is not None and not (isinstance(self.density, (int, float)) and 0.0 < self.density <= 1.0):
+            raise SafeMergeError(f"density must be in (0, 1]; got {self.density!r}")
+        if self.majority_sign_method not in SIGN_METHODS:
+            raise SafeMergeError(
+                f"majority_sign_method must be one of {', '.join(SIGN_METHODS)}; got {self.majority_sign_method!r}"
+            )
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise SafeMergeError(f"seed must be a non-negative integer; got {self.seed!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decide(policy: str, rho: float, tau: float) -> bool:
+    """True when the module is repaired: merged (safemerge) or projected (safelora)."""
+    return rho < tau if policy == "safemerge" else rho <= tau
+
+
+def _sqrt_weights(weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    # PEFT: sqrt(|w * scaling|) on both sides, the sign on the A side only.
+    wa = [math.copysign(math.sqrt(abs(w)), w) for w in weights]
+    wb = [math.sqrt(abs(w)) for w in weights]
+    return torch.tensor(wa), torch.tensor(wb)
+
+
+def kept_layer(lora: Lora, scaling: float) -> Lora:
+    """The fine-tune's own update, rewritten with scaling 1; no method touches it."""
+    (a, b), (wa, wb) = lora, _sqrt_weights([scaling])
+    return a * wa[0], b * wb[0]
+
+
+def _task_arithmetic_method(combine: Callable) -> Callable:
+    def method(loras: list[Lora], weighted: list[float], density, sign_method) -> Lora:
+        ranks = {a.shape[0] for a, _ in loras}
+        if len(ranks) != 1:
+            raise SafeMergeError(
+                f"ranks {sorted(ranks)} cannot be combined element-wise; use --method cat, which stacks ranks"
+            )
+        wa, wb = _sqrt_weights(weighted)
+        a = combine([a for a, _ in loras], wa, density, sign_method)
+        b = combine([b for _, b in loras], wb, density, sign_method)
+        return a, b
+
+    return method
+
+
+def _cat(loras: list[Lora], weighted: list[float], density, sign_method) -> Lora:
+    # PEFT's cat: weight and scaling on A, ranks stacked; exact, whatever the ranks.
+    return (torch.cat([a * w for (a, _), w in zip(loras, weighted)], dim=0),
+            torch.cat([b for _, b in loras], dim=1))
+
+
+METHODS: dict[str, Callable] = {
+    "linear": _task_arithmetic_method(lambda t, w, d, s: merge_utils.task_arithmetic(t, w)),
+    "cat": _cat,
+    "ties": _task_arithmetic_method(lambda t, w, d, s: merge_utils.ties(t, w, d, s)),
+    "dare_linear": _task_arithmetic_method(lambda t, w, d, s: merge_utils.dare_linear(t, w, d)),
+    "dare_ties": _task_arithmetic_method(lambda t, w, d, s: merge_utils.dare_ties(t, w, d, s)),
+    "magnitude_prune": _task_arithmetic_method(lambda t, w, d, s: merge_utils.magnitude_prune(t, w, d)),
+}
+DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+def module_seed(seed: int, module: str) -> int:
+    """A seed per (run seed, module): DARE's drop is the same whatever order or process merges it."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{module}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def merged_layer(settings: MergeSettings, module: str, loras: list[Lora], scalings: list[float]) -> Lora:
+    """One module's fine-tune and safety LoRA merged with `settings.weights`, PEFT's arithmetic."""
+    weighted = [w * s for w, s in zip(settings.weights, scalings)]
+    # PEFT's DARE draws from torch's global generator; fork it so the draw is seeded per module and
+    # leaves the caller's random state alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(module_seed(settings.seed, module))
+        try:
+            return METHODS[settings.method](loras, weighted, settings.density, settings.majority_sign_method)
+        except SafeMergeError as exc:
+            raise SafeMergeError(f"module {module}: {exc}") from None
+
+
+def projected_layer(lora: Lora, scaling: float, projected_b: torch.Tensor) -> Lora:
+    """SafeLoRA: B replaced by C B, A kept; scaling folded in as for a kept layer."""
+    a, _ = kept_layer(lora, scaling)
+    _, b = kept_layer((lora[0], projected_b), scaling)
+    return a, b

@@ -1,0 +1,127 @@
+"""`safemerge-ray merge`: repair one fine-tuned adapter, module by module.
+
+Flow: plan from headers -> per module read the two model weights once, score, decide -> assemble
+-> write everything to a staging directory -> rename into place. Peak memory is a few modules.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .adapters import LoraAdapter, load_adapter
+from .assemble import AssembledAdapter, ModuleScore, assemble_adapter
+from .errors import SafeMergeError
+from .merge import MergeSettings, decide
+from .output import DECISIONS, SUMMARY, check_output_target, staged_dir, write_adapter_files
+from .plan import ModulePlan, plan_adapter
+from .progress import Progress
+from .report import counts, write_decisions, write_json
+from .storage import open_dir
+from .subspace import alignment_delta, lora_rho, project_lora_b
+from .tensors import Checkpoint
+
+
+def resolve_device(device: str) -> str:
+    if device == "cpu":
+        return device
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SafeMergeError("--device cuda was asked for but no CUDA device is available")
+        return device
+    raise SafeMergeError(f"device must be cpu or cuda; got {device!r}")
+
+
+def read_delta(plan: ModulePlan, unaligned: Checkpoint, aligned: Checkpoint, device: str) -> torch.Tensor:
+    """V = W_aligned - W_unaligned for one module, as [out, in] float32 on `device`."""
+    v = alignment_delta(aligned.read(plan.weight_key), unaligned.read(plan.weight_key), plan.module, device)
+    return v.T if plan.transpose else v
+
+
+def score_module(module: str, v: torch.Tensor, loras: list[tuple[torch.Tensor, torch.Tensor]],
+                 settings: list[MergeSettings]) -> list[ModuleScore]:
+    """Score every adapter's LoRA for one module against its V in one batch."""
+    dev = v.device
+    rhos = lora_rho(v, [(a.to(dev), b.to(dev)) for a, b in loras]).tolist()
+    scores = []
+    for (a, b), rho, s in zip(loras, rhos, settings):
+        projected = project_lora_b(v, b) if s.policy == "safelora" and decide(s.policy, rho, s.tau) else None
+        scores.append(ModuleScore(module, rho, projected))
+    return scores
+
+
+@dataclass
+class Inputs:
+    unaligned: Checkpoint
+    aligned: Checkpoint
+    finetuned: LoraAdapter
+    safety: LoraAdapter | None
+
+    def fingerprints(self) -> dict:
+        fp = {
+            "unaligned_model": self.unaligned.fingerprint(),
+            "aligned_model": self.aligned.fingerprint(),
+            "finetuned_adapter": self.finetuned.fingerprint,
+        }
+        if self.safety is not None:
+            fp["safety_adapter"] = self.safety.fingerprint
+        return fp
+
+
+def open_inputs(unaligned: str, aligned: str, finetuned: str, safety: str | None, policy: str) -> Inputs:
+    if safety is None and policy == "safemerge":
+        raise SafeMergeError("policy safemerge needs --safety-adapter")
+    return Inputs(
+        unaligned=Checkpoint(open_dir(unaligned, what="unaligned model"), "unaligned model"),
+        aligned=Checkpoint(open_dir(aligned, what="aligned model"), "aligned model"),
+        finetuned=load_adapter(open_dir(finetuned, what="fine-tuned adapter"), "fine-tuned adapter"),
+        safety=load_adapter(open_dir(safety, what="safety adapter"), "safety adapter") if safety else None,
+    )
+
+
+def repair_adapter(name: str, inputs: Inputs, settings: MergeSettings, device: str = "cpu",
+                   progress: bool = True) -> tuple[list[ModulePlan], AssembledAdapter]:
+    plans = plan_adapter(inputs.unaligned, inputs.aligned, inputs.finetuned, inputs.safety)
+    bar = Progress("score", len(plans)) if progress else None
+    scores: dict[str, ModuleScore] = {}
+    for plan in plans:
+        v = read_delta(plan, inputs.unaligned, inputs.aligned, device)
+        (scores[plan.module],) = score_module(plan.module, v, [inputs.finetuned.read_lora(plan.module)], [settings])
+        del v
+        if bar:
+            bar.advance(nbytes=plan.nbytes)
+    return plans, assemble_adapter(name, plans, scores, inputs.finetuned, inputs.safety, settings)
+
+
+def merge_to_dir(*, unaligned: str, aligned: str, safety_adapter: str | None, finetuned: str, out: str,
+                 settings: MergeSettings, device: str = "cpu", progress: bool = True) -> dict:
+    """Run the whole single-adapter repair and commit OUT atomically; returns the summary."""
+    device = resolve_device(device)
+    out_path = check_output_target(out)
+    inputs = open_inputs(unaligned, aligned, finetuned, safety_adapter, settings.policy)
+    name = Path(finetuned.rstrip("/")).name
+    plans, result = repair_adapter(name, inputs, settings, device, progress)
+    summary = {
+        "tool": "safemerge-ray", "version": __version__,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "adapter": name,
+        "inputs": {"unaligned_model": unaligned, "aligned_model": aligned,
+                   "safety_adapter": safety_adapter, "finetuned_adapter": finetuned},
+        "fingerprints": inputs.fingerprints(),
+        "settings": settings.to_dict(),
+        "counts": counts(result.decisions),
+        "safety_only_modules": sorted(set(inputs.safety.modules) - set(inputs.finetuned.modules))
+        if inputs.safety else [],
+        "modules_to_save_passed_through": inputs.finetuned.modules_to_save,
+        "bytes_read_from_models": sum(p.nbytes for p in plans),
+    }
+    with staged_dir(out_path) as stage:
+        write_adapter_files(stage, result.tensors, result.config)
+        write_decisions(result.decisions, stage / DECISIONS)
+        write_json(summary, stage / SUMMARY)
+    summary["decisions"] = result.decisions
+    return summary

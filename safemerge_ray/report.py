@@ -1,0 +1,57 @@
+"""Decision tables (Parquet), run summaries (JSON) and the short table the CLI prints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+DECISION_SCHEMA = pa.schema([
+    ("adapter", pa.string()),
+    ("module", pa.string()),
+    ("rho", pa.float64()),
+    ("tau", pa.float64()),
+    ("merged", pa.bool_()),
+    ("action", pa.string()),
+    ("policy", pa.string()),
+    ("method", pa.string()),
+    ("weight_finetuned", pa.float64()),
+    ("weight_safety", pa.float64()),
+    ("rank", pa.int32()),
+    ("safety_lora_present", pa.bool_()),
+])
+
+
+def write_decisions(rows: list[dict], path: Path) -> None:
+    table = pa.Table.from_pylist(rows, schema=DECISION_SCHEMA)
+    pq.write_table(table, path)
+
+
+def read_decisions(path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def write_json(data: dict, path: Path) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def counts(rows: list[dict]) -> dict:
+    actions: dict[str, int] = {}
+    for r in rows:
+        actions[r["action"]] = actions.get(r["action"], 0) + 1
+    return {"modules": len(rows), "repaired": sum(r["merged"] for r in rows), "actions": actions}
+
+
+def format_table(rows: list[dict], limit: int = 40) -> str:
+    """The repaired modules, one line each, lowest rho first."""
+    repaired = sorted((r for r in rows if r["merged"]), key=lambda r: r["rho"])
+    lines = [f"{'module':<48} {'rho':>8} {'tau':>6}  action"]
+    for r in repaired[:limit]:
+        lines.append(f"{r['module']:<48} {r['rho']:>8.4f} {r['tau']:>6.3f}  {r['action']}")
+    if len(repaired) > limit:
+        lines.append(f"... and {len(repaired) - limit} more (see decisions.parquet)")
+    if not repaired:
+        lines.append("(no module needed repair)")
+    return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""Small synthetic model pairs and adapters, built with transformers and PEFT, for the demo and tests.
+
+The aligned model is the unaligned one plus a rank-`k` update per target module, so each module
+has a known safety subspace `span(U)`. The safety adapter's updates lie in it; each fine-tune puts
+some modules in it (rho near 1: kept) and lets others drift to random directions
+(rho about sqrt(k / out): repaired), so a run shows both decisions. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .tensors import save_tensors
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DOMAINS = ("gsm8k", "medqa", "legal", "support", "code", "finance", "chemistry", "travel",
+           "poetry", "sql", "biology", "history", "tax", "retail", "hr", "sports")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    arch: str = "llama"  # llama | qwen2 (q/k/v biases)
+    hidden: int = 64
+    intermediate: int | None = None  # default 2 * hidden
+    layers: int = 2
+    heads: int = 4
+    rank: int = 8
+    dtype: str = "float32"
+    subspace_rank: int = 4
+    drift_fraction: float = 0.4  # share of a fine-tune's modules that leave the safety subspace
+    seed: int = 0
+    max_shard_size: str | None = None  # e.g. "20MB" to get a sharded checkpoint
+
+
+def make_model(spec: SynthSpec):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(hidden_size=spec.hidden, intermediate_size=spec.intermediate or 2 * spec.hidden,
+                  num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+                  num_key_value_heads=spec.heads, vocab_size=128, max_position_embeddings=64,
+                  tie_word_embeddings=False)
+    torch.manual_seed(spec.seed)
+    if spec.arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif spec.arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(f"unknown arch {spec.arch}")
+    return model.to(_DTYPES[spec.dtype]).eval()
+
+
+def _orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=gen))
+    return q
+
+
+def target_modules(model) -> dict[str, torch.nn.Linear]:
+    return {name: mod for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS}
+
+
+def build_fixture(out: str | Path, spec: SynthSpec = SynthSpec(), n_finetunes: int = 1,
+                  finetune_rank: int | None = None) -> dict[str, Path]:
+    """Write unaligned/, aligned/, safety/ and finetuned/<domain>/ under `out`; returns their paths."""
+    out = Path(out)
+    gen = torch.Generator().manual_seed(spec.seed + 1)
+    model = make_model(spec)
+    paths = {"unaligned": out / "unaligned", "aligned": out / "aligned", "safety": out / "safety"}
+    model.save_pretrained(paths["unaligned"], max_shard_size=spec.max_shard_size or "10GB")
+
+    modules = target_modules(model)
+    bases: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, mod in modules.items():
+            out_f, in_f = mod.weight.shape
+            u = _orthonormal(out_f, spec.subspace_rank, gen)
+            w = _orthonormal(in_f, spec.subspace_rank, gen)
+            scale = mod.weight.float().std() * 2.0
+            mod.weight += (scale * u @ w.T).to(mod.weight.dtype)
+            bases[name] = u
+    model.save_pretrained(paths["aligned"], max_shard_size=spec.max_shard_size or "10GB")
+
+    shapes = {name: tuple(mod.weight.shape) for name, mod in modules.items()}
+    write_lora(paths["safety"], _safety_loras(shapes, bases, spec.rank, gen), spec.rank)
+    rng = random.Random(spec.seed)
+    r_ft = finetune_rank or spec.rank
+    for i in range(n_finetunes):
+        name = DOMAINS[i] if i < len(DOMAINS) else f"domain{i:03d}"
+        drifted = {m for m in shapes if rng.random() < spec.drift_fraction}
+        paths[f"finetuned/{name}"] = out / "finetuned" / name
+        write_lora(paths[f"finetuned/{name}"], _finetune_loras(shapes, bases, drifted, r_ft, gen), r_ft)
+    return paths
+
+
+def _safety_loras(shapes, bases, r, gen):
+    loras = {}
+    for name, (out_f, in_f) in shapes.items():
+        u = bases[name]
+        mix = torch.randn(u.shape[1], r, generator=gen)
+        b = 0.02 * (u @ mix + 0.05 * torch.randn(out_f, r, generator=gen))
+        a = torch.randn(r, in_f, generator=gen) / in_f**0.5
+        loras[name] = (a, b)
+    return loras
+
+
+def _finetune_loras(shapes, bases, drifted, r, gen):
+    loras = {}
+    for name, (out_f, in_f) in shapes.items():
+        if name in drifted:
+            b = 0.02 * torch.randn(out_f, r, generator=gen)
+        else:
+            u = bases[name]
+            b = 0.02 * (u @ torch.randn(u.shape[1], r, generator=gen) + 0.1 * torch.randn(out_f, r, generator=gen))
+        a = torch.randn(r, in_f, generator=gen) / in_f**0.5
+        loras[name] = (a, b)
+    return loras
+
+
+def write_lora(directory: Path, loras: dict[str, tuple[torch.Tensor, torch.Tensor]], r: int,
+               lora_alpha: float | None = None, dtype: torch.dtype = torch.float32, **config_extra) -> None:
+    """Write a PEFT adapter directory: PEFT's own LoraConfig and its saved key layout."""
+    from peft import LoraConfig
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = LoraConfig(r=r, lora_alpha=lora_alpha if lora_alpha is not None else 2 * r,
+                        target_modules=sorted({m.rsplit(".", 1)[-1] for m in loras}), lora_dropout=0.0,
+                        task_type="CAUSAL_LM", **config_extra)
+    config.save_pretrained(str(directory))
+    tensors = {}
+    for module, (a, b) in loras.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(dtype)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(dtype)
+    save_tensors(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
