@@ -56,4 +56,8 @@ def staged_dir(out: Path):
 
 def write_adapter_files(directory: Path, tensors: dict, config: dict) -> None:
     save_tensors(tensors, directory / WEIGHTS, metadata={"format": "pt"})
+    # safetensors creates its files 0600; consumers (a serving fleet) usually run as another user.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory / WEIGHTS, 0o666 & ~umask)
     (directory / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
