@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     except SafeMergeError as exc:
         print(f"safemerge-ray: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # disk full, permissions: the environment, not a bug
+        print(f"safemerge-ray: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("safemerge-ray: interrupted; nothing was committed", file=sys.stderr)
         return 130

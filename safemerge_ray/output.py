@@ -1,4 +1,5 @@
-"""Atomic output directories: everything is written under a staging name and renamed into place."""
+"""Output bytes and their commit: a local directory appears whole (one rename), an S3 prefix gets its
+summary last (a prefix without `summary.json` is not a finished output)."""
 
 from __future__ import annotations
 
@@ -9,30 +10,65 @@ import shutil
 import uuid
 from pathlib import Path
 
+from safetensors.torch import save as safetensors_bytes
+
 from .adapters import CONFIG, WEIGHTS
 from .errors import SafeMergeError
-from .tensors import save_tensors
+from .storage import Dir, LocalDir, S3Dir, S3Settings
 
 SUMMARY = "summary.json"
 DECISIONS = "decisions.parquet"
 
 
-def check_output_target(out: str | os.PathLike) -> Path:
+def adapter_files(tensors: dict, config: dict) -> dict[str, bytes]:
+    """A PEFT adapter directory as bytes: the same inputs always give the same bytes."""
+    weights = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+    return {CONFIG: json_bytes(config), WEIGHTS: weights}
+
+
+def json_bytes(data) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _is_our_output(d: Dir) -> bool:
+    if not d.exists(SUMMARY):
+        return False
+    try:
+        return json.loads(d.read(SUMMARY)).get("tool") == "safemerge-ray"
+    except (ValueError, AttributeError):
+        return False
+
+
+def check_output_target(out: str, s3: S3Settings = S3Settings()) -> Dir:
     """Refuse before any work if OUT holds something that is not an earlier safemerge-ray output."""
-    if str(out).startswith("s3://"):
-        raise SafeMergeError(f"output: s3:// locations are not supported yet ({out})")
-    path = Path(out)
-    if path.exists():
-        if not path.is_dir():
+    if out.startswith("s3://"):
+        d: Dir = S3Dir(out, s3)
+        occupied = bool(d.list() or d.subdirs())
+    else:
+        path = Path(out)
+        if path.exists() and not path.is_dir():
             raise SafeMergeError(f"output: {path} exists and is not a directory")
-        if any(path.iterdir()) and not (path / SUMMARY).is_file():
-            raise SafeMergeError(
-                f"output: {path} is a non-empty directory that is not a safemerge-ray output; "
-                "refusing to replace it"
-            )
-    if not path.parent.exists():
-        raise SafeMergeError(f"output: parent directory {path.parent} does not exist")
-    return path
+        if not path.parent.exists():
+            raise SafeMergeError(f"output: parent directory {path.parent} does not exist")
+        d = LocalDir(path)
+        occupied = path.is_dir() and any(path.iterdir())
+    if occupied and not _is_our_output(d):
+        raise SafeMergeError(f"output: {d.uri} is not empty and is not a safemerge-ray output; refusing to replace it")
+    return d
+
+
+def commit_files(out: Dir, files: dict[str, bytes], last: str = SUMMARY) -> None:
+    """Write `files` so that a reader sees all of them or (by `last`'s absence) none."""
+    if isinstance(out, S3Dir):
+        for name, data in files.items():
+            if name != last:
+                out.write(name, data)
+        out.write(last, files[last])
+        return
+    with staged_dir(Path(out.uri)) as stage:
+        for name, data in files.items():
+            (stage / name).parent.mkdir(parents=True, exist_ok=True)
+            (stage / name).write_bytes(data)
 
 
 @contextlib.contextmanager
@@ -40,9 +76,9 @@ def staged_dir(out: Path):
     """Yield a fresh staging directory beside `out`; on success it replaces `out` in one rename."""
     stage = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
+    old = None
     try:
         yield stage
-        old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             out.rename(old)
@@ -51,13 +87,6 @@ def staged_dir(out: Path):
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        if old is not None and not out.exists():
+            old.rename(out)  # the swap failed half-way: put the previous output back
         raise
-
-
-def write_adapter_files(directory: Path, tensors: dict, config: dict) -> None:
-    save_tensors(tensors, directory / WEIGHTS, metadata={"format": "pt"})
-    # safetensors creates its files 0600; consumers (a serving fleet) usually run as another user.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory / WEIGHTS, 0o666 & ~umask)
-    (directory / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

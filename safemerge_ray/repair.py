@@ -17,11 +17,11 @@ from .adapters import LoraAdapter, load_adapter
 from .assemble import AssembledAdapter, ModuleScore, assemble_adapter
 from .errors import SafeMergeError
 from .merge import MergeSettings, decide
-from .output import DECISIONS, SUMMARY, check_output_target, staged_dir, write_adapter_files
+from .output import DECISIONS, SUMMARY, adapter_files, check_output_target, commit_files, json_bytes
 from .plan import ModulePlan, plan_adapter
 from .progress import Progress
-from .report import counts, write_decisions, write_json
-from .storage import open_dir
+from .report import counts, decisions_bytes
+from .storage import S3Settings, open_dir
 from .subspace import alignment_delta, lora_rho, project_lora_b
 from .tensors import Checkpoint
 
@@ -72,14 +72,15 @@ class Inputs:
         return fp
 
 
-def open_inputs(unaligned: str, aligned: str, finetuned: str, safety: str | None, policy: str) -> Inputs:
+def open_inputs(unaligned: str, aligned: str, finetuned: str, safety: str | None, policy: str,
+                s3: S3Settings = S3Settings()) -> Inputs:
     if safety is None and policy == "safemerge":
         raise SafeMergeError("policy safemerge needs --safety-adapter")
     return Inputs(
-        unaligned=Checkpoint(open_dir(unaligned, what="unaligned model"), "unaligned model"),
-        aligned=Checkpoint(open_dir(aligned, what="aligned model"), "aligned model"),
-        finetuned=load_adapter(open_dir(finetuned, what="fine-tuned adapter"), "fine-tuned adapter"),
-        safety=load_adapter(open_dir(safety, what="safety adapter"), "safety adapter") if safety else None,
+        unaligned=Checkpoint(open_dir(unaligned, what="unaligned model", s3=s3), "unaligned model"),
+        aligned=Checkpoint(open_dir(aligned, what="aligned model", s3=s3), "aligned model"),
+        finetuned=load_adapter(open_dir(finetuned, what="fine-tuned adapter", s3=s3), "fine-tuned adapter"),
+        safety=load_adapter(open_dir(safety, what="safety adapter", s3=s3), "safety adapter") if safety else None,
     )
 
 
@@ -98,11 +99,12 @@ def repair_adapter(name: str, inputs: Inputs, settings: MergeSettings, device: s
 
 
 def merge_to_dir(*, unaligned: str, aligned: str, safety_adapter: str | None, finetuned: str, out: str,
-                 settings: MergeSettings, device: str = "cpu", progress: bool = True) -> dict:
+                 settings: MergeSettings, device: str = "cpu", progress: bool = True,
+                 s3: S3Settings = S3Settings()) -> dict:
     """Run the whole single-adapter repair and commit OUT atomically; returns the summary."""
     device = resolve_device(device)
-    out_path = check_output_target(out)
-    inputs = open_inputs(unaligned, aligned, finetuned, safety_adapter, settings.policy)
+    out_dir = check_output_target(out, s3)
+    inputs = open_inputs(unaligned, aligned, finetuned, safety_adapter, settings.policy, s3)
     name = Path(finetuned.rstrip("/")).name
     plans, result = repair_adapter(name, inputs, settings, device, progress)
     summary = {
@@ -119,9 +121,9 @@ def merge_to_dir(*, unaligned: str, aligned: str, safety_adapter: str | None, fi
         "modules_to_save_passed_through": inputs.finetuned.modules_to_save,
         "bytes_read_from_models": sum(p.nbytes for p in plans),
     }
-    with staged_dir(out_path) as stage:
-        write_adapter_files(stage, result.tensors, result.config)
-        write_decisions(result.decisions, stage / DECISIONS)
-        write_json(summary, stage / SUMMARY)
+    files = adapter_files(result.tensors, result.config)
+    files[DECISIONS] = decisions_bytes(result.decisions)
+    files[SUMMARY] = json_bytes(summary)
+    commit_files(out_dir, files)
     summary["decisions"] = result.decisions
     return summary

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -24,17 +21,14 @@ DECISION_SCHEMA = pa.schema([
 ])
 
 
-def write_decisions(rows: list[dict], path: Path) -> None:
-    table = pa.Table.from_pylist(rows, schema=DECISION_SCHEMA)
-    pq.write_table(table, path)
+def decisions_bytes(rows: list[dict]) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=DECISION_SCHEMA), sink)
+    return sink.getvalue().to_pybytes()
 
 
 def read_decisions(path) -> list[dict]:
     return pq.read_table(path).to_pylist()
-
-
-def write_json(data: dict, path: Path) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def counts(rows: list[dict]) -> dict:

@@ -1,7 +1,8 @@
-"""Directories of files, local or remote, behind one small interface.
+"""Directories of objects, local or on S3, behind one small interface.
 
 Everything above this module reads through a `Dir`: whole small files (configs, headers) and byte
-ranges of big ones (one tensor at a time), so no caller ever holds a whole model.
+ranges of big ones (one tensor at a time), so no caller ever holds a whole model. Writes are
+per-object atomic (a temporary name and a rename locally; S3 PUTs are atomic by nature).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -25,13 +28,21 @@ class Dir(Protocol):
     def read(self, name: str) -> bytes: ...
 
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
-        """Fill `buffer` with the file's bytes from `offset` on; a short file is an error."""
+        """Fill `buffer` with the object's bytes from `offset` on; a short object is an error."""
 
     def list(self) -> list[str]:
-        """File names directly in this directory."""
+        """Object names directly in this directory."""
+
+    def subdirs(self) -> list[str]:
+        """Names of the directories directly in this directory."""
+
+    def child(self, name: str) -> "Dir": ...
+
+    def write(self, name: str, data: bytes) -> None:
+        """Write one object atomically; `name` may contain '/'."""
 
     def version_tag(self, name: str) -> str:
-        """Something that changes when the file's content does (mtime+size locally, the ETag on S3)."""
+        """Something that changes when the object's content does (size+mtime locally, the ETag on S3)."""
 
 
 class LocalDir:
@@ -75,25 +86,178 @@ class LocalDir:
                 got += n
 
     def list(self) -> list[str]:
+        if not self.path.is_dir():
+            return []
         return sorted(p.name for p in self.path.iterdir() if p.is_file())
+
+    def subdirs(self) -> list[str]:
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def child(self, name: str) -> "LocalDir":
+        return LocalDir(self.path / name)
+
+    def write(self, name: str, data: bytes) -> None:
+        target = self._file(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
 
     def version_tag(self, name: str) -> str:
         st = self._stat(name)
         return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+@dataclass(frozen=True)
+class S3Settings:
+    """Where S3 is; credentials are deliberately absent: boto3's standard chain supplies them."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    max_attempts: int = 8  # botocore's standard retry mode: exponential backoff with jitter
+
+
+def _s3_client(settings: S3Settings):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"mode": "standard", "max_attempts": settings.max_attempts},
+                    connect_timeout=10, read_timeout=60)
+    return boto3.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region, config=config)
+
+
+class S3Dir:
+    """An s3://bucket/prefix/ 'directory'. One LIST gives sizes and ETags; tensors come by ranged GET."""
+
+    def __init__(self, uri: str, settings: S3Settings = S3Settings(), client=None):
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        if not bucket:
+            raise SafeMergeError(f"not an s3:// location: {uri!r}")
+        self.bucket, self.prefix = bucket, (prefix.rstrip("/") + "/" if prefix.strip("/") else "")
+        self.settings = settings
+        self.uri = f"s3://{bucket}/{self.prefix}"
+        self._client = client
+        self._entries: dict[str, tuple[int, str]] | None = None
+        self._dirs: list[str] | None = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = _s3_client(self.settings)
+        return self._client
+
+    def __getstate__(self):  # travels to Ray workers as its location; clients are rebuilt there
+        return {"uri": self.uri, "settings": self.settings}
+
+    def __setstate__(self, state):
+        self.__init__(state["uri"], state["settings"])
+
+    def _call(self, what: str, fn, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(Bucket=self.bucket, **kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchKey", "NotFound"):
+                raise SafeMergeError(f"missing object: {what}") from None
+            if code == "NoSuchBucket":
+                raise SafeMergeError(f"no such bucket: s3://{self.bucket} ({what})") from None
+            raise SafeMergeError(f"S3 error on {what}: {code or exc}") from None
+        except BotoCoreError as exc:  # no credentials, endpoint unreachable after retries, ...
+            raise SafeMergeError(f"S3 error on {what}: {exc}") from None
+
+    def _scan(self) -> None:
+        entries, dirs = {}, []
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = self._call(self.uri, lambda **kw: list(paginator.paginate(**kw)), Prefix=self.prefix, Delimiter="/")
+        for page in pages:
+            for obj in page.get("Contents", []):
+                entries[obj["Key"][len(self.prefix):]] = (obj["Size"], obj["ETag"].strip('"'))
+            for cp in page.get("CommonPrefixes", []):
+                dirs.append(cp["Prefix"][len(self.prefix):].rstrip("/"))
+        self._entries, self._dirs = entries, sorted(dirs)
+
+    def _entry(self, name: str) -> tuple[int, str] | None:
+        if "/" in name:
+            parent, _, leaf = name.rpartition("/")
+            return self.child(parent)._entry(leaf)
+        if self._entries is None:
+            self._scan()
+        return self._entries.get(name)
+
+    def exists(self, name: str) -> bool:
+        return self._entry(name) is not None
+
+    def size(self, name: str) -> int:
+        entry = self._entry(name)
+        if entry is None:
+            raise SafeMergeError(f"missing object: {self.uri}{name}")
+        return entry[0]
+
+    def version_tag(self, name: str) -> str:
+        entry = self._entry(name)
+        if entry is None:
+            raise SafeMergeError(f"missing object: {self.uri}{name}")
+        return entry[1]
+
+    def read(self, name: str) -> bytes:
+        resp = self._call(f"{self.uri}{name}", self.client.get_object, Key=self.prefix + name)
+        return resp["Body"].read()
+
+    def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
+        want = len(buffer)
+        if want == 0:
+            return
+        where = f"{self.uri}{name}"
+        size = self.size(name)
+        if offset + want > size:
+            raise SafeMergeError(f"{where}: object ends after {size} bytes, expected at least {offset + want} "
+                                 "(truncated?)")
+        resp = self._call(where, self.client.get_object, Key=self.prefix + name,
+                          Range=f"bytes={offset}-{offset + want - 1}")
+        got = 0
+        for chunk in resp["Body"].iter_chunks(chunk_size=8 << 20):
+            buffer[got:got + len(chunk)] = chunk
+            got += len(chunk)
+        if got != want:
+            raise SafeMergeError(f"{where}: ranged read returned {got} bytes, expected {want}")
+
+    def list(self) -> list[str]:
+        if self._entries is None:
+            self._scan()
+        return sorted(self._entries)
+
+    def subdirs(self) -> list[str]:
+        if self._dirs is None:
+            self._scan()
+        return list(self._dirs)
+
+    def child(self, name: str) -> "S3Dir":
+        return S3Dir(f"{self.uri}{name.strip('/')}/", self.settings, self._client)
+
+    def write(self, name: str, data: bytes) -> None:
+        self._call(f"{self.uri}{name}", self.client.put_object, Key=self.prefix + name, Body=data)
+        self._entries = self._dirs = None  # the listing is stale now
+
+
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def open_dir(location: str, *, what: str) -> Dir:
+def open_dir(location: str, *, what: str, s3: S3Settings = S3Settings(), must_exist: bool = True) -> Dir:
     """Open a local directory, an s3:// prefix, or a Hugging Face hub id (for users with hub access).
 
     `what` names the input in error messages ("aligned model", "safety adapter", ...).
     """
     if location.startswith("s3://"):
-        raise SafeMergeError(f"{what}: s3:// locations are not supported yet ({location})")
+        d = S3Dir(location, s3)
+        if must_exist and not d.list() and not d.subdirs():
+            raise SafeMergeError(f"{what}: nothing under {d.uri}")
+        return d
     path = Path(location)
-    if path.is_dir():
+    if path.is_dir() or not must_exist:
         return LocalDir(path)
     if path.exists():
         raise SafeMergeError(f"{what}: {location} is a file; expected a directory")

@@ -78,7 +78,8 @@ class SafetensorsFile:
         for tname, entry in header.items():
             try:
                 dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-                ok = all(isinstance(d, int) and d >= 0 for d in (*shape, begin, end)) and begin <= end
+                ok = (isinstance(dtype, str) and begin <= end
+                      and all(isinstance(d, int) and d >= 0 for d in (*shape, begin, end)))
             except (KeyError, TypeError, ValueError):
                 ok = False
             if not ok:
@@ -125,10 +126,7 @@ class Checkpoint:
         self.store, self.what = store, what
         names = store.list()
         if self.INDEX in names:
-            try:
-                weight_map = json.loads(store.read(self.INDEX))["weight_map"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise SafeMergeError(f"{what}: corrupt {self.INDEX} in {store.uri} ({exc})") from None
+            weight_map = self._read_index(store, what)
             shard_names = sorted(set(weight_map.values()))
         elif self.SINGLE in names:
             shard_names, weight_map = [self.SINGLE], None
@@ -145,11 +143,29 @@ class Checkpoint:
         self.locations: dict[str, SafetensorsFile] = {}
         for shard in self.shards.values():
             for tname in shard.tensors:
+                if tname in self.locations:
+                    raise SafeMergeError(
+                        f"{what}: tensor {tname!r} is in both {self.locations[tname].name} and {shard.name}"
+                    )
                 self.locations[tname] = shard
         if weight_map is not None:
-            missing = [t for t, shard in weight_map.items() if t not in self.shards[shard].tensors]
-            if missing:
-                raise SafeMergeError(f"{what}: index lists tensors its shards lack: {missing[:5]}")
+            wrong = [t for t, shard in weight_map.items() if self.locations.get(t) is not self.shards[shard]]
+            if wrong:
+                raise SafeMergeError(f"{what}: index lists tensors its shards lack: {wrong[:5]}")
+
+    @classmethod
+    def _read_index(cls, store: Dir, what: str) -> dict[str, str]:
+        try:
+            weight_map = json.loads(store.read(cls.INDEX))["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise ValueError("weight_map is not an object")
+            for shard in weight_map.values():
+                # Shards live beside the index; a path elsewhere is a damaged or forged index.
+                if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+                    raise ValueError(f"bad shard name {shard!r}")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SafeMergeError(f"{what}: corrupt {cls.INDEX} in {store.uri} ({exc})") from None
+        return weight_map
 
     def __contains__(self, tname: str) -> bool:
         return tname in self.locations

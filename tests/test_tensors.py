@@ -413,3 +413,32 @@ def test_damaged_shard_is_named_in_the_error(tmp_path):
     p.write_bytes(p.read_bytes()[:-3])
     with pytest.raises(SafeMergeError, match="model-00002-of-00002.safetensors.*truncated"):
         Checkpoint(LocalDir(tmp_path), "aligned model")
+
+
+def test_tensor_in_two_shards_follows_the_index_or_errors(tmp_path):
+    """A tensor present in two shards: reading must give the copy the index points at (or refuse)."""
+    save_file({"w": torch.zeros(4), "x": torch.ones(2)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"w": torch.full((4,), 7.0), "y": torch.ones(3)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    index = {"weight_map": {"w": "model-00001-of-00002.safetensors", "x": "model-00001-of-00002.safetensors",
+                            "y": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    try:
+        ckpt = Checkpoint(LocalDir(tmp_path), "m")
+    except SafeMergeError as exc:
+        assert "'w'" in str(exc)
+        return
+    assert torch.equal(ckpt.read("w"), torch.zeros(4)), "read the shard the index does not name"
+
+
+def test_hub_id_without_hub_access_is_a_clear_error(monkeypatch, tmp_path):
+    """A hub id is fetched for users who have the hub; here (offline) it fails with a message, not a traceback."""
+    import huggingface_hub.constants
+
+    from safemerge_ray.storage import open_dir
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SafeMergeError, match="could not be fetched from the Hugging Face hub"):
+        open_dir("meta-llama/Llama-2-7b-chat-hf", what="aligned model")
