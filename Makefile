@@ -16,11 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -qq -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+# A synthetic fleet (a small Llama-style model pair, a safety adapter, 8 domain fine-tunes) in a
+# local store, repaired by the fleet job on a local Ray.
 demo: setup
 	rm -rf $(DEMO)
-	$(VENV)/bin/safemerge-ray synth --out $(DEMO) --layers 4 --hidden 128
-	$(VENV)/bin/safemerge-ray merge --unaligned $(DEMO)/unaligned --aligned $(DEMO)/aligned \
-	    --safety-adapter $(DEMO)/safety --finetuned $(DEMO)/finetuned/gsm8k --out $(DEMO)/merged/gsm8k
+	$(VENV)/bin/safemerge-ray synth --out $(DEMO) --layers 4 --hidden 128 --finetunes 8 --write-config
+	$(VENV)/bin/safemerge-ray fleet --config $(DEMO)/fleet.yaml
 
 test: setup
 	$(PY) -m pytest -q

@@ -77,7 +77,11 @@ class LoraAdapter:
         return list(self.config.get("modules_to_save") or [])
 
 
-def load_adapter(store: Dir, what: str) -> LoraAdapter:
+def load_adapter(store: Dir, what: str, fingerprint: bool = True) -> LoraAdapter:
+    """Parse an adapter directory: its config and safetensors header; tensors stay on storage.
+
+    `fingerprint` hashes the whole (small) adapter; workers that only read tensors skip it.
+    """
     if not store.exists(CONFIG):
         pickles = [n for n in store.list() if n.startswith("adapter_model.") and n != WEIGHTS]
         hint = f" (found {', '.join(pickles)})" if pickles else ""
@@ -100,8 +104,8 @@ def load_adapter(store: Dir, what: str) -> LoraAdapter:
     _check_config(config, what)
     weights = SafetensorsFile(store, WEIGHTS)
     modules, extra = _parse_keys(weights, config, what)
-    fingerprint = sha256_of(raw_config + b"\0" + store.read(WEIGHTS))
-    return LoraAdapter(store.uri, config, modules, extra, fingerprint, weights)
+    digest = sha256_of(raw_config + b"\0" + store.read(WEIGHTS)) if fingerprint else ""
+    return LoraAdapter(store.uri, config, modules, extra, digest, weights)
 
 
 def _check_config(config: dict, what: str) -> None:

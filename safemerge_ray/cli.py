@@ -7,6 +7,8 @@ import sys
 
 from .errors import SafeMergeError
 
+# Exit status: 0 done; 1 environment error (disk, permissions); 2 bad input or config, nothing done;
+# 3 (fleet) partial: some adapters failed, the rest committed; 4 (fleet) every adapter failed; 130 interrupted.
 EXIT_OK, EXIT_USAGE = 0, 2
 
 
@@ -39,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     m.add_argument("--quiet", action="store_true", help="no progress lines")
 
+    f = sub.add_parser("fleet", help="repair every fine-tune of a fleet config on Ray (starts or joins Ray)")
+    f.add_argument("--config", required=True, help="fleet config YAML")
+    f.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: RAY_ADDRESS, a local `ray start`, or a new local Ray)")
+    f.add_argument("--quiet", action="store_true", help="no progress lines")
+
     s = sub.add_parser("synth", help="build a small synthetic model pair and adapters (demo and tests)")
     s.add_argument("--out", required=True, help="directory to create")
     s.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
@@ -49,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--finetunes", type=int, default=1, help="number of fine-tuned adapters")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--write-config", action="store_true", help="also write OUT/fleet.yaml for `fleet`")
     return parser
 
 
@@ -74,6 +83,16 @@ def cmd_merge(args) -> int:
     return EXIT_OK
 
 
+def cmd_fleet(args) -> int:
+    from .config import load_config
+    from .fleet import format_report, run_fleet
+
+    config = load_config(args.config)
+    report = run_fleet(config, progress=not args.quiet, ray_address=args.address)
+    print(format_report(report))
+    return report.exit_code
+
+
 def cmd_synth(args) -> int:
     from .synthetic import SynthSpec, build_fixture
 
@@ -82,13 +101,17 @@ def cmd_synth(args) -> int:
     paths = build_fixture(args.out, spec, n_finetunes=args.finetunes)
     for role, path in paths.items():
         print(f"{role}: {path}")
+    if args.write_config:
+        from .synthetic import write_fleet_config
+
+        print(f"fleet config: {write_fleet_config(args.out)}")
     return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"merge": cmd_merge, "synth": cmd_synth}[args.command](args)
+        return {"merge": cmd_merge, "fleet": cmd_fleet, "synth": cmd_synth}[args.command](args)
     except SafeMergeError as exc:
         print(f"safemerge-ray: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

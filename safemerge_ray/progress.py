@@ -22,8 +22,9 @@ class Progress:
             self.last = now
             elapsed = now - self.start
             eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+            read = f", {self.bytes / 1e6:.0f} MB read" if self.bytes else ""
             print(
-                f"[{self.label}] {self.done}/{self.total} {self.unit}, {self.bytes / 1e6:.0f} MB read, "
+                f"[{self.label}] {self.done}/{self.total} {self.unit}{read}, "
                 f"{elapsed:.1f}s elapsed, ETA {eta:.1f}s",
                 file=self.stream, flush=True,
             )

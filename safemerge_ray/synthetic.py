@@ -141,3 +141,18 @@ def write_lora(directory: Path, loras: dict[str, tuple[torch.Tensor, torch.Tenso
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def write_fleet_config(root: str | Path, output: str = "merged") -> Path:
+    """A fleet config for a fixture built by `build_fixture`, with paths relative to it."""
+    import yaml
+
+    root = Path(root)
+    config = {
+        "unaligned_model": "unaligned", "aligned_model": "aligned", "safety_adapter": "safety",
+        "finetuned": [{"prefix": "finetuned"}], "output": output,
+        "merge": {"policy": "safemerge", "tau": 0.35, "weights": [0.8, 0.2], "method": "linear", "seed": 0},
+    }
+    path = root / "fleet.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

@@ -1,0 +1,227 @@
+"""Fleet config (YAML) -> validated objects. Every bad field is reported, by its path, in one error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import SafeMergeError
+from .merge import MergeSettings
+from .storage import S3Settings, open_dir
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MergeSection(_Strict):
+    policy: str = "safemerge"
+    tau: float = 0.35
+    weights: tuple[float, float] = (0.8, 0.2)
+    method: str = "linear"
+    density: float | None = None
+    majority_sign_method: str = "total"
+    seed: int = 0
+
+
+class OverrideSection(_Strict):
+    policy: str | None = None
+    tau: float | None = None
+    weights: tuple[float, float] | None = None
+    method: str | None = None
+    density: float | None = None
+    majority_sign_method: str | None = None
+    seed: int | None = None
+
+
+class PrefixEntry(_Strict):
+    prefix: str
+
+
+class NamedEntry(_Strict):
+    path: str
+    name: str | None = None
+
+
+class S3Section(_Strict):
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+class RaySection(_Strict):
+    actors: Union[Literal["auto"], int] = "auto"
+    gpus_per_actor: Union[Literal["auto"], float] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("actors")
+    @classmethod
+    def _positive(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("must be 'auto' or a positive integer")
+        return v
+
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _non_negative(cls, v):
+        if v != "auto" and not (0 <= v <= 8):
+            raise ValueError("must be 'auto' or a number in [0, 8]")
+        return v
+
+
+class FleetSchema(_Strict):
+    unaligned_model: str
+    aligned_model: str
+    safety_adapter: str | None = None
+    finetuned: list[Union[str, PrefixEntry, NamedEntry]] = Field(min_length=1)
+    output: str
+    merge: MergeSection = MergeSection()
+    overrides: dict[str, OverrideSection] = {}
+    s3: S3Section = S3Section()
+    ray: RaySection = RaySection()
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    name: str
+    uri: str
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    unaligned_model: str
+    aligned_model: str
+    safety_adapter: str | None
+    finetuned: tuple  # of str | PrefixEntry | NamedEntry, resolved by `resolve_adapters`
+    output: str
+    merge: MergeSettings
+    overrides: dict[str, MergeSettings]
+    s3: S3Settings
+    actors: int | None  # None: auto
+    gpus_per_actor: float | None  # None: auto
+    device: str
+    source: str = "<config>"
+
+    def settings_for(self, adapter: str) -> MergeSettings:
+        return self.overrides.get(adapter, self.merge)
+
+    def resolve_adapters(self) -> list[AdapterRef]:
+        """Explicit entries and every directory directly under each prefix; names must be unique."""
+        refs: list[AdapterRef] = []
+        for entry in self.finetuned:
+            if isinstance(entry, PrefixEntry):
+                base = open_dir(entry.prefix, what=f"finetuned prefix {entry.prefix}", s3=self.s3)
+                for sub in base.subdirs():
+                    uri = _join(entry.prefix, sub)
+                    if self.safety_adapter is None or _norm(uri) != _norm(self.safety_adapter):
+                        refs.append(AdapterRef(sub, uri))
+            elif isinstance(entry, NamedEntry):
+                refs.append(AdapterRef(entry.name or _last_component(entry.path), entry.path))
+            else:
+                refs.append(AdapterRef(_last_component(entry), entry))
+        seen: dict[str, str] = {}
+        for ref in refs:
+            if ref.name in seen and _norm(seen[ref.name]) != _norm(ref.uri):
+                raise SafeMergeError(
+                    f"{self.source}: finetuned: two adapters are named {ref.name!r} ({seen[ref.name]} and {ref.uri}); "
+                    "give one a name with {name: ..., path: ...}"
+                )
+            seen[ref.name] = ref.uri
+        unique = {ref.name: ref for ref in refs}
+        return sorted(unique.values(), key=lambda r: r.name)
+
+
+def _norm(uri: str) -> str:
+    return uri.rstrip("/")
+
+
+def _last_component(uri: str) -> str:
+    return _norm(uri).rsplit("/", 1)[-1]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{_norm(prefix)}/{name}"
+
+
+def _resolve_local(path: str, base: Path, output: bool = False) -> str:
+    """Relative local paths are relative to the config file, so a config travels with its data.
+
+    An input that is not there is left as written: it may be a Hugging Face hub id (`org/name`).
+    """
+    if path.startswith("s3://") or Path(path).is_absolute():
+        return path
+    candidate = base / path
+    return str(candidate) if output or candidate.exists() else path
+
+
+def _format(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("str", "PrefixEntry", "NamedEntry",
+                                                                           "function-", "literal[", "int", "float")))
+        lines.append(f"{loc or '(top level)'}: {err['msg']}")
+    return sorted(set(lines))
+
+
+def load_config(path: str | Path) -> FleetConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SafeMergeError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise SafeMergeError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise SafeMergeError(f"{path}: expected a mapping of settings at the top level")
+    return parse_config(raw, source=str(path), base=path.parent)
+
+
+def parse_config(raw: dict, source: str = "<config>", base: Path = Path(".")) -> FleetConfig:
+    try:
+        schema = FleetSchema.model_validate(raw)
+    except ValidationError as exc:
+        raise SafeMergeError(f"{source}: invalid config:\n  " + "\n  ".join(_format(exc))) from None
+    problems = []
+    merge = _settings(MergeSettings(), schema.merge.model_dump(), "merge", problems)
+    overrides = {}
+    for name, section in schema.overrides.items():
+        given = {k: v for k, v in section.model_dump().items() if v is not None}
+        if merge is not None:
+            overrides[name] = _settings(merge, given, f"overrides.{name}", problems)
+    if schema.safety_adapter is None and (merge and merge.policy == "safemerge"
+                                          or any(o and o.policy == "safemerge" for o in overrides.values())):
+        problems.append("safety_adapter: required when a policy is safemerge")
+    if problems:
+        raise SafeMergeError(f"{source}: invalid config:\n  " + "\n  ".join(problems))
+
+    def local(p):
+        return _resolve_local(p, base)
+
+    finetuned = tuple(
+        PrefixEntry(prefix=local(e.prefix)) if isinstance(e, PrefixEntry)
+        else NamedEntry(path=local(e.path), name=e.name) if isinstance(e, NamedEntry)
+        else local(e)
+        for e in schema.finetuned
+    )
+    return FleetConfig(
+        unaligned_model=local(schema.unaligned_model), aligned_model=local(schema.aligned_model),
+        safety_adapter=local(schema.safety_adapter) if schema.safety_adapter else None,
+        finetuned=finetuned, output=_resolve_local(schema.output, base, output=True), merge=merge, overrides=overrides,
+        s3=S3Settings(endpoint_url=schema.s3.endpoint_url, region=schema.s3.region),
+        actors=None if schema.ray.actors == "auto" else schema.ray.actors,
+        gpus_per_actor=None if schema.ray.gpus_per_actor == "auto" else schema.ray.gpus_per_actor,
+        device=schema.ray.device, source=source,
+    )
+
+
+def _settings(base: MergeSettings, fields: dict, where: str, problems: list[str]) -> MergeSettings | None:
+    if "weights" in fields and fields["weights"] is not None:
+        fields["weights"] = tuple(fields["weights"])
+    try:
+        return replace(base, **fields)
+    except SafeMergeError as exc:
+        problems.append(f"{where}: {exc}")
+        return None
