@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -120,9 +121,16 @@ def _check_config(config: dict, what: str) -> None:
             raise SafeMergeError(f"{what}: {CONFIG} needs a positive {key!r}, got {config.get(key)!r}")
 
 
-def _parse_keys(weights: SafetensorsFile, config: dict, what: str):
-    from peft.utils.other import get_pattern_key  # PEFT's own pattern semantics, so scaling matches PEFT
+def get_pattern_key(pattern_keys, key_to_match: str) -> str:
+    """PEFT's `peft.utils.other.get_pattern_key`, verbatim, so rank/alpha patterns resolve exactly as in
+    PEFT (a test checks every module's scaling against PEFT's) without importing PEFT in workers."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", key_to_match):
+            return key
+    return key_to_match
 
+
+def _parse_keys(weights: SafetensorsFile, config: dict, what: str):
     halves: dict[str, dict[str, tuple]] = {}
     extra: list[str] = []
     to_save = list(config.get("modules_to_save") or [])

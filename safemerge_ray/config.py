@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Union
@@ -10,12 +11,31 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import SafeMergeError
-from .merge import MergeSettings
+from .merge import FIELD_CHECKS, MergeSettings
 from .storage import S3Settings, open_dir
+
+
+_NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
+
+
+def check_adapter_name(name: str) -> str:
+    """Adapter names become output paths (`runs/<id>/<name>/`), so they must be one safe path component."""
+    if not _NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"adapter name {name!r} must be letters, digits, '.', '_' or '-', starting with a "
+                         "letter or digit")
+    return name
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, v, info):
+        # YAML reads `yes`/`true` as booleans; pydantic would quietly take them as 1.
+        if isinstance(v, bool):
+            raise ValueError("expected a number or string, got a boolean")
+        return v
 
 
 class MergeSection(_Strict):
@@ -27,6 +47,12 @@ class MergeSection(_Strict):
     majority_sign_method: str = "total"
     seed: int = 0
 
+    @field_validator(*FIELD_CHECKS)
+    @classmethod
+    def _field(cls, v, info):
+        FIELD_CHECKS[info.field_name](tuple(v) if isinstance(v, (list, tuple)) else v)
+        return v
+
 
 class OverrideSection(_Strict):
     policy: str | None = None
@@ -37,6 +63,13 @@ class OverrideSection(_Strict):
     majority_sign_method: str | None = None
     seed: int | None = None
 
+    @field_validator(*FIELD_CHECKS)
+    @classmethod
+    def _field(cls, v, info):
+        if v is not None:
+            FIELD_CHECKS[info.field_name](tuple(v) if isinstance(v, (list, tuple)) else v)
+        return v
+
 
 class PrefixEntry(_Strict):
     prefix: str
@@ -45,6 +78,11 @@ class PrefixEntry(_Strict):
 class NamedEntry(_Strict):
     path: str
     name: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v):
+        return None if v is None else check_adapter_name(v)
 
 
 class S3Section(_Strict):
@@ -82,6 +120,11 @@ class FleetSchema(_Strict):
     overrides: dict[str, OverrideSection] = {}
     s3: S3Section = S3Section()
     ray: RaySection = RaySection()
+
+    @field_validator("overrides", mode="before")
+    @classmethod
+    def _empty_overrides(cls, v):
+        return {} if v is None else v  # `overrides:` with nothing under it
 
 
 @dataclass(frozen=True)
@@ -124,6 +167,10 @@ class FleetConfig:
                 refs.append(AdapterRef(_last_component(entry), entry))
         seen: dict[str, str] = {}
         for ref in refs:
+            try:
+                check_adapter_name(ref.name)
+            except ValueError as exc:
+                raise SafeMergeError(f"{self.source}: finetuned: {ref.uri}: {exc}") from None
             if ref.name in seen and _norm(seen[ref.name]) != _norm(ref.uri):
                 raise SafeMergeError(
                     f"{self.source}: finetuned: two adapters are named {ref.name!r} ({seen[ref.name]} and {ref.uri}); "
@@ -157,13 +204,21 @@ def _resolve_local(path: str, base: Path, output: bool = False) -> str:
     return str(candidate) if output or candidate.exists() else path
 
 
-def _format(exc: ValidationError) -> list[str]:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("str", "PrefixEntry", "NamedEntry",
-                                                                           "function-", "literal[", "int", "float")))
-        lines.append(f"{loc or '(top level)'}: {err['msg']}")
-    return sorted(set(lines))
+def _field_path(raw, loc: tuple) -> str:
+    """The user's path to a field: pydantic's loc less its type labels (union members, validators)."""
+    parts, node = [], raw
+    for i, p in enumerate(loc):
+        if isinstance(node, dict) and p in node or isinstance(node, list) and isinstance(p, int) and p < len(node):
+            parts.append(str(p))
+            node = node[p]
+        elif i == len(loc) - 1:  # a missing field's name
+            parts.append(str(p))
+    return ".".join(parts) or "(top level)"
+
+
+def _format(exc: ValidationError, raw: dict) -> list[str]:
+    return sorted({f"{_field_path(raw, err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+                   for err in exc.errors()})
 
 
 def load_config(path: str | Path) -> FleetConfig:
@@ -174,6 +229,8 @@ def load_config(path: str | Path) -> FleetConfig:
         raise SafeMergeError(f"config file not found: {path}") from None
     except yaml.YAMLError as exc:
         raise SafeMergeError(f"{path}: not valid YAML ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SafeMergeError(f"{path}: cannot read config ({exc})") from None
     if not isinstance(raw, dict):
         raise SafeMergeError(f"{path}: expected a mapping of settings at the top level")
     return parse_config(raw, source=str(path), base=path.parent)
@@ -183,7 +240,10 @@ def parse_config(raw: dict, source: str = "<config>", base: Path = Path(".")) ->
     try:
         schema = FleetSchema.model_validate(raw)
     except ValidationError as exc:
-        raise SafeMergeError(f"{source}: invalid config:\n  " + "\n  ".join(_format(exc))) from None
+        raise SafeMergeError(f"{source}: invalid config:\n  " + "\n  ".join(_format(exc, raw))) from None
+    # Overrides are checked against the (valid) merge section they inherit from.
+    # Fields are valid one by one now; what is left are rules across fields (a method's density, both
+    # weights zero), and overrides are checked against the merge section they inherit from.
     problems = []
     merge = _settings(MergeSettings(), schema.merge.model_dump(), "merge", problems)
     overrides = {}

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from peft.utils import merge_utils
 
 from .errors import SafeMergeError
 
@@ -35,33 +34,62 @@ class MergeSettings:
     seed: int = 0
 
     def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise SafeMergeError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
-        if self.method not in METHODS:
-            raise SafeMergeError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
-        # rho = ||V^T dW||^2 / (||C dW|| ||dW||) >= 0 because C is positive semi-definite.
-        if not (isinstance(self.tau, (int, float)) and 0.0 <= self.tau <= 1.0):
-            raise SafeMergeError(f"tau must be a number in [0, 1] (rho is a cosine >= 0); got {self.tau!r}")
-        if len(self.weights) != 2 or not all(isinstance(w, (int, float)) and 0.0 <= w <= 1.0 for w in self.weights):
-            raise SafeMergeError(
-                f"weights must be two numbers in [0, 1], fine-tune then safety (e.g. 0.8,0.2); got {self.weights!r}"
-            )
+        for name, check in FIELD_CHECKS.items():
+            try:
+                check(getattr(self, name))
+            except ValueError as exc:
+                raise SafeMergeError(f"{name} {exc}") from None
         if not any(self.weights):
             raise SafeMergeError("weights must not both be 0: the merged layer would be empty")
-        if self.method in DENSITY_METHODS:
-            if self.density is None:
-                raise SafeMergeError(f"method {self.method} needs a density in (0, 1], e.g. --density 0.5")
-        if self.density is not None and not (isinstance(self.density, (int, float)) and 0.0 < self.density <= 1.0):
-            raise SafeMergeError(f"density must be in (0, 1]; got {self.density!r}")
-        if self.majority_sign_method not in SIGN_METHODS:
-            raise SafeMergeError(
-                f"majority_sign_method must be one of {', '.join(SIGN_METHODS)}; got {self.majority_sign_method!r}"
-            )
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise SafeMergeError(f"seed must be a non-negative integer; got {self.seed!r}")
+        if self.method in DENSITY_METHODS and self.density is None:
+            raise SafeMergeError(f"method {self.method} needs a density in (0, 1] (e.g. 0.5)")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # not NaN
+
+
+def _check_choice(options):
+    def check(v):
+        if v not in options:
+            raise ValueError(f"must be one of {', '.join(options)}; got {v!r}")
+    return check
+
+
+def _check_tau(v):
+    # rho = ||V^T dW||^2 / (||C dW|| ||dW||) >= 0 because C is positive semi-definite.
+    if not (_number(v) and 0.0 <= v <= 1.0):
+        raise ValueError(f"must be a number in [0, 1] (rho is a cosine >= 0); got {v!r}")
+
+
+def _check_weights(v):
+    if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(_number(w) and 0.0 <= w <= 1.0 for w in v)):
+        raise ValueError(f"must be two numbers in [0, 1], fine-tune then safety (e.g. 0.8,0.2); got {v!r}")
+
+
+def _check_density(v):
+    if v is not None and not (_number(v) and 0.0 < v <= 1.0):
+        raise ValueError(f"must be in (0, 1]; got {v!r}")
+
+
+def _check_seed(v):
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+        raise ValueError(f"must be a non-negative integer; got {v!r}")
+
+
+# Per-field checks, shared by MergeSettings and the fleet config's field-by-field validation.
+FIELD_CHECKS: dict[str, Callable] = {
+    "policy": _check_choice(POLICIES),
+    "tau": _check_tau,
+    "weights": _check_weights,
+    "method": lambda v: _check_choice(tuple(METHODS))(v),
+    "density": _check_density,
+    "majority_sign_method": _check_choice(SIGN_METHODS),
+    "seed": _check_seed,
+}
 
 
 def decide(policy: str, rho: float, tau: float) -> bool:
@@ -103,13 +131,23 @@ def _cat(loras: list[Lora], weighted: list[float], density, sign_method) -> Lora
             torch.cat([b for _, b in loras], dim=1))
 
 
+def _peft(name: str) -> Callable:
+    # Imported on first use: PEFT takes seconds to import and scoring workers never merge.
+    def call(*args):
+        from peft.utils import merge_utils
+
+        return getattr(merge_utils, name)(*args)
+
+    return call
+
+
 METHODS: dict[str, Callable] = {
-    "linear": _task_arithmetic_method(lambda t, w, d, s: merge_utils.task_arithmetic(t, w)),
+    "linear": _task_arithmetic_method(lambda t, w, d, s: _peft("task_arithmetic")(t, w)),
     "cat": _cat,
-    "ties": _task_arithmetic_method(lambda t, w, d, s: merge_utils.ties(t, w, d, s)),
-    "dare_linear": _task_arithmetic_method(lambda t, w, d, s: merge_utils.dare_linear(t, w, d)),
-    "dare_ties": _task_arithmetic_method(lambda t, w, d, s: merge_utils.dare_ties(t, w, d, s)),
-    "magnitude_prune": _task_arithmetic_method(lambda t, w, d, s: merge_utils.magnitude_prune(t, w, d)),
+    "ties": _task_arithmetic_method(lambda t, w, d, s: _peft("ties")(t, w, d, s)),
+    "dare_linear": _task_arithmetic_method(lambda t, w, d, s: _peft("dare_linear")(t, w, d)),
+    "dare_ties": _task_arithmetic_method(lambda t, w, d, s: _peft("dare_ties")(t, w, d, s)),
+    "magnitude_prune": _task_arithmetic_method(lambda t, w, d, s: _peft("magnitude_prune")(t, w, d)),
 }
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 

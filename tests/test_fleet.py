@@ -1,0 +1,188 @@
+"""The fleet job on a real local Ray cluster, local store: equal to `merge`, incremental, isolated failures."""
+
+import hashlib
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from safemerge_ray.config import load_config
+from safemerge_ray.fleet import EXIT_OK, EXIT_PARTIAL, run_fleet
+from safemerge_ray.merge import MergeSettings
+from safemerge_ray.repair import merge_to_dir
+from safemerge_ray.report import read_decisions
+from safemerge_ray.synthetic import SynthSpec, build_fixture, write_fleet_config
+
+ADAPTERS = ["gsm8k", "legal", "medqa", "support"]
+
+
+@pytest.fixture(scope="module")
+def fleet_src(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fleet-src")
+    build_fixture(root, SynthSpec(hidden=32, layers=2, heads=4, rank=4, seed=21), n_finetunes=4)
+    return root
+
+
+@pytest.fixture
+def fleet(fleet_src, tmp_path, ray_local):
+    root = tmp_path / "fleet"
+    shutil.copytree(fleet_src, root)
+    write_fleet_config(root)
+    return root
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _latest(root: Path, name: str) -> dict:
+    return json.loads((root / "merged" / "latest" / f"{name}.json").read_text())
+
+
+def _adapter_dir(root: Path, name: str) -> Path:
+    return root / "merged" / _latest(root, name)["path"]
+
+
+def test_fleet_output_equals_merge_per_adapter(fleet, tmp_path):
+    config = load_config(fleet / "fleet.yaml")
+    report = run_fleet(config, progress=False)
+    assert report.exit_code == EXIT_OK and report.by_status("committed") == ADAPTERS
+    run_rows = read_decisions(fleet / "merged" / "runs" / report.run_id / "decisions.parquet")
+    for name in ADAPTERS:
+        single = tmp_path / f"single-{name}"
+        merge_to_dir(unaligned=str(fleet / "unaligned"), aligned=str(fleet / "aligned"),
+                     safety_adapter=str(fleet / "safety"), finetuned=str(fleet / "finetuned" / name),
+                     out=str(single), settings=config.merge, progress=False)
+        fleet_dir = _adapter_dir(fleet, name)
+        for fname in ("adapter_model.safetensors", "adapter_config.json"):
+            assert (fleet_dir / fname).read_bytes() == (single / fname).read_bytes(), (name, fname)
+        ours = [r for r in run_rows if r["adapter"] == name]
+        theirs = read_decisions(single / "decisions.parquet")
+        assert [(r["module"], r["action"]) for r in ours] == [(r["module"], r["action"]) for r in theirs]
+        assert all(abs(a["rho"] - b["rho"]) < 1e-6 for a, b in zip(ours, theirs))
+
+
+def test_manifest_is_complete_and_hashes_match(fleet):
+    report = run_fleet(load_config(fleet / "fleet.yaml"), progress=False)
+    out = fleet / "merged"
+    manifest = json.loads((out / "runs" / report.run_id / "manifest.json").read_text())
+    objects = dict(manifest["objects"])
+    for entry in manifest["adapters"].values():
+        objects.update(entry["objects"])
+    assert len(objects) == 2 + 2 * len(ADAPTERS)
+    for key, meta in objects.items():
+        data = (out / key).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == meta["sha256"] and len(data) == meta["bytes"]
+    assert set(manifest["inputs"]) == {"unaligned_model", "aligned_model", "safety_adapter"}
+    assert all(v["fingerprint"] for v in manifest["inputs"].values())
+    for name in ADAPTERS:
+        assert _latest(fleet, name)["run_id"] == report.run_id
+
+
+def test_rerun_with_nothing_changed_does_nothing(fleet):
+    config = load_config(fleet / "fleet.yaml")
+    first = run_fleet(config, progress=False)
+    before = _snapshot(fleet / "merged")
+    again = run_fleet(config, progress=False)
+    assert again.run_id is None and again.exit_code == EXIT_OK
+    assert again.by_status("unchanged") == ADAPTERS
+    assert all(st.previous_run == first.run_id for st in again.adapters)
+    assert _snapshot(fleet / "merged") == before  # no scoring, no adapters, not even a run summary
+
+
+def test_changed_adapter_is_redone_alone(fleet):
+    config = load_config(fleet / "fleet.yaml")
+    first = run_fleet(config, progress=False)
+    path = fleet / "finetuned" / "legal" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors = {k: v * 1.5 if "lora_B" in k else v for k, v in tensors.items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+    second = run_fleet(config, progress=False)
+    assert second.by_status("committed") == ["legal"]
+    assert second.by_status("unchanged") == ["gsm8k", "medqa", "support"]
+    assert _latest(fleet, "legal")["run_id"] == second.run_id
+    assert _latest(fleet, "gsm8k")["run_id"] == first.run_id
+    assert sorted(p.name for p in (fleet / "merged" / "runs" / second.run_id).iterdir() if p.is_dir()) == ["legal"]
+
+
+def test_new_adapter_is_done_alone_and_changed_settings_redo_all(fleet):
+    config = load_config(fleet / "fleet.yaml")
+    run_fleet(config, progress=False)
+    shutil.copytree(fleet / "finetuned" / "support", fleet / "finetuned" / "newcomer")
+    assert run_fleet(config, progress=False).by_status("committed") == ["newcomer"]
+    changed = replace(config, merge=replace(config.merge, tau=0.5))
+    assert run_fleet(changed, progress=False).by_status("committed") == sorted(ADAPTERS + ["newcomer"])
+    # A per-adapter override is a changed setting for that adapter only.
+    overridden = replace(changed, overrides={"gsm8k": replace(changed.merge, weights=(0.6, 0.4))})
+    assert run_fleet(overridden, progress=False).by_status("committed") == ["gsm8k"]
+
+
+def test_safety_adapter_change_redoes_all(fleet):
+    config = load_config(fleet / "fleet.yaml")
+    run_fleet(config, progress=False)
+    path = fleet / "safety" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    save_file({k: v * 0.9 for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    assert run_fleet(config, progress=False).by_status("committed") == ADAPTERS
+
+
+@pytest.mark.parametrize("damage", ["truncated", "nan_in_lora"])
+def test_broken_adapter_fails_alone(fleet, damage):
+    path = fleet / "finetuned" / "medqa" / "adapter_model.safetensors"
+    if damage == "truncated":  # found while planning, from the header
+        path.write_bytes(path.read_bytes()[:-100])
+    else:  # found by a scoring actor, reading the tensor
+        tensors = load_file(path)
+        key = next(k for k in tensors if "lora_B" in k)
+        tensors[key][0, 0] = float("nan")
+        save_file(tensors, path, metadata={"format": "pt"})
+    report = run_fleet(load_config(fleet / "fleet.yaml"), progress=False)
+    assert report.exit_code == EXIT_PARTIAL
+    assert report.by_status("failed") == ["medqa"]
+    assert report.by_status("committed") == ["gsm8k", "legal", "support"]
+    run_dir = fleet / "merged" / "runs" / report.run_id
+    summary = json.loads((run_dir / "summary.json").read_text())
+    reason = summary["adapters"]["medqa"]["reason"]
+    assert ("truncated" in reason or "ends at byte" in reason) if damage == "truncated" else "NaN" in reason
+    assert not (fleet / "merged" / "latest" / "medqa.json").exists()
+    assert not (run_dir / "medqa").exists()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert set(manifest["adapters"]) == {"gsm8k", "legal", "support"} and "medqa" in manifest["failed"]
+    assert {r["adapter"] for r in read_decisions(run_dir / "decisions.parquet")} == {"gsm8k", "legal", "support"}
+
+
+def test_results_identical_with_one_and_several_actors(fleet):
+    config = load_config(fleet / "fleet.yaml")
+    one = run_fleet(replace(config, actors=1, output=str(fleet / "one")), progress=False)
+    two = run_fleet(replace(config, actors=2, output=str(fleet / "two")), progress=False)
+    for name in ADAPTERS:
+        a = fleet / "one" / "runs" / one.run_id / name / "adapter_model.safetensors"
+        b = fleet / "two" / "runs" / two.run_id / name / "adapter_model.safetensors"
+        assert a.read_bytes() == b.read_bytes()
+    rows_one = read_decisions(fleet / "one" / "runs" / one.run_id / "decisions.parquet")
+    rows_two = read_decisions(fleet / "two" / "runs" / two.run_id / "decisions.parquet")
+    assert rows_one == rows_two  # rho too: each module is scored in one batch whatever the sharding
+
+
+def test_fleet_cli_exit_status_and_summary(fleet, capsys):
+    from safemerge_ray.cli import main
+
+    (fleet / "finetuned" / "support" / "adapter_config.json").write_text("{not json")
+    code = main(["fleet", "--config", str(fleet / "fleet.yaml"), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == EXIT_PARTIAL
+    assert "support" in out and "failed" in out and "corrupt adapter_config.json" in out
+    assert "runs/" in out
+
+
+def test_safelora_fleet_without_safety_adapter(fleet):
+    config = load_config(fleet / "fleet.yaml")
+    config = replace(config, safety_adapter=None, merge=MergeSettings(policy="safelora", tau=0.35))
+    report = run_fleet(config, progress=False)
+    assert report.exit_code == EXIT_OK
+    rows = read_decisions(fleet / "merged" / "runs" / report.run_id / "decisions.parquet")
+    assert {r["action"] for r in rows} == {"projected", "kept"}
