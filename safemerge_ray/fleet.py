@@ -283,7 +283,7 @@ def _score(config: FleetConfig, unaligned: Checkpoint, aligned: Checkpoint, pend
     try:
         remaining = futures
         while remaining:
-            done, remaining = ray.wait(remaining, num_returns=min(len(remaining), 8), timeout=5.0)
+            done, remaining = ray.wait(remaining, num_returns=1, timeout=5.0)
             for result in ray.get(done):
                 for name, score in result.scores.items():
                     by_name[name].scores[result.module] = score
