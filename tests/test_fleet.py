@@ -186,3 +186,32 @@ def test_safelora_fleet_without_safety_adapter(fleet):
     assert report.exit_code == EXIT_OK
     rows = read_decisions(fleet / "merged" / "runs" / report.run_id / "decisions.parquet")
     assert {r["action"] for r in rows} == {"projected", "kept"}
+
+
+@pytest.mark.parametrize("resources,actors,gpus,expected", [
+    ({"CPU": 2.0}, None, None, (2, 0.0, 1, "cpu")),
+    ({"CPU": 16.0}, None, None, (14, 0.0, 1, "cpu")),  # capped by the 14 modules to score
+    ({"CPU": 16.0, "GPU": 4.0}, None, None, (4, 1.0, 1, "cuda")),
+    ({"CPU": 16.0, "GPU": 2.0}, None, 0.5, (4, 0.5, 1, "cuda")),
+    ({"CPU": 8.0}, 2, None, (2, 0.0, 4, "cpu")),
+])
+def test_actors_ask_for_gpus_when_the_cluster_has_them(monkeypatch, fleet, resources, actors, gpus, expected):
+    """The GPU side of actor placement; a GPU cluster is the one thing this machine cannot start."""
+    import ray
+
+    from safemerge_ray.fleet import _actor_shape
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    config = replace(load_config(fleet / "fleet.yaml"), actors=actors, gpus_per_actor=gpus)
+    assert _actor_shape(config, n_jobs=14) == expected
+
+
+def test_cuda_device_without_gpus_is_a_clear_error(monkeypatch, fleet):
+    import ray
+
+    from safemerge_ray.errors import SafeMergeError
+    from safemerge_ray.fleet import _actor_shape
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(SafeMergeError, match="no GPUs"):
+        _actor_shape(replace(load_config(fleet / "fleet.yaml"), device="cuda"), n_jobs=14)
