@@ -8,10 +8,13 @@ scaling 1 (the output config has `r = lora_alpha` per module), as `add_weighted_
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -131,12 +134,27 @@ def _cat(loras: list[Lora], weighted: list[float], density, sign_method) -> Lora
             torch.cat([b for _, b in loras], dim=1))
 
 
-def _peft(name: str) -> Callable:
-    # Imported on first use: PEFT takes seconds to import and scoring workers never merge.
-    def call(*args):
-        from peft.utils import merge_utils
+@functools.cache
+def _peft_merge_utils():
+    """PEFT's own `peft/utils/merge_utils.py`, loaded by file.
 
-        return getattr(merge_utils, name)(*args)
+    It is a leaf module (it imports only torch), but importing it as `peft.utils.merge_utils` runs
+    PEFT's package import, which pulls in transformers and costs seconds in every fresh Ray worker.
+    The parity tests compare the result against PEFT imported normally.
+    """
+    spec = importlib.util.find_spec("peft")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise SafeMergeError("PEFT is not installed; it provides the merge arithmetic")
+    path = Path(spec.submodule_search_locations[0]) / "utils" / "merge_utils.py"
+    module_spec = importlib.util.spec_from_file_location("safemerge_ray._peft_merge_utils", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _peft(name: str) -> Callable:
+    def call(*args):
+        return getattr(_peft_merge_utils(), name)(*args)
 
     return call
 
