@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,7 @@ from .merge import MergeSettings
 from .output import DECISIONS, SUMMARY, adapter_files, json_bytes
 from .plan import ModulePlan, plan_adapter
 from .progress import Progress
-from .repair import read_delta, score_module
+from .repair import delta_from_pair, read_weight_pair, resolve_device, score_module
 from .report import counts, decisions_bytes
 from .storage import Dir, S3Settings, open_dir, sha256_of
 from .tensors import Checkpoint, natural_key
@@ -63,26 +64,38 @@ class ModuleResult:
 
 
 class ModuleScorer:
-    """Keeps both checkpoints' headers (and adapters' headers) where the scoring happens."""
+    """Keeps both checkpoints' headers (and adapters' headers) where the scoring happens.
+
+    While one module is scored, the next one's weights are already being read (one background
+    thread: file and network reads and torch's GEMMs both release the GIL), so I/O hides under compute.
+    """
 
     def __init__(self, unaligned: str, aligned: str, s3: S3Settings, device: str, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
-        self.s3, self.device = s3, device
+        self.s3, self.device = s3, resolve_device(device)
         self.unaligned = Checkpoint(open_dir(unaligned, what="unaligned model", s3=s3), "unaligned model")
         self.aligned = Checkpoint(open_dir(aligned, what="aligned model", s3=s3), "aligned model")
         self.adapters: dict[str, LoraAdapter] = {}
+        self._reader = ThreadPoolExecutor(max_workers=1)
+        self._prefetched: dict[str, Future] = {}
 
     def _adapter(self, uri: str) -> LoraAdapter:
         if uri not in self.adapters:
             self.adapters[uri] = load_adapter(open_dir(uri, what=f"adapter {uri}", s3=self.s3), uri, fingerprint=False)
         return self.adapters[uri]
 
-    def score(self, job: ModuleJob) -> ModuleResult:
+    def _read(self, job: ModuleJob) -> Future:
+        return self._reader.submit(read_weight_pair, job.weight_key, self.unaligned, self.aligned, self.device)
+
+    def score(self, job: ModuleJob, next_job: ModuleJob | None = None) -> ModuleResult:
+        pending_read = self._prefetched.pop(job.module, None) or self._read(job)
+        if next_job is not None and next_job.module not in self._prefetched:
+            self._prefetched[next_job.module] = self._read(next_job)
         result = ModuleResult(job.module, job.nbytes)
         plan = ModulePlan(job.module, job.weight_key, job.transpose, job.nbytes, None, None)
         try:
-            v = read_delta(plan, self.unaligned, self.aligned, self.device)
+            v = delta_from_pair(plan, pending_read.result(), self.device)
         except SafeMergeError as exc:  # a bad model weight fails every adapter that needs it
             result.errors = {r.adapter: str(exc) for r in job.requests}
             return result
@@ -277,7 +290,8 @@ def _score(config: FleetConfig, unaligned: Checkpoint, aligned: Checkpoint, pend
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=2, max_task_retries=2)
     actors = [actor_cls.remote(config.unaligned_model, config.aligned_model, config.s3, device, cpus_per_actor)
               for _ in range(n_actors)]
-    futures = [actor.score.remote(job) for actor, shard in zip(actors, balance(jobs, n_actors)) for job in shard]
+    futures = [actor.score.remote(job, shard[i + 1] if i + 1 < len(shard) else None)
+               for actor, shard in zip(actors, balance(jobs, n_actors)) for i, job in enumerate(shard)]
     bar = Progress("score", len(jobs)) if progress else None
     by_name = {st.ref.name: st for st in pending}
     try:

@@ -30,7 +30,9 @@ def alignment_delta(w_aligned: torch.Tensor, w_unaligned: torch.Tensor, module: 
             f"module {module}: aligned weight is {list(w_aligned.shape)} but unaligned weight is "
             f"{list(w_unaligned.shape)}; the two models must share an architecture"
         )
-    v = w_aligned.to(device, torch.float32) - w_unaligned.to(device, torch.float32)
+    # Storage dtype (bf16/fp16) crosses to the device; the difference is taken in float32 there.
+    v = w_aligned.to(device, non_blocking=True).float()
+    v -= w_unaligned.to(device, non_blocking=True).float()
     if not torch.isfinite(v).all():
         side = "aligned" if not torch.isfinite(w_aligned).all() else "unaligned"
         raise SafeMergeError(f"module {module}: the {side} model's weight contains NaN or Inf")

@@ -108,9 +108,10 @@ class SafetensorsFile:
             raise SafeMergeError(f"{self.where}: {data_len - pos} trailing bytes after the last tensor")
         return infos
 
-    def read(self, tname: str) -> torch.Tensor:
+    def read(self, tname: str, pin_memory: bool = False) -> torch.Tensor:
+        """One tensor, read straight into its own buffer (page-locked when bound for a GPU)."""
         info = self.tensors[tname]
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
         if info.nbytes:
             self.store.read_into(self.name, info.offset, memoryview(buf.numpy()))
         return buf.view(DTYPES[info.dtype]).reshape(info.shape)
@@ -173,8 +174,8 @@ class Checkpoint:
     def info(self, tname: str) -> TensorInfo:
         return self.locations[tname].tensors[tname]
 
-    def read(self, tname: str) -> torch.Tensor:
-        return self.locations[tname].read(tname)
+    def read(self, tname: str, pin_memory: bool = False) -> torch.Tensor:
+        return self.locations[tname].read(tname, pin_memory)
 
     def fingerprint(self) -> str:
         """Cheap content fingerprint: every shard's header, size and version tag (mtime or ETag).
