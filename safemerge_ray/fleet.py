@@ -32,7 +32,7 @@ from .plan import ModulePlan, plan_adapter
 from .progress import Progress
 from .repair import delta_from_pair, read_weight_pair, resolve_device, score_module
 from .report import counts, decisions_bytes
-from .storage import Dir, S3Settings, open_dir, sha256_of
+from .storage import BYTES_READ, Dir, S3Settings, open_dir, sha256_of
 from .tensors import Checkpoint, natural_key
 
 EXIT_OK, EXIT_CONFIG, EXIT_PARTIAL, EXIT_FAILED = 0, 2, 3, 4
@@ -59,6 +59,7 @@ class ModuleJob:
 class ModuleResult:
     module: str
     nbytes: int
+    bytes_read: int = 0  # measured in the actor: this call's reads (and the prefetch it waited for)
     scores: dict[str, ModuleScore] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
 
@@ -89,6 +90,12 @@ class ModuleScorer:
         return self._reader.submit(read_weight_pair, job.weight_key, self.unaligned, self.aligned, self.device)
 
     def score(self, job: ModuleJob, next_job: ModuleJob | None = None) -> ModuleResult:
+        before = BYTES_READ.total
+        result = self._score(job, next_job)
+        result.bytes_read = BYTES_READ.total - before
+        return result
+
+    def _score(self, job: ModuleJob, next_job: ModuleJob | None) -> ModuleResult:
         pending_read = self._prefetched.pop(job.module, None) or self._read(job)
         if next_job is not None and next_job.module not in self._prefetched:
             self._prefetched[next_job.module] = self._read(next_job)
@@ -116,18 +123,20 @@ def assemble_and_write(name: str, uri: str, safety_uri: str | None, plans: list[
                        scores: dict[str, ModuleScore], settings: MergeSettings, out: Dir, prefix: str,
                        s3: S3Settings) -> dict:
     """Decide, merge and write one adapter under `prefix`; returns its objects' digests and decisions."""
+    before = BYTES_READ.total
     try:
         finetuned = load_adapter(open_dir(uri, what=f"adapter {name}", s3=s3), f"adapter {name}", fingerprint=False)
         safety = (load_adapter(open_dir(safety_uri, what="safety adapter", s3=s3), "safety adapter", fingerprint=False)
                   if safety_uri else None)
         result = assemble_adapter(name, plans, scores, finetuned, safety, settings)
     except SafeMergeError as exc:
-        return {"adapter": name, "error": str(exc)}
+        return {"adapter": name, "error": str(exc), "bytes_read": BYTES_READ.total - before}
     objects = {}
     for fname, data in adapter_files(result.tensors, result.config).items():
         out.write(f"{prefix}{fname}", data)
         objects[f"{prefix}{fname}"] = {"sha256": sha256_of(data), "bytes": len(data)}
-    return {"adapter": name, "objects": objects, "decisions": result.decisions}
+    return {"adapter": name, "objects": objects, "decisions": result.decisions,
+            "bytes_read": BYTES_READ.total - before}
 
 
 @dataclass
@@ -153,6 +162,7 @@ class FleetReport:
     adapters: list[AdapterState]
     exit_code: int
     warnings: list[str] = field(default_factory=list)
+    bytes_read: int = 0  # by the driver, the scoring actors and the assembly tasks, measured in each
 
     def by_status(self, status: str) -> list[str]:
         return [a.ref.name for a in self.adapters if a.status == status]
@@ -196,6 +206,7 @@ def _log(msg: str) -> None:
 def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = None,
               ray_address: str | None = None) -> FleetReport:
     """Plan, score, assemble and commit; Ray is started or joined only when there is work."""
+    driver_before = BYTES_READ.total
     s3 = config.s3
     out = open_dir(config.output, what="output", s3=s3, must_exist=False)
     refs = config.resolve_adapters()
@@ -230,15 +241,17 @@ def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = N
     _log(f"{len(refs)} adapters: {len(pending)} to repair, "
          f"{sum(st.status == 'unchanged' for st in states)} unchanged, {len(failed_early)} invalid")
     if not pending and not failed_early:
-        return FleetReport(None, out.uri, states, EXIT_OK, warnings)
+        return FleetReport(None, out.uri, states, EXIT_OK, warnings, BYTES_READ.total - driver_before)
 
     run_id = run_id or new_run_id()
+    worker_bytes = 0
     if pending:
         init_ray(ray_address)
-        _score(config, unaligned, aligned, pending, progress)
-        _assemble(config, out, run_id, [st for st in pending if st.status == "pending"], progress)
+        worker_bytes += _score(config, pending, progress)
+        worker_bytes += _assemble(config, out, run_id, [st for st in pending if st.status == "pending"], progress)
     report = FleetReport(run_id, out.uri, states, EXIT_OK, warnings)
     _commit(config, out, run_id, states, fingerprints, report)
+    report.bytes_read = BYTES_READ.total - driver_before + worker_bytes
     committed, failed = report.by_status("committed"), report.by_status("failed")
     report.exit_code = EXIT_OK if not failed else EXIT_PARTIAL if committed else EXIT_FAILED
     return report
@@ -278,8 +291,8 @@ def _actor_shape(config: FleetConfig, n_jobs: int) -> tuple[int, float, int, str
     return actors, gpus_per_actor, cpus_per_actor, device
 
 
-def _score(config: FleetConfig, unaligned: Checkpoint, aligned: Checkpoint, pending: list[AdapterState],
-           progress: bool) -> None:
+def _score(config: FleetConfig, pending: list[AdapterState], progress: bool) -> int:
+    """Score every pending adapter; returns the bytes the actors read."""
     import ray
 
     jobs = _plan_jobs(pending)
@@ -294,11 +307,13 @@ def _score(config: FleetConfig, unaligned: Checkpoint, aligned: Checkpoint, pend
                for actor, shard in zip(actors, balance(jobs, n_actors)) for i, job in enumerate(shard)]
     bar = Progress("score", len(jobs)) if progress else None
     by_name = {st.ref.name: st for st in pending}
+    bytes_read = 0
     try:
         remaining = futures
         while remaining:
             done, remaining = ray.wait(remaining, num_returns=1, timeout=5.0)
             for result in ray.get(done):
+                bytes_read += result.bytes_read
                 for name, score in result.scores.items():
                     by_name[name].scores[result.module] = score
                 for name, reason in result.errors.items():
@@ -312,11 +327,14 @@ def _score(config: FleetConfig, unaligned: Checkpoint, aligned: Checkpoint, pend
     finally:
         for actor in actors:
             ray.kill(actor)
+    return bytes_read
 
 
-def _assemble(config: FleetConfig, out: Dir, run_id: str, pending: list[AdapterState], progress: bool) -> None:
+def _assemble(config: FleetConfig, out: Dir, run_id: str, pending: list[AdapterState], progress: bool) -> int:
+    """One task per adapter; returns the bytes the tasks read."""
     import ray
 
+    bytes_read = 0
     task = ray.remote(assemble_and_write).options(num_cpus=1, max_retries=3)
     futures = {
         task.remote(st.ref.name, st.ref.uri, config.safety_adapter, st.plans, st.scores, st.settings, out,
@@ -333,6 +351,7 @@ def _assemble(config: FleetConfig, out: Dir, run_id: str, pending: list[AdapterS
                 result = ray.get(ref)
             except ray.exceptions.RayError as exc:  # retries exhausted
                 result = {"error": f"assembly task failed: {exc}"}
+            bytes_read += result.get("bytes_read", 0)
             if "error" in result:
                 st.status, st.reason = "failed", result["error"]
             else:
@@ -340,6 +359,7 @@ def _assemble(config: FleetConfig, out: Dir, run_id: str, pending: list[AdapterS
                 st.counts = counts(result["decisions"])
             if bar:
                 bar.advance()
+    return bytes_read
 
 
 def _commit(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterState], fingerprints: dict,
@@ -397,7 +417,8 @@ def format_report(report: FleetReport) -> str:
     for w in report.warnings:
         lines.append(f"warning: {w}")
     if report.run_id:
-        lines.append(f"run {report.run_id}: {report.output.rstrip('/')}/runs/{report.run_id}/")
+        lines.append(f"run {report.run_id}: {report.output.rstrip('/')}/runs/{report.run_id}/ "
+                     f"({report.bytes_read / 1e6:.0f} MB read)")
     else:
         lines.append(f"nothing to do: every adapter is up to date in {report.output}")
     return "\n".join(lines)

@@ -10,12 +10,28 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from .errors import SafeMergeError
+
+
+class ReadCounter:
+    """Bytes this process has read through any `Dir`: what reports and benchmarks call 'bytes read'."""
+
+    def __init__(self):
+        self._lock = threading.Lock()  # prefetch threads read beside the main thread
+        self.total = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.total += n
+
+
+BYTES_READ = ReadCounter()
 
 
 class Dir(Protocol):
@@ -67,9 +83,11 @@ class LocalDir:
 
     def read(self, name: str) -> bytes:
         try:
-            return self._file(name).read_bytes()
+            data = self._file(name).read_bytes()
         except FileNotFoundError:
             raise SafeMergeError(f"missing file: {self._file(name)}") from None
+        BYTES_READ.add(len(data))
+        return data
 
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
         want = len(buffer)
@@ -84,6 +102,7 @@ class LocalDir:
                         f"expected at least {offset + want} (truncated?)"
                     )
                 got += n
+        BYTES_READ.add(want)
 
     def list(self) -> list[str]:
         if not self.path.is_dir():
@@ -205,7 +224,9 @@ class S3Dir:
 
     def read(self, name: str) -> bytes:
         resp = self._call(f"{self.uri}{name}", self.client.get_object, Key=self.prefix + name)
-        return resp["Body"].read()
+        data = resp["Body"].read()
+        BYTES_READ.add(len(data))
+        return data
 
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
         want = len(buffer)
@@ -222,6 +243,7 @@ class S3Dir:
         for chunk in resp["Body"].iter_chunks(chunk_size=8 << 20):
             buffer[got:got + len(chunk)] = chunk
             got += len(chunk)
+        BYTES_READ.add(got)
         if got != want:
             raise SafeMergeError(f"{where}: ranged read returned {got} bytes, expected {want}")
 

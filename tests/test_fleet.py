@@ -215,3 +215,25 @@ def test_cuda_device_without_gpus_is_a_clear_error(monkeypatch, fleet):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     with pytest.raises(SafeMergeError, match="no GPUs"):
         _actor_shape(replace(load_config(fleet / "fleet.yaml"), device="cuda"), n_jobs=14)
+
+
+def test_each_model_weight_is_read_once_for_the_whole_fleet(tmp_path, ray_local):
+    """Bytes read, measured in the driver, the actors and the tasks: the targeted weights once, whatever N."""
+    root = tmp_path / "fx"
+    build_fixture(root, SynthSpec(hidden=128, layers=2, heads=4, rank=2, seed=8), n_finetunes=4)
+    write_fleet_config(root)
+    from safemerge_ray.tensors import Checkpoint
+    from safemerge_ray.storage import LocalDir
+
+    target = 0
+    for side in ("unaligned", "aligned"):
+        ckpt = Checkpoint(LocalDir(root / side), side)
+        target += sum(ckpt.info(k).nbytes for k in ckpt.locations
+                      if k.endswith(("proj.weight",)))
+    adapters = sum(p.stat().st_size for p in (root / "finetuned").rglob("*.safetensors"))
+    safety = (root / "safety" / "adapter_model.safetensors").stat().st_size
+    report = run_fleet(load_config(root / "fleet.yaml"), progress=False)
+    assert report.exit_code == EXIT_OK
+    # Adapters are read a few times (fingerprint, scoring, assembly); the big weights exactly once.
+    assert target <= report.bytes_read <= target + 3 * adapters + 6 * safety + 256 * 1024
+    assert report.bytes_read < 1.5 * target
