@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := build/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean bench bench-quick
 
 setup: $(STAMP)
 
@@ -28,3 +28,9 @@ test: setup
 
 clean:
 	rm -rf build $(VENV)
+
+bench-quick: setup
+	$(PY) bench/fleet_bench.py --quick
+
+bench: setup
+	$(PY) bench/fleet_bench.py --json build/bench/results.json

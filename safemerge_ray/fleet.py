@@ -1,14 +1,14 @@
 """The fleet job: one Ray run repairs every fine-tune against one shared safety adapter.
 
     plan    (driver, safetensors headers only)
- -> score   (actors, module-major: each module's two weights are read once, by one actor, and every
-             pending adapter is scored against them in one batch; only scores travel back)
- -> decide + assemble (one task per adapter, adapter-major; it writes its merged adapter)
+ -> score   (worker actors, module-major: each module's two weights are read once, by one worker, and
+             every pending adapter is scored against them in one batch; only scores travel back)
+ -> decide + assemble (one task per adapter on the same workers, adapter-major; it writes its adapter)
  -> commit  (the run's decisions and summary, then `manifest.json` last, then per-adapter pointers)
 
 A run without its manifest did not happen; consumers follow `latest/<adapter>.json`, which moves only
 after the manifest is written. Workers fail and retry under Ray's own mechanisms (actor restarts,
-task retries). An adapter whose inputs are bad fails alone, with its reason in the run summary.
+actor task retries). An adapter whose inputs are bad fails alone, with its reason in the run summary.
 """
 
 from __future__ import annotations
@@ -64,11 +64,13 @@ class ModuleResult:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-class ModuleScorer:
-    """Keeps both checkpoints' headers (and adapters' headers) where the scoring happens.
+class FleetWorker:
+    """A Ray actor: scores modules (module-major), then assembles adapters (adapter-major).
 
-    While one module is scored, the next one's weights are already being read (one background
-    thread: file and network reads and torch's GEMMs both release the GIL), so I/O hides under compute.
+    It keeps both checkpoints' headers (and adapters' headers) where the scoring happens. While one
+    module is scored, the next one's weights are already being read (one background thread: file and
+    network reads and torch's GEMMs both release the GIL), so I/O hides under compute. Assembly runs
+    on the same warm processes, so a run pays for one set of worker start-ups, not two.
     """
 
     def __init__(self, unaligned: str, aligned: str, s3: S3Settings, device: str, threads: int | None = None):
@@ -117,6 +119,9 @@ class ModuleScorer:
             scores = score_module(job.module, v, loras, [r.settings for r in ready])
             result.scores = {req.adapter: s for req, s in zip(ready, scores)}
         return result
+
+    def assemble(self, *args) -> dict:
+        return assemble_and_write(*args)
 
 
 def assemble_and_write(name: str, uri: str, safety_uri: str | None, plans: list[ModulePlan],
@@ -247,8 +252,17 @@ def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = N
     worker_bytes = 0
     if pending:
         init_ray(ray_address)
-        worker_bytes += _score(config, pending, progress)
-        worker_bytes += _assemble(config, out, run_id, [st for st in pending if st.status == "pending"], progress)
+        jobs = _plan_jobs(pending)
+        workers = _start_workers(config, len(jobs))
+        try:
+            worker_bytes += _score(workers, jobs, pending, progress)
+            worker_bytes += _assemble(config, workers, out, run_id, [st for st in pending if st.status == "pending"],
+                                      progress)
+        finally:
+            import ray
+
+            for worker in workers:
+                ray.kill(worker)
     report = FleetReport(run_id, out.uri, states, EXIT_OK, warnings)
     _commit(config, out, run_id, states, fingerprints, report)
     report.bytes_read = BYTES_READ.total - driver_before + worker_bytes
@@ -258,6 +272,7 @@ def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = N
 
 
 def _plan_jobs(pending: list[AdapterState]) -> list[ModuleJob]:
+    """One job per target module, naming every pending adapter that needs it."""
     by_module: dict[str, list[tuple[ModulePlan, ScoreRequest]]] = {}
     for st in pending:
         for plan in st.plans:
@@ -291,20 +306,25 @@ def _actor_shape(config: FleetConfig, n_jobs: int) -> tuple[int, float, int, str
     return actors, gpus_per_actor, cpus_per_actor, device
 
 
-def _score(config: FleetConfig, pending: list[AdapterState], progress: bool) -> int:
-    """Score every pending adapter; returns the bytes the actors read."""
+def _start_workers(config: FleetConfig, n_jobs: int) -> list:
     import ray
 
-    jobs = _plan_jobs(pending)
-    n_actors, gpus_per_actor, cpus_per_actor, device = _actor_shape(config, len(jobs))
-    _log(f"scoring {len(jobs)} modules ({sum(j.nbytes for j in jobs) / 1e6:.0f} MB of model weights) "
-         f"for {len(pending)} adapters on {n_actors} {device} actor(s)")
-    actor_cls = ray.remote(ModuleScorer).options(
+    n_actors, gpus_per_actor, cpus_per_actor, device = _actor_shape(config, n_jobs)
+    _log(f"starting {n_actors} {device} worker(s)")
+    actor_cls = ray.remote(FleetWorker).options(
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=2, max_task_retries=2)
-    actors = [actor_cls.remote(config.unaligned_model, config.aligned_model, config.s3, device, cpus_per_actor)
-              for _ in range(n_actors)]
-    futures = [actor.score.remote(job, shard[i + 1] if i + 1 < len(shard) else None)
-               for actor, shard in zip(actors, balance(jobs, n_actors)) for i, job in enumerate(shard)]
+    return [actor_cls.remote(config.unaligned_model, config.aligned_model, config.s3, device, cpus_per_actor)
+            for _ in range(n_actors)]
+
+
+def _score(workers: list, jobs: list[ModuleJob], pending: list[AdapterState], progress: bool) -> int:
+    """Score every pending adapter, module-major; returns the bytes the workers read."""
+    import ray
+
+    _log(f"scoring {len(jobs)} modules ({sum(j.nbytes for j in jobs) / 1e6:.0f} MB of model weights) "
+         f"for {len(pending)} adapters")
+    futures = [worker.score.remote(job, shard[i + 1] if i + 1 < len(shard) else None)
+               for worker, shard in zip(workers, balance(jobs, len(workers))) for i, job in enumerate(shard)]
     bar = Progress("score", len(jobs)) if progress else None
     by_name = {st.ref.name: st for st in pending}
     bytes_read = 0
@@ -323,23 +343,20 @@ def _score(config: FleetConfig, pending: list[AdapterState], progress: bool) -> 
                 if bar:
                     bar.advance(nbytes=result.nbytes)
     except ray.exceptions.RayActorError as exc:  # restarts exhausted: a worker keeps dying
-        raise SafeMergeError(f"scoring failed: a scoring actor died and could not be restarted ({exc})") from None
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+        raise SafeMergeError(f"scoring failed: a worker died and could not be restarted ({exc})") from None
     return bytes_read
 
-
-def _assemble(config: FleetConfig, out: Dir, run_id: str, pending: list[AdapterState], progress: bool) -> int:
-    """One task per adapter; returns the bytes the tasks read."""
+def _assemble(config: FleetConfig, workers: list, out: Dir, run_id: str, pending: list[AdapterState],
+              progress: bool) -> int:
+    """One assembly task per adapter, spread over the workers; returns the bytes they read."""
     import ray
 
     bytes_read = 0
-    task = ray.remote(assemble_and_write).options(num_cpus=1, max_retries=3)
     futures = {
-        task.remote(st.ref.name, st.ref.uri, config.safety_adapter, st.plans, st.scores, st.settings, out,
-                    f"runs/{run_id}/{st.ref.name}/", config.s3): st
-        for st in pending
+        workers[i % len(workers)].assemble.remote(
+            st.ref.name, st.ref.uri, config.safety_adapter, st.plans, st.scores, st.settings, out,
+            f"runs/{run_id}/{st.ref.name}/", config.s3): st
+        for i, st in enumerate(pending)
     }
     bar = Progress("assemble", len(futures), unit="adapters written") if progress else None
     remaining = list(futures)
@@ -350,7 +367,7 @@ def _assemble(config: FleetConfig, out: Dir, run_id: str, pending: list[AdapterS
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayError as exc:  # retries exhausted
-                result = {"error": f"assembly task failed: {exc}"}
+                result = {"error": f"assembly failed: {exc}"}
             bytes_read += result.get("bytes_read", 0)
             if "error" in result:
                 st.status, st.reason = "failed", result["error"]
