@@ -4,8 +4,9 @@ measured in one run on synthetic fleets with realistic layer shapes.
     make bench          # hidden 2048 and 4096, N = 1, 4, 16, 64, 3 repeats, depth check
     make bench-quick    # hidden 2048, N = 1, 4, 16, 2 repeats (under 3 minutes here)
 
-Every case runs in its own process; a sampler adds up the resident memory of that process and all
-its descendants (Ray's raylet, GCS and workers included) every 20 ms, and keeps the peak. Bytes read
+Every case runs in its own process; a sampler adds up the proportional set size (PSS: shared pages
+such as torch's libraries split between the processes sharing them) of that process and all its
+descendants (Ray's raylet, GCS and workers included) every 50 ms, and keeps the peak. Bytes read
 are counted by safemerge-ray's storage layer in every process (for the baseline: the files it loads).
 
 The baseline's cost does not depend on N (each fine-tune is a separate, identical run), so it is
@@ -42,8 +43,15 @@ class Sample:
     result: dict = field(default_factory=dict)
 
 
+def _memory(p: psutil.Process) -> int:
+    try:
+        return p.memory_full_info().pss
+    except (psutil.AccessDenied, AttributeError):
+        return p.memory_info().rss
+
+
 def measure(cmd: list[str]) -> Sample:
-    """Run `cmd`, sampling the RSS sum of its process tree; returns wall time, peak and its JSON result."""
+    """Run `cmd`, sampling the PSS sum of its process tree; returns wall time, peak and its JSON result."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0
@@ -58,13 +66,13 @@ def measure(cmd: list[str]) -> Sample:
                 total = 0
                 for p in procs:
                     try:
-                        total += p.memory_info().rss
+                        total += _memory(p)
                     except psutil.Error:
                         pass
                 peak = max(peak, total)
             except psutil.Error:
                 pass
-            stop.wait(0.02)
+            stop.wait(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -185,7 +193,7 @@ def depth_check(hidden: int, layers: int, n: int, work: Path) -> list[dict]:
 def table(rows: list[dict], depth: list[dict]) -> str:
     lines = [
         "| hidden x layers | N | baseline s (measured runs) | floor s | ours s (warm) | ours s (cold) | merge s | "
-        "baseline/ours | baseline/ours cold | ours/floor | peak MB base / floor / ours | MB read base / floor / ours |",
+        "baseline/ours | baseline/ours cold | ours/floor | peak MB (PSS) base / floor / ours | MB read base / floor / ours |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -197,7 +205,7 @@ def table(rows: list[dict], depth: list[dict]) -> str:
             f"| {r['baseline_peak_mb']:.0f} / {r['floor_peak_mb']:.0f} / {r['ours_peak_mb']:.0f} "
             f"| {r['baseline_read_mb']:.0f} / {r['floor_read_mb']:.0f} / {r['ours_read_mb']:.0f} |")
     if depth:
-        lines += ["", "| model (hidden x layers) | model pair MB | N | ours peak MB (all processes) | ours s |",
+        lines += ["", "| model (hidden x layers) | model pair MB | N | ours peak MB (PSS, all processes) | ours s |",
                   "|---|---|---|---|---|"]
         for d in depth:
             lines.append(f"| {d['hidden']} x {d['layers']} | {d['model_pair_mb']:.0f} | {d['n']} "
