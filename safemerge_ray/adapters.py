@@ -78,10 +78,11 @@ class LoraAdapter:
         return list(self.config.get("modules_to_save") or [])
 
 
-def load_adapter(store: Dir, what: str, fingerprint: bool = True) -> LoraAdapter:
+def load_adapter(store: Dir, what: str) -> LoraAdapter:
     """Parse an adapter directory: its config and safetensors header; tensors stay on storage.
 
-    `fingerprint` hashes the whole (small) adapter; workers that only read tensors skip it.
+    The fingerprint hashes the config, the header and the weights file's version tag (size and mtime
+    locally, the ETag on S3), like a model's: a fleet of large adapters is not read twice to hash it.
     """
     if not store.exists(CONFIG):
         pickles = [n for n in store.list() if n.startswith("adapter_model.") and n != WEIGHTS]
@@ -105,7 +106,7 @@ def load_adapter(store: Dir, what: str, fingerprint: bool = True) -> LoraAdapter
     _check_config(config, what)
     weights = SafetensorsFile(store, WEIGHTS)
     modules, extra = _parse_keys(weights, config, what)
-    digest = sha256_of(raw_config + b"\0" + store.read(WEIGHTS)) if fingerprint else ""
+    digest = sha256_of(b"\0".join([raw_config, weights.header_bytes, store.version_tag(WEIGHTS).encode()]))
     return LoraAdapter(store.uri, config, modules, extra, digest, weights)
 
 

@@ -33,7 +33,7 @@ from .progress import Progress
 from .repair import delta_from_pair, read_weight_pair, resolve_device, score_module
 from .report import counts, decisions_bytes
 from .storage import BYTES_READ, Dir, S3Settings, open_dir, sha256_of
-from .tensors import Checkpoint, natural_key
+from .tensors import Checkpoint, natural_key, release_freed_buffers
 
 EXIT_OK, EXIT_CONFIG, EXIT_PARTIAL, EXIT_FAILED = 0, 2, 3, 4
 MANIFEST = "manifest.json"
@@ -74,6 +74,7 @@ class FleetWorker:
     """
 
     def __init__(self, unaligned: str, aligned: str, s3: S3Settings, device: str, threads: int | None = None):
+        release_freed_buffers()
         if threads:
             torch.set_num_threads(threads)
         self.s3, self.device = s3, resolve_device(device)
@@ -85,7 +86,7 @@ class FleetWorker:
 
     def _adapter(self, uri: str) -> LoraAdapter:
         if uri not in self.adapters:
-            self.adapters[uri] = load_adapter(open_dir(uri, what=f"adapter {uri}", s3=self.s3), uri, fingerprint=False)
+            self.adapters[uri] = load_adapter(open_dir(uri, what=f"adapter {uri}", s3=self.s3), uri)
         return self.adapters[uri]
 
     def _read(self, job: ModuleJob) -> Future:
@@ -130,8 +131,8 @@ def assemble_and_write(name: str, uri: str, safety_uri: str | None, plans: list[
     """Decide, merge and write one adapter under `prefix`; returns its objects' digests and decisions."""
     before = BYTES_READ.total
     try:
-        finetuned = load_adapter(open_dir(uri, what=f"adapter {name}", s3=s3), f"adapter {name}", fingerprint=False)
-        safety = (load_adapter(open_dir(safety_uri, what="safety adapter", s3=s3), "safety adapter", fingerprint=False)
+        finetuned = load_adapter(open_dir(uri, what=f"adapter {name}", s3=s3), f"adapter {name}")
+        safety = (load_adapter(open_dir(safety_uri, what="safety adapter", s3=s3), "safety adapter")
                   if safety_uri else None)
         result = assemble_adapter(name, plans, scores, finetuned, safety, settings)
     except SafeMergeError as exc:

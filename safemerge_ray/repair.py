@@ -25,7 +25,7 @@ from .progress import Progress
 from .report import counts, decisions_bytes
 from .storage import S3Settings, open_dir
 from .subspace import alignment_delta, lora_rho, project_lora_b
-from .tensors import Checkpoint
+from .tensors import Checkpoint, release_freed_buffers
 
 
 def resolve_device(device: str) -> str:
@@ -127,6 +127,7 @@ def merge_to_dir(*, unaligned: str, aligned: str, safety_adapter: str | None, fi
                  settings: MergeSettings, device: str = "cpu", progress: bool = True,
                  s3: S3Settings = S3Settings()) -> dict:
     """Run the whole single-adapter repair and commit OUT atomically; returns the summary."""
+    release_freed_buffers()
     device = resolve_device(device)
     out_dir = check_output_target(out, s3)
     inputs = open_inputs(unaligned, aligned, finetuned, safety_adapter, settings.policy, s3)

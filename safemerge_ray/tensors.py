@@ -188,6 +188,22 @@ class Checkpoint:
         return sha256_of("\n".join(parts).encode())
 
 
+def release_freed_buffers(threshold: int = 1 << 20) -> None:
+    """Serve every buffer of 1 MB or more by mmap, so freeing a module's weights returns the memory.
+
+    glibc raises its mmap threshold (up to 32 MB) each time such a buffer is freed; after that, one
+    module's tensors come from the heap and fragment it, and a process that reads module after
+    module grows with the model's depth. Fixing the threshold keeps its peak at a few modules.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (fixing it also stops the dynamic adjustment)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def natural_key(name: str) -> tuple:
     """Sort key that orders `layers.10` after `layers.9`."""
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
