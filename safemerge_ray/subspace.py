@@ -30,10 +30,12 @@ def alignment_delta(w_aligned: torch.Tensor, w_unaligned: torch.Tensor, module: 
             f"module {module}: aligned weight is {list(w_aligned.shape)} but unaligned weight is "
             f"{list(w_unaligned.shape)}; the two models must share an architecture"
         )
-    # Storage dtype (bf16/fp16) crosses to the device; the difference is taken in float32 there.
+    # Storage dtype (bf16/fp16) crosses to the device; the difference is taken in float32 there,
+    # in place (one float32 buffer, not three).
     v = w_aligned.to(device, non_blocking=True).float()
-    v -= w_unaligned.to(device, non_blocking=True).float()
-    if not torch.isfinite(v).all():
+    v.sub_(w_unaligned.to(device, non_blocking=True))
+    # One reduction finds any NaN/Inf (they poison the sum); the exact culprit is looked up only then.
+    if not torch.isfinite(v.sum()):
         side = "aligned" if not torch.isfinite(w_aligned).all() else "unaligned"
         raise SafeMergeError(f"module {module}: the {side} model's weight contains NaN or Inf")
     return v
