@@ -8,7 +8,6 @@ some modules in it (rho near 1: kept) and lets others drift to random directions
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,10 +136,6 @@ def write_lora(directory: Path, loras: dict[str, tuple[torch.Tensor, torch.Tenso
         tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(dtype)
         tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(dtype)
     save_tensors(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
 
 
 def write_fleet_config(root: str | Path, output: str = "merged") -> Path:

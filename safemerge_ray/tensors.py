@@ -10,7 +10,6 @@ import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 
@@ -214,6 +213,3 @@ def save_tensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
-
-def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())

@@ -440,7 +440,7 @@ def test_relative_paths_resolve_against_the_config_file(fixture_root, tmp_path, 
     root = tmp_path / "project"
     shutil.copytree(fixture_root, root)
     (root / "extra" / "mine").mkdir(parents=True)
-    path = _write(root / "configs" / "fleet.yaml", {
+    _write(root / "configs" / "fleet.yaml", {
         "unaligned_model": "../unaligned", "aligned_model": "../aligned", "safety_adapter": "../safety",
         "finetuned": ["../extra/mine/", {"prefix": "../finetuned"}, {"name": "maths", "path": "../finetuned/gsm8k"}],
         "output": "../merged",
