@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .adapters import LoraAdapter, LoraModule
 from .errors import SafeMergeError
+from .subspace import check_same_shape
 from .tensors import Checkpoint
 
 
@@ -55,11 +56,7 @@ def plan_adapter(unaligned: Checkpoint, aligned: Checkpoint, finetuned: LoraAdap
     for module, lora in finetuned.modules.items():
         key = _weight_key(module, unaligned, aligned)
         w_al, w_un = aligned.info(key), unaligned.info(key)
-        if w_al.shape != w_un.shape:
-            raise SafeMergeError(
-                f"module {module}: aligned weight is {list(w_al.shape)} but unaligned weight is "
-                f"{list(w_un.shape)}; the two models must share an architecture"
-            )
+        check_same_shape(module, w_al.shape, w_un.shape)
         if len(w_al.shape) != 2:
             raise SafeMergeError(f"module {module}: model weight {key} is {len(w_al.shape)}-D, not a linear layer")
         out_in = (lora.b_shape[0], lora.a_shape[1])

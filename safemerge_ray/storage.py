@@ -160,6 +160,7 @@ class S3Dir:
         self._client = client
         self._entries: dict[str, tuple[int, str]] | None = None
         self._dirs: list[str] | None = None
+        self._children: dict[str, S3Dir] = {}  # nested names reuse one listing per sub-prefix
 
     @property
     def client(self):
@@ -202,7 +203,9 @@ class S3Dir:
     def _entry(self, name: str) -> tuple[int, str] | None:
         if "/" in name:
             parent, _, leaf = name.rpartition("/")
-            return self.child(parent)._entry(leaf)
+            if parent not in self._children:
+                self._children[parent] = self.child(parent)
+            return self._children[parent]._entry(leaf)
         if self._entries is None:
             self._scan()
         return self._entries.get(name)
@@ -262,7 +265,8 @@ class S3Dir:
 
     def write(self, name: str, data: bytes) -> None:
         self._call(f"{self.uri}{name}", self.client.put_object, Key=self.prefix + name, Body=data)
-        self._entries = self._dirs = None  # the listing is stale now
+        self._entries = self._dirs = None  # the listings are stale now
+        self._children.clear()
 
 
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -22,14 +22,18 @@ import torch
 from .errors import SafeMergeError
 
 
+def check_same_shape(module: str, aligned: tuple, unaligned: tuple) -> None:
+    if aligned != unaligned:
+        raise SafeMergeError(
+            f"module {module}: aligned weight is {list(aligned)} but unaligned weight is "
+            f"{list(unaligned)}; the two models must share an architecture"
+        )
+
+
 def alignment_delta(w_aligned: torch.Tensor, w_unaligned: torch.Tensor, module: str,
                     device: str = "cpu") -> torch.Tensor:
     """V = W_aligned - W_unaligned in float32, on `device`, checked for shape and NaN/Inf."""
-    if w_aligned.shape != w_unaligned.shape:
-        raise SafeMergeError(
-            f"module {module}: aligned weight is {list(w_aligned.shape)} but unaligned weight is "
-            f"{list(w_unaligned.shape)}; the two models must share an architecture"
-        )
+    check_same_shape(module, tuple(w_aligned.shape), tuple(w_unaligned.shape))
     # Storage dtype (bf16/fp16) crosses to the device; the difference is taken in float32 there,
     # in place (one float32 buffer, not three).
     v = w_aligned.to(device, non_blocking=True).float()
