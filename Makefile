@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := build/demo
 
-.PHONY: setup demo test clean bench bench-quick
+.PHONY: setup demo lint test test-fast clean bench bench-quick
 
 setup: $(STAMP)
 
@@ -23,8 +23,18 @@ demo: setup
 	$(VENV)/bin/safemerge-ray synth --out $(DEMO) --layers 4 --hidden 128 --finetunes 8 --write-config
 	$(VENV)/bin/safemerge-ray fleet --config $(DEMO)/fleet.yaml
 
-test: setup
+# ruff (pyflakes, pycodestyle, isort, pyupgrade, bugbear) and mypy, configured in pyproject.toml.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy safemerge_ray jobs
+
+# Everything: lint, then the whole suite (local Ray, SeaweedFS S3, `ray start` clusters, k8s manifests).
+test: setup lint
 	$(PY) -m pytest -q
+
+# The fast unit tests alone: no Ray, no S3 server, no cluster, no manifest linters (markers: tests/conftest.py).
+test-fast: setup
+	$(PY) -m pytest -q -m "not ray and not s3 and not cluster and not k8s"
 
 clean:
 	rm -rf build $(VENV)

@@ -119,10 +119,14 @@ def check_equal(baseline_dir: Path, ours_dir: Path) -> None:
     assert {r["module"]: r["merged"] for r in rows} == decided
 
 
+def _model_pair_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for side in ("unaligned", "aligned") for p in (root / side).glob("*.safetensors"))
+
+
 def bench_size(hidden: int, layers: int, ns: list[int], repeats: int, baseline_runs: int, work: Path) -> list[dict]:
     root = fixture(work, hidden, layers, max(ns))
     names = sorted(p.name for p in (root / "finetuned").iterdir())
-    model_bytes = sum(p.stat().st_size for side in ("unaligned", "aligned") for p in (root / side).glob("*.safetensors"))
+    model_bytes = _model_pair_bytes(root)
     adapter_bytes = (root / "finetuned" / names[0] / "adapter_model.safetensors").stat().st_size
     safety_bytes = (root / "safety" / "adapter_model.safetensors").stat().st_size
     runs = work / "runs" / root.name
@@ -183,7 +187,7 @@ def depth_check(hidden: int, layers: int, n: int, work: Path) -> list[dict]:
         runs.mkdir(parents=True)
         s = measure([PY, str(HERE / "run_case.py"), "fleet", "--fixture", str(root), "--adapters", ",".join(names),
                      "--out", str(runs / "fleet")])
-        model_bytes = sum(p.stat().st_size for side in ("unaligned", "aligned") for p in (root / side).glob("*.safetensors"))
+        model_bytes = _model_pair_bytes(root)
         out.append({"hidden": hidden, "layers": depth, "n": n, "model_pair_mb": model_bytes / 1e6,
                     "ours_peak_mb": s.peak_rss / 1e6, "ours_s": s.result["work_s"][0]})
         print(f"  depth {depth}: pair {model_bytes / 1e6:.0f} MB, peak {s.peak_rss / 1e6:.0f} MB", flush=True)
@@ -193,13 +197,15 @@ def depth_check(hidden: int, layers: int, n: int, work: Path) -> list[dict]:
 def table(rows: list[dict], depth: list[dict]) -> str:
     lines = [
         "| hidden x layers | N | baseline s (measured runs) | floor s | ours s (warm) | ours s (cold) | merge s | "
-        "baseline/ours | baseline/ours cold | ours/floor | peak MB (PSS) base / floor / ours | MB read base / floor / ours |",
+        "baseline/ours | baseline/ours cold | ours/floor | peak MB (PSS) base / floor / ours "
+        "| MB read base / floor / ours |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         merge = fmt(r["merge_s"]).strip() if "merge_s" in r else ""
         lines.append(
-            f"| {r['hidden']} x {r['layers']} | {r['n']} | {fmt(r['baseline_s']).strip()} ({r['baseline_runs_measured']}) "
+            f"| {r['hidden']} x {r['layers']} | {r['n']} "
+            f"| {fmt(r['baseline_s']).strip()} ({r['baseline_runs_measured']}) "
             f"| {fmt(r['floor_s']).strip()} | {fmt(r['ours_s']).strip()} | {r['ours_cold_s']:.2f} | {merge} "
             f"| {r['baseline_over_ours']:.1f}x | {r['baseline_over_ours_cold']:.1f}x | {r['ours_over_floor']:.2f} "
             f"| {r['baseline_peak_mb']:.0f} / {r['floor_peak_mb']:.0f} / {r['ours_peak_mb']:.0f} "
@@ -228,7 +234,8 @@ def main() -> None:
     args.work = args.work.resolve()  # configs written under it name absolute paths
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    rows = [row for hidden, layers, ns in plan for row in bench_size(hidden, layers, ns, repeats, baseline_runs, args.work)]
+    rows = [row for hidden, layers, ns in plan
+            for row in bench_size(hidden, layers, ns, repeats, baseline_runs, args.work)]
     depth = depth_check(*depth_args, args.work) if depth_args else []
     print()
     print(table(rows, depth))

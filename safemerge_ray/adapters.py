@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -55,9 +55,9 @@ class LoraAdapter:
     uri: str
     config: dict
     modules: dict[str, LoraModule]
-    extra_keys: list[str] = field(default_factory=list)  # modules_to_save tensors, passed through
-    fingerprint: str = ""
-    file: SafetensorsFile | None = None
+    extra_keys: list[str]  # modules_to_save tensors, passed through
+    fingerprint: str
+    file: SafetensorsFile
 
     def read_lora(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of one module as float32, checked for NaN/Inf."""

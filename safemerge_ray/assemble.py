@@ -42,10 +42,13 @@ def assemble_adapter(name: str, plans: list[ModulePlan], scores: dict[str, Modul
         if not repair:
             action, (a, b) = "kept", kept_layer(lora, plan.lora.scaling)
         elif settings.policy == "safelora":
-            action, (a, b) = "projected", projected_layer(lora, plan.lora.scaling, scores[plan.module].projected_b)
+            projected_b = scores[plan.module].projected_b
+            assert projected_b is not None, "score_module projects B wherever SafeLoRA repairs"
+            action, (a, b) = "projected", projected_layer(lora, plan.lora.scaling, projected_b)
         elif plan.safety is None:
             action, (a, b) = "kept_no_safety_lora", kept_layer(lora, plan.lora.scaling)
         else:
+            assert safety is not None, "a plan has a safety LoRA only when there is a safety adapter"
             action, weights = "merged", (w_ft, w_safe)
             a, b = merged_layer(settings, plan.module, [lora, safety.read_lora(plan.module)],
                                 [plan.lora.scaling, plan.safety.scaling])

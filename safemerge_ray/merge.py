@@ -130,7 +130,7 @@ def _task_arithmetic_method(combine: Callable) -> Callable:
 
 def _cat(loras: list[Lora], weighted: list[float], density, sign_method) -> Lora:
     # PEFT's cat: weight and scaling on A, ranks stacked; exact, whatever the ranks.
-    return (torch.cat([a * w for (a, _), w in zip(loras, weighted)], dim=0),
+    return (torch.cat([a * w for (a, _), w in zip(loras, weighted, strict=True)], dim=0),
             torch.cat([b for _, b in loras], dim=1))
 
 
@@ -147,6 +147,8 @@ def _peft_merge_utils():
         raise SafeMergeError("PEFT is not installed; it provides the merge arithmetic")
     path = Path(spec.submodule_search_locations[0]) / "utils" / "merge_utils.py"
     module_spec = importlib.util.spec_from_file_location("safemerge_ray._peft_merge_utils", path)
+    if module_spec is None or module_spec.loader is None or not path.is_file():
+        raise SafeMergeError(f"PEFT's merge arithmetic is missing: no {path}")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
@@ -177,7 +179,7 @@ def module_seed(seed: int, module: str) -> int:
 
 def merged_layer(settings: MergeSettings, module: str, loras: list[Lora], scalings: list[float]) -> Lora:
     """One module's fine-tune and safety LoRA merged with `settings.weights`, PEFT's arithmetic."""
-    weighted = [w * s for w, s in zip(settings.weights, scalings)]
+    weighted = [w * s for w, s in zip(settings.weights, scalings, strict=True)]
     # PEFT's DARE draws from torch's global generator; fork it so the draw is seeded per module and
     # leaves the caller's random state alone.
     with torch.random.fork_rng(devices=[]):

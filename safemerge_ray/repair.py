@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -47,7 +48,20 @@ def read_weight_pair(weight_key: str, unaligned: Checkpoint, aligned: Checkpoint
     return aligned.read(weight_key, pin_memory=pin), unaligned.read(weight_key, pin_memory=pin)
 
 
-def delta_from_pair(plan: ModulePlan, pair: tuple[torch.Tensor, torch.Tensor], device: str) -> torch.Tensor:
+class WeightLayout(Protocol):
+    """What V needs to know of a module: its name (for messages) and whether its weight is stored [in, out].
+
+    A `ModulePlan` satisfies it, and so does the fleet's `ModuleJob`.
+    """
+
+    @property
+    def module(self) -> str: ...
+
+    @property
+    def transpose(self) -> bool: ...
+
+
+def delta_from_pair(plan: WeightLayout, pair: tuple[torch.Tensor, torch.Tensor], device: str) -> torch.Tensor:
     """V = W_aligned - W_unaligned for one module, as [out, in] float32 on `device`."""
     v = alignment_delta(pair[0], pair[1], plan.module, device)
     return v.T if plan.transpose else v
@@ -60,6 +74,7 @@ def prefetched(items: list, read) -> Iterator[tuple]:
         for i, item in enumerate(items):
             current = upcoming
             upcoming = pool.submit(read, items[i + 1]) if i + 1 < len(items) else None
+            assert current is not None  # submitted for every item
             yield item, current.result()
 
 
@@ -69,7 +84,7 @@ def score_module(module: str, v: torch.Tensor, loras: list[tuple[torch.Tensor, t
     dev = v.device
     rhos = lora_rho(v, [(a.to(dev), b.to(dev)) for a, b in loras]).tolist()
     scores = []
-    for (a, b), rho, s in zip(loras, rhos, settings):
+    for (_a, b), rho, s in zip(loras, rhos, settings, strict=True):
         projected = project_lora_b(v, b) if s.policy == "safelora" and decide(s.policy, rho, s.tau) else None
         scores.append(ModuleScore(module, rho, projected))
     return scores

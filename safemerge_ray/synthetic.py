@@ -11,10 +11,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .tensors import save_tensors
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DOMAINS = ("gsm8k", "medqa", "legal", "support", "code", "finance", "chemistry", "travel",
@@ -37,21 +41,23 @@ class SynthSpec:
     max_shard_size: str | None = None  # e.g. "20MB" to get a sharded checkpoint
 
 
-def make_model(spec: SynthSpec):
+def make_model(spec: SynthSpec) -> PreTrainedModel:
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    common = dict(hidden_size=spec.hidden, intermediate_size=spec.intermediate or 2 * spec.hidden,
-                  num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-                  num_key_value_heads=spec.heads, vocab_size=128, max_position_embeddings=64,
-                  tie_word_embeddings=False)
+    common: dict[str, Any] = dict(
+        hidden_size=spec.hidden, intermediate_size=spec.intermediate or 2 * spec.hidden,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
+        vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
     torch.manual_seed(spec.seed)
+    model: PreTrainedModel
     if spec.arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif spec.arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     else:
         raise ValueError(f"unknown arch {spec.arch}")
-    return model.to(_DTYPES[spec.dtype]).eval()
+    # transformers decorates `PreTrainedModel.to` with functools.wraps, which mypy cannot bind to an instance.
+    return model.to(_DTYPES[spec.dtype]).eval()  # type: ignore[arg-type]
 
 
 def _orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
@@ -122,7 +128,7 @@ def _finetune_loras(shapes, bases, drifted, r, gen):
 
 
 def write_lora(directory: Path, loras: dict[str, tuple[torch.Tensor, torch.Tensor]], r: int,
-               lora_alpha: float | None = None, dtype: torch.dtype = torch.float32, **config_extra) -> None:
+               lora_alpha: int | None = None, dtype: torch.dtype = torch.float32, **config_extra) -> None:
     """Write a PEFT adapter directory: PEFT's own LoraConfig and its saved key layout."""
     from peft import LoraConfig
 

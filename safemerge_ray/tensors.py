@@ -112,7 +112,7 @@ class SafetensorsFile:
         info = self.tensors[tname]
         buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
         if info.nbytes:
-            self.store.read_into(self.name, info.offset, memoryview(buf.numpy()))
+            self.store.read_into(self.name, info.offset, buf.numpy().data)
         return buf.view(DTYPES[info.dtype]).reshape(info.shape)
 
 

@@ -7,6 +7,31 @@ from safemerge_ray.synthetic import SynthSpec, build_fixture
 ARCHS = ("llama", "qwen2")
 
 
+# --------------------------------------------------------------------------- markers
+# Markers follow from what a test uses (its fixtures, transitively, and its module), so they cannot drift:
+# `pytest -m "not ray and not s3 and not cluster and not k8s"` (`make test-fast`) runs the fast unit tests.
+
+
+def _markers_for(item) -> set[str]:
+    names = set(getattr(item, "fixturenames", ()))
+    marks = set()
+    if "ray_local" in names:
+        marks.add("ray")
+    if names & {"s3_endpoint", "s3_client"}:
+        marks.add("s3")
+    if any(n.startswith(("ray_head", "ray_cluster")) for n in names):
+        marks.add("cluster")
+    if item.path.name == "test_k8s.py":
+        marks.add("k8s")
+    return marks
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name in sorted(_markers_for(item)):
+            item.add_marker(name)
+
+
 @pytest.fixture(scope="session")
 def fixtures_root(tmp_path_factory):
     return tmp_path_factory.mktemp("fixtures")

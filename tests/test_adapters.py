@@ -86,7 +86,8 @@ def test_modules_are_matched_by_name_not_position(tmp_path):
     summary = merge_to_dir(finetuned=str(fx / "finetuned" / "gsm8k"), out=str(tmp_path / "b"), **settings)
     assert load_file(tmp_path / "a" / "adapter_model.safetensors") .keys() == \
         load_file(tmp_path / "b" / "adapter_model.safetensors").keys()
-    a, b = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
+    a = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert read_decisions(tmp_path / "a" / "decisions.parquet") == read_decisions(tmp_path / "b" / "decisions.parquet")
     assert summary["safety_only_modules"] == ["model.layers.9.self_attn.q_proj"]
@@ -109,7 +110,8 @@ def test_each_target_weight_is_read_once_and_nothing_else(tmp_path):
     assert (fx / "aligned" / "model.safetensors.index.json").exists()
     dirs = {side: CountingDir(fx / side) for side in ("unaligned", "aligned")}
     inputs = Inputs(Checkpoint(dirs["unaligned"], "unaligned"), Checkpoint(dirs["aligned"], "aligned"),
-                    load_adapter(LocalDir(fx / "finetuned" / "gsm8k"), "ft"), load_adapter(LocalDir(fx / "safety"), "safety"))
+                    load_adapter(LocalDir(fx / "finetuned" / "gsm8k"), "ft"),
+                    load_adapter(LocalDir(fx / "safety"), "safety"))
     header_reads = {side: len(d.reads) for side, d in dirs.items()}
     repair_adapter("gsm8k", inputs, MergeSettings(), progress=False)
     for side, d in dirs.items():

@@ -241,7 +241,8 @@ def test_safemerge_policy_needs_safety_adapter():
     # the default policy is safemerge
     assert "safety_adapter" in _error(_raw(safety_adapter=...))
     # a safemerge override also needs it
-    message = _error(_raw(safety_adapter=..., merge={"policy": "safelora"}, overrides={"gsm8k": {"policy": "safemerge"}}))
+    message = _error(_raw(safety_adapter=..., merge={"policy": "safelora"},
+                          overrides={"gsm8k": {"policy": "safemerge"}}))
     assert "safety_adapter" in message
 
 
@@ -334,7 +335,8 @@ def test_prefix_scans_every_adapter_dir(fixture_root):
     assert all(isinstance(r, AdapterRef) for r in refs)
     assert [(r.name, r.uri.rstrip("/")) for r in refs] == [(n, str(ft / n)) for n in ("gsm8k", "legal", "medqa")]
     # trailing slash on the prefix makes no difference
-    assert _refs(_local(fixture_root, [{"prefix": f"{ft}/"}])) == [(n, str(ft / n)) for n in ("gsm8k", "legal", "medqa")]
+    expected = [(n, str(ft / n)) for n in ("gsm8k", "legal", "medqa")]
+    assert _refs(_local(fixture_root, [{"prefix": f"{ft}/"}])) == expected
 
 
 def test_explicit_paths_are_named_by_last_component(fixture_root):
@@ -407,7 +409,8 @@ def test_safety_adapter_under_a_scanned_prefix_is_excluded(tmp_path):
         raw = _local(tmp_path, [{"prefix": str(adapters)}], safety_adapter=safety)
         assert [n for n, _ in _refs(raw)] == ["gsm8k", "legal"]
     # relative spellings in a config file, resolved against the file's directory
-    path = _write(tmp_path / "fleet.yaml", _local(tmp_path, [{"prefix": "adapters/"}], safety_adapter="./adapters/safety"))
+    path = _write(tmp_path / "fleet.yaml",
+                  _local(tmp_path, [{"prefix": "adapters/"}], safety_adapter="./adapters/safety"))
     assert [r.name for r in load_config(path).resolve_adapters()] == ["gsm8k", "legal"]
 
 

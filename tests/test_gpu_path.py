@@ -25,7 +25,7 @@ def test_rho_from_half_precision_storage_matches_float64(dtype):
     v = alignment_delta(w_al, w_un, "m", "cpu")
     assert v.dtype == torch.float32
     exact_v = w_al.double() - w_un.double()  # the stored values, differenced exactly
-    for (a, b), rho in zip(loras, lora_rho(v, loras).tolist()):
+    for (a, b), rho in zip(loras, lora_rho(v, loras).tolist(), strict=True):
         assert abs(rho - rho_reference(exact_v, a, b)) < 1e-5
 
 

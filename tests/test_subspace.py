@@ -27,7 +27,7 @@ def test_batched_rho_equals_one_at_a_time_with_mixed_ranks():
     v = torch.randn(40, 24, generator=gen)
     loras = [(torch.randn(r, 24, generator=gen), torch.randn(40, r, generator=gen)) for r in (2, 8, 4, 8, 1)]
     batched = lora_rho(v, loras)
-    for (a, b), rho in zip(loras, batched.tolist()):
+    for (a, b), rho in zip(loras, batched.tolist(), strict=True):
         assert abs(rho - rho_reference(v, a, b)) < 1e-5
         assert abs(rho - lora_rho(v, [(a, b)]).item()) < 1e-6
 

@@ -321,7 +321,8 @@ def test_damaged_file_raises_clear_error(tmp_path, damage, expected):
 
 def test_truncated_file_message_names_the_sizes(tmp_path):
     _damage_truncated_data(tmp_path / "model.safetensors")
-    with pytest.raises(SafeMergeError, match=r"tensor '(a|b)' ends at byte \d+ of the data but the file holds only \d+"):
+    with pytest.raises(SafeMergeError,
+                       match=r"tensor '(a|b)' ends at byte \d+ of the data but the file holds only \d+"):
         SafetensorsFile(LocalDir(tmp_path), "model.safetensors")
 
 
