@@ -7,8 +7,9 @@ import sys
 
 from .errors import SafeMergeError
 
-# Exit status: 0 done; 1 environment error (disk, permissions); 2 bad input or config, nothing done;
-# 3 (fleet) partial: some adapters failed, the rest committed; 4 (fleet) every adapter failed; 130 interrupted.
+# Exit status: 0 done; 1 environment error (credentials, a node that cannot see a path, disk, permissions);
+# 2 bad input or config, nothing done; 3 (fleet) some adapters failed, the rest are committed or unchanged;
+# 4 (fleet) no adapter is usable; 130 interrupted.
 EXIT_OK, EXIT_USAGE = 0, 2
 
 
@@ -16,7 +17,7 @@ def _weights(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers like 0.8,0.2; got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers like 0.8,0.2; got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +47,26 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--address", default=None,
                    help="Ray cluster to join (default: RAY_ADDRESS, a local `ray start`, or a new local Ray)")
     f.add_argument("--quiet", action="store_true", help="no progress lines")
+    f.add_argument("--summary-json", metavar="FILE", default=None,
+                   help="also write the run record (the same as OUTPUT/status/last_run.json) to FILE")
+    f.add_argument("--runtime-env-json", metavar="JSON", default=None,
+                   help="Ray runtime env for the workers, e.g. '{\"env_vars\": {...}}' (see README: credentials)")
+
+    f.add_argument("--record-line", action="store_true", help=argparse.SUPPRESS)  # for `submit`: see RECORD_LINE
+
+    j = sub.add_parser("submit", help="submit the fleet job to a Ray cluster's job API, wait, exit with its status")
+    j.add_argument("--config", required=True, help="fleet config YAML (read and checked here; paths made absolute)")
+    j.add_argument("--address", default=None,
+                   help="the cluster's dashboard/job API (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
+    j.add_argument("--runtime-env-json", metavar="JSON", default=None,
+                   help="extra Ray runtime env for the job and its workers (env_vars, pip); see README: credentials")
+    j.add_argument("--env", metavar="NAME", action="append", default=[],
+                   help="pass this shell's value of NAME to the job and its workers (repeatable), e.g. --env "
+                        "AWS_ACCESS_KEY_ID; see README: credentials")
+    j.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop the job and exit 1 if it has not ended by then (default: wait)")
+    j.add_argument("--summary-json", metavar="FILE", default=None, help="write the job's run record to FILE")
+    j.add_argument("--quiet", action="store_true", help="do not stream the job's log")
 
     s = sub.add_parser("synth", help="build a small synthetic model pair and adapters (demo and tests)")
     s.add_argument("--out", required=True, help="directory to create")
@@ -58,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--finetunes", type=int, default=1, help="number of fine-tuned adapters")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--write-config", action="store_true", help="also write OUT/fleet.yaml for `fleet`")
+    s.add_argument("--output", default="merged",
+                   help="the fleet output written into that config (default: merged, beside the config)")
     return parser
 
 
@@ -86,11 +109,70 @@ def cmd_merge(args) -> int:
 def cmd_fleet(args) -> int:
     from .config import load_config
     from .fleet import format_report, run_fleet
+    from .output import RunRecord, utc_now
 
-    config = load_config(args.config)
-    report = run_fleet(config, progress=not args.quiet, ray_address=args.address)
+    started = utc_now()
+    runtime_env = json_arg(args.runtime_env_json, "--runtime-env-json")
+    try:
+        config = load_config(args.config)
+        report = run_fleet(config, progress=not args.quiet, ray_address=args.address, runtime_env=runtime_env)
+    except SafeMergeError as exc:
+        record = getattr(exc, "run_record", None) or RunRecord(
+            started_at=started, output="", config=args.config, ended_at=utc_now(), exit_status=exc.exit_code,
+            error=str(exc))
+        emit_record(record.to_dict(), args.summary_json, args.record_line)
+        raise
     print(format_report(report))
+    assert report.record is not None
+    emit_record(report.record.to_dict(), args.summary_json, args.record_line)
     return report.exit_code
+
+
+def json_arg(text: str | None, flag: str) -> dict | None:
+    import json
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise SafeMergeError(f"{flag}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise SafeMergeError(f"{flag}: expected a JSON object, like '{{\"env_vars\": {{...}}}}'")
+    return value
+
+
+# `submit` finds the run record in the job's log by this prefix (the job's exit status is flattened by Ray).
+RECORD_LINE = "safemerge-ray run record: "
+
+
+def emit_record(record: dict, summary_json: str | None, record_line: bool) -> None:
+    import json
+
+    if summary_json:
+        from pathlib import Path
+
+        from .storage import LocalDir
+
+        path = Path(summary_json).absolute()
+        LocalDir(path.parent).write(path.name, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    if record_line:
+        print(RECORD_LINE + json.dumps(record, sort_keys=True), flush=True)
+
+
+def cmd_submit(args) -> int:
+    import os
+
+    from .submit import submit_fleet
+
+    runtime_env = json_arg(args.runtime_env_json, "--runtime-env-json") or {}
+    missing = [name for name in args.env if name not in os.environ]
+    if missing:
+        raise SafeMergeError(f"--env: {', '.join(missing)} not set in this shell")
+    if args.env:
+        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **{n: os.environ[n] for n in args.env}}
+    return submit_fleet(args.config, address=args.address, runtime_env=runtime_env or None, timeout=args.timeout,
+                        summary_json=args.summary_json, quiet=args.quiet)
 
 
 def cmd_synth(args) -> int:
@@ -104,17 +186,18 @@ def cmd_synth(args) -> int:
     if args.write_config:
         from .synthetic import write_fleet_config
 
-        print(f"fleet config: {write_fleet_config(args.out)}")
+        print(f"fleet config: {write_fleet_config(args.out, output=args.output)}")
     return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"merge": cmd_merge, "fleet": cmd_fleet, "synth": cmd_synth}[args.command](args)
-    except SafeMergeError as exc:
+        commands = {"merge": cmd_merge, "fleet": cmd_fleet, "submit": cmd_submit, "synth": cmd_synth}
+        return commands[args.command](args)
+    except SafeMergeError as exc:  # inputs (2) or environment (1): one line, no traceback
         print(f"safemerge-ray: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exc.exit_code
     except OSError as exc:  # disk full, permissions: the environment, not a bug
         print(f"safemerge-ray: error: {exc}", file=sys.stderr)
         return 1

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import SafeMergeError
 from .merge import FIELD_CHECKS, MergeSettings
-from .storage import S3Settings, open_dir
-
+from .storage import S3Settings, open_dir, resolve_location
 
 _NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
 
@@ -91,15 +91,23 @@ class S3Section(_Strict):
 
 
 class RaySection(_Strict):
-    actors: Union[Literal["auto"], int] = "auto"
-    gpus_per_actor: Union[Literal["auto"], float] = "auto"
+    actors: Literal["auto"] | int = "auto"
+    gpus_per_actor: Literal["auto"] | float = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    start_timeout_s: float = 900.0  # how long the workers may take to be placed (autoscaling included)
 
     @field_validator("actors")
     @classmethod
     def _positive(cls, v):
         if v != "auto" and v < 1:
             raise ValueError("must be 'auto' or a positive integer")
+        return v
+
+    @field_validator("start_timeout_s")
+    @classmethod
+    def _positive_timeout(cls, v):
+        if not v > 0:
+            raise ValueError("must be a positive number of seconds")
         return v
 
     @field_validator("gpus_per_actor")
@@ -114,7 +122,7 @@ class FleetSchema(_Strict):
     unaligned_model: str
     aligned_model: str
     safety_adapter: str | None = None
-    finetuned: list[Union[str, PrefixEntry, NamedEntry]] = Field(min_length=1)
+    finetuned: list[str | PrefixEntry | NamedEntry] = Field(min_length=1)
     output: str
     merge: MergeSection = MergeSection()
     overrides: dict[str, OverrideSection] = {}
@@ -147,6 +155,7 @@ class FleetConfig:
     gpus_per_actor: float | None  # None: auto
     device: str
     source: str = "<config>"
+    start_timeout_s: float = 900.0
 
     def settings_for(self, adapter: str) -> MergeSettings:
         return self.overrides.get(adapter, self.merge)
@@ -193,17 +202,6 @@ def _join(prefix: str, name: str) -> str:
     return f"{_norm(prefix)}/{name}"
 
 
-def _resolve_local(path: str, base: Path, output: bool = False) -> str:
-    """Relative local paths are relative to the config file, so a config travels with its data.
-
-    An input that is not there is left as written: it may be a Hugging Face hub id (`org/name`).
-    """
-    if path.startswith("s3://") or Path(path).is_absolute():
-        return path
-    candidate = base / path
-    return str(candidate) if output or candidate.exists() else path
-
-
 def _field_path(raw, loc: tuple) -> str:
     """The user's path to a field: pydantic's loc less its type labels (union members, validators)."""
     parts, node = [], raw
@@ -236,6 +234,16 @@ def load_config(path: str | Path) -> FleetConfig:
     return parse_config(raw, source=str(path), base=path.parent)
 
 
+def portable_config(path: str | Path) -> tuple[FleetConfig, str]:
+    """The config, and its YAML with every local path made absolute: what a job on a cluster reads."""
+    config = load_config(path)
+    raw = yaml.safe_load(Path(path).read_text())
+    raw.update(unaligned_model=config.unaligned_model, aligned_model=config.aligned_model,
+               safety_adapter=config.safety_adapter, output=config.output,
+               finetuned=[e if isinstance(e, str) else e.model_dump(exclude_none=True) for e in config.finetuned])
+    return config, yaml.safe_dump(raw, sort_keys=False)
+
+
 def parse_config(raw: dict, source: str = "<config>", base: Path = Path(".")) -> FleetConfig:
     try:
         schema = FleetSchema.model_validate(raw)
@@ -244,9 +252,9 @@ def parse_config(raw: dict, source: str = "<config>", base: Path = Path(".")) ->
     # Overrides are checked against the (valid) merge section they inherit from.
     # Fields are valid one by one now; what is left are rules across fields (a method's density, both
     # weights zero), and overrides are checked against the merge section they inherit from.
-    problems = []
+    problems: list[str] = []
     merge = _settings(MergeSettings(), schema.merge.model_dump(), "merge", problems)
-    overrides = {}
+    overrides: dict[str, MergeSettings | None] = {}
     for name, section in schema.overrides.items():
         given = {k: v for k, v in section.model_dump().items() if v is not None}
         if merge is not None:
@@ -256,9 +264,11 @@ def parse_config(raw: dict, source: str = "<config>", base: Path = Path(".")) ->
         problems.append("safety_adapter: required when a policy is safemerge")
     if problems:
         raise SafeMergeError(f"{source}: invalid config:\n  " + "\n  ".join(problems))
+    assert merge is not None  # None only with problems, raised above
+    valid_overrides = {name: o for name, o in overrides.items() if o is not None}
 
-    def local(p):
-        return _resolve_local(p, base)
+    def local(p):  # absolute before anything travels to a worker, whose working directory differs
+        return resolve_location(p, base)
 
     finetuned = tuple(
         PrefixEntry(prefix=local(e.prefix)) if isinstance(e, PrefixEntry)
@@ -269,12 +279,18 @@ def parse_config(raw: dict, source: str = "<config>", base: Path = Path(".")) ->
     return FleetConfig(
         unaligned_model=local(schema.unaligned_model), aligned_model=local(schema.aligned_model),
         safety_adapter=local(schema.safety_adapter) if schema.safety_adapter else None,
-        finetuned=finetuned, output=_resolve_local(schema.output, base, output=True), merge=merge, overrides=overrides,
+        finetuned=finetuned, output=_output_location(schema.output, base), merge=merge, overrides=valid_overrides,
         s3=S3Settings(endpoint_url=schema.s3.endpoint_url, region=schema.s3.region),
         actors=None if schema.ray.actors == "auto" else schema.ray.actors,
         gpus_per_actor=None if schema.ray.gpus_per_actor == "auto" else schema.ray.gpus_per_actor,
-        device=schema.ray.device, source=source,
+        device=schema.ray.device, source=source, start_timeout_s=schema.ray.start_timeout_s,
     )
+
+
+def _output_location(location: str, base: Path) -> str:
+    if location.startswith("s3://"):
+        return location
+    return os.path.abspath(base / os.path.expanduser(location))  # never a hub id
 
 
 def _settings(base: MergeSettings, fields: dict, where: str, problems: list[str]) -> MergeSettings | None:

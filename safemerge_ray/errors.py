@@ -1,5 +1,18 @@
-"""The one error type a user sees as a message, not a traceback."""
+"""The errors a user sees as one line, not a traceback, and the exit status each one means."""
 
 
 class SafeMergeError(Exception):
-    """A problem with the user's inputs or settings; the CLI prints it and exits with status 2."""
+    """A problem with the user's inputs or settings: one line on stderr, exit status 2."""
+
+    exit_code = 2
+
+
+class EnvironmentFailure(SafeMergeError):
+    """The inputs are right but the environment is not: credentials, a node that cannot see a path,
+    an unreachable service, a full disk. One line on stderr, exit status 1."""
+
+    exit_code = 1
+
+
+class NoCredentials(EnvironmentFailure):
+    """boto3's standard chain found no AWS credentials in this process."""

@@ -7,17 +7,22 @@
  -> commit  (the run's decisions and summary, then `manifest.json` last, then per-adapter pointers)
 
 A run without its manifest did not happen; consumers follow `latest/<adapter>.json`, which moves only
-after the manifest is written. Workers fail and retry under Ray's own mechanisms (actor restarts,
-actor task retries). An adapter whose inputs are bad fails alone, with its reason in the run summary.
+after the manifest is written. Before any scoring, every worker checks that it can read every input
+and write the output from its own node (`preflight`). Lost processes and nodes are retried by Ray
+(actor restarts, actor task retries); errors in inputs never are: workers return them as values. An
+adapter whose inputs are bad fails alone, with its reason in the run summary. Every run, even one with
+nothing to do or one stopped by an error, leaves a run record (`status/last_run.json`).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -25,16 +30,18 @@ from . import __version__
 from .adapters import LoraAdapter, load_adapter
 from .assemble import ModuleScore, assemble_adapter
 from .config import AdapterRef, FleetConfig
-from .errors import SafeMergeError
+from .errors import EnvironmentFailure, NoCredentials, SafeMergeError
 from .merge import MergeSettings
-from .output import DECISIONS, SUMMARY, adapter_files, json_bytes
+from .output import DECISIONS, SUMMARY, RunRecord, adapter_files, json_bytes, utc_now, write_run_record
 from .plan import ModulePlan, plan_adapter
 from .progress import Progress
 from .repair import delta_from_pair, read_weight_pair, resolve_device, score_module
 from .report import counts, decisions_bytes
-from .storage import BYTES_READ, Dir, S3Settings, open_dir, sha256_of
+from .storage import BYTES_READ, Dir, LocalDir, S3Settings, open_dir, sha256_of
 from .tensors import Checkpoint, natural_key, release_freed_buffers
 
+# 0: every adapter committed or unchanged; 3: some failed, the rest are usable; 4: none is usable.
+# (2: bad config or shared input, 1: environment, 130: interrupted; both raised, not returned.)
 EXIT_OK, EXIT_CONFIG, EXIT_PARTIAL, EXIT_FAILED = 0, 2, 3, 4
 MANIFEST = "manifest.json"
 
@@ -59,54 +66,133 @@ class ModuleJob:
 class ModuleResult:
     module: str
     nbytes: int
-    bytes_read: int = 0  # measured in the actor: this call's reads (and the prefetch it waited for)
     scores: dict[str, ModuleScore] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Problem:
+    """Something a worker's node cannot do: "worker node {node} {verb} {location}: {cause}"."""
+
+    node: str  # "10.0.0.5 (node 3f2a9c1b)"
+    verb: str  # "cannot read", "cannot write to", "does not see", "cannot use"
+    location: str
+    cause: str
+
+
+@dataclass(frozen=True)
+class PreflightResult:
+    node: str
+    problems: list[Problem]
+
+
+def format_problems(problems: list[Problem], limit: int = 20) -> list[str]:
+    """One line per (node, what, cause); many inputs failing the same way on a node share a line."""
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for p in problems:
+        locations = groups.setdefault((p.node, p.verb, p.cause), [])
+        if p.location not in locations:
+            locations.append(p.location)
+    lines = [f"worker node {node} {verb} {locs[0]}{f' (and {len(locs) - 1} more)' if len(locs) > 1 else ''}: {cause}"
+             for (node, verb, cause), locs in groups.items()]
+    return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])
+
+
 class FleetWorker:
-    """A Ray actor: scores modules (module-major), then assembles adapters (adapter-major).
+    """A Ray actor: checks its node (preflight), scores modules (module-major), then assembles adapters
+    (adapter-major).
 
     It keeps both checkpoints' headers (and adapters' headers) where the scoring happens. While one
     module is scored, the next one's weights are already being read (one background thread: file and
     network reads and torch's GEMMs both release the GIL), so I/O hides under compute. Assembly runs
-    on the same warm processes, so a run pays for one set of worker start-ups, not two.
+    on the same warm processes, so a run pays for one set of worker start-ups, not two. Nothing that
+    depends on the inputs happens in `__init__`: a bad input must not look like a crashed actor to Ray,
+    which would restart it.
     """
 
     def __init__(self, unaligned: str, aligned: str, s3: S3Settings, device: str, threads: int | None = None):
         release_freed_buffers()
         if threads:
             torch.set_num_threads(threads)
-        self.s3, self.device = s3, resolve_device(device)
-        self.unaligned = Checkpoint(open_dir(unaligned, what="unaligned model", s3=s3), "unaligned model")
-        self.aligned = Checkpoint(open_dir(aligned, what="aligned model", s3=s3), "aligned model")
+        self.s3, self.device = s3, device
+        try:
+            resolve_device(device)  # CUDA settings for this process; a device that is missing is for preflight
+        except SafeMergeError:
+            pass
+        self.uris = {"unaligned model": unaligned, "aligned model": aligned}
+        self.models: dict[str, Checkpoint] = {}
         self.adapters: dict[str, LoraAdapter] = {}
         self._reader = ThreadPoolExecutor(max_workers=1)
         self._prefetched: dict[str, Future] = {}
+
+    def _model(self, what: str) -> Checkpoint:
+        if what not in self.models:
+            self.models[what] = Checkpoint(open_dir(self.uris[what], what=what, s3=self.s3), what)
+        return self.models[what]
+
+    @property
+    def unaligned(self) -> Checkpoint:
+        return self._model("unaligned model")
+
+    @property
+    def aligned(self) -> Checkpoint:
+        return self._model("aligned model")
 
     def _adapter(self, uri: str) -> LoraAdapter:
         if uri not in self.adapters:
             self.adapters[uri] = load_adapter(open_dir(uri, what=f"adapter {uri}", s3=self.s3), uri)
         return self.adapters[uri]
 
+    def preflight(self, adapters: list[str], safety: str | None, out: Dir,
+                  marker: tuple[str, str] | None) -> PreflightResult:
+        """From this worker's node: open every input (headers only; kept for scoring) and check that the
+        output can be written. `marker` is a file the driver put in a local output, to prove that this
+        node sees the same directory."""
+        node, node_id = _node()
+        problems = []
+        try:
+            resolve_device(self.device)
+        except SafeMergeError as exc:
+            problems.append(Problem(node, "cannot use", self.device, str(exc)))
+
+        def check(item: tuple[str, str]) -> Problem | None:
+            kind, uri = item
+            try:
+                if kind == "model":
+                    self._model(uri)
+                elif kind == "safety":
+                    load_adapter(open_dir(uri, what="safety adapter", s3=self.s3), "safety adapter")
+                else:
+                    self._adapter(uri)
+            except SafeMergeError as exc:
+                location = self.uris[uri] if kind == "model" else uri
+                return _cannot_read(node, location, exc)
+            return None
+
+        items = [("model", w) for w in self.uris] + ([("safety", safety)] if safety else [])
+        with ThreadPoolExecutor(max_workers=8) as pool:  # latency-bound on S3: overlap the small reads
+            problems += [p for p in pool.map(check, items + [("adapter", u) for u in adapters]) if p]
+        problem = _check_output(node, node_id, out, marker)
+        return PreflightResult(node, problems + ([problem] if problem else []))
+
     def _read(self, job: ModuleJob) -> Future:
         return self._reader.submit(read_weight_pair, job.weight_key, self.unaligned, self.aligned, self.device)
 
+    def bytes_read(self) -> int:
+        """Everything this worker process has read (preflight headers, weights, adapters)."""
+        return BYTES_READ.total
+
     def score(self, job: ModuleJob, next_job: ModuleJob | None = None) -> ModuleResult:
-        before = BYTES_READ.total
-        result = self._score(job, next_job)
-        result.bytes_read = BYTES_READ.total - before
-        return result
+        return self._score(job, next_job)
 
     def _score(self, job: ModuleJob, next_job: ModuleJob | None) -> ModuleResult:
-        pending_read = self._prefetched.pop(job.module, None) or self._read(job)
-        if next_job is not None and next_job.module not in self._prefetched:
-            self._prefetched[next_job.module] = self._read(next_job)
         result = ModuleResult(job.module, job.nbytes)
-        plan = ModulePlan(job.module, job.weight_key, job.transpose, job.nbytes, None, None)
         try:
-            v = delta_from_pair(plan, pending_read.result(), self.device)
-        except SafeMergeError as exc:  # a bad model weight fails every adapter that needs it
+            pending_read = self._prefetched.pop(job.module, None) or self._read(job)
+            if next_job is not None and next_job.module not in self._prefetched:
+                self._prefetched[next_job.module] = self._read(next_job)
+            v = delta_from_pair(job, pending_read.result(), self.device)
+        except SafeMergeError as exc:  # a bad or unreadable model weight fails every adapter that needs it
             result.errors = {r.adapter: str(exc) for r in job.requests}
             return result
         ready, loras = [], []
@@ -118,41 +204,90 @@ class FleetWorker:
                 result.errors[req.adapter] = str(exc)
         if ready:
             scores = score_module(job.module, v, loras, [r.settings for r in ready])
-            result.scores = {req.adapter: s for req, s in zip(ready, scores)}
+            result.scores = {req.adapter: s for req, s in zip(ready, scores, strict=True)}
         return result
 
-    def assemble(self, *args) -> dict:
+    def assemble(self, *args) -> AssemblyResult:
         return assemble_and_write(*args)
+
+
+@dataclass
+class AssemblyResult:
+    adapter: str
+    error: str | None = None
+    objects: dict[str, dict] = field(default_factory=dict)  # written object -> {sha256, bytes}
+    decisions: list[dict] = field(default_factory=list)
 
 
 def assemble_and_write(name: str, uri: str, safety_uri: str | None, plans: list[ModulePlan],
                        scores: dict[str, ModuleScore], settings: MergeSettings, out: Dir, prefix: str,
-                       s3: S3Settings) -> dict:
-    """Decide, merge and write one adapter under `prefix`; returns its objects' digests and decisions."""
-    before = BYTES_READ.total
+                       s3: S3Settings) -> AssemblyResult:
+    """Decide, merge and write one adapter under `prefix` (staged until the commit)."""
+    objects = {}
     try:
         finetuned = load_adapter(open_dir(uri, what=f"adapter {name}", s3=s3), f"adapter {name}")
         safety = (load_adapter(open_dir(safety_uri, what="safety adapter", s3=s3), "safety adapter")
                   if safety_uri else None)
         result = assemble_adapter(name, plans, scores, finetuned, safety, settings)
+        for fname, data in adapter_files(result.tensors, result.config).items():
+            out.write(f"{prefix}{fname}", data, staged=True)
+            objects[f"{prefix}{fname}"] = {"sha256": sha256_of(data), "bytes": len(data)}
     except SafeMergeError as exc:
-        return {"adapter": name, "error": str(exc), "bytes_read": BYTES_READ.total - before}
-    objects = {}
-    for fname, data in adapter_files(result.tensors, result.config).items():
-        out.write(f"{prefix}{fname}", data)
-        objects[f"{prefix}{fname}"] = {"sha256": sha256_of(data), "bytes": len(data)}
-    return {"adapter": name, "objects": objects, "decisions": result.decisions,
-            "bytes_read": BYTES_READ.total - before}
+        return AssemblyResult(name, error=str(exc))
+    return AssemblyResult(name, objects=objects, decisions=result.decisions)
+
+
+def _node() -> tuple[str, str]:
+    """("10.0.0.5 (node 3f2a9c1b)", the full node id): what error lines call this worker's node."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), "?")
+    return f"{ip} (node {node_id[:8]})", node_id
+
+
+_NO_CREDENTIALS = "no AWS credentials on the worker; give workers an IAM role (IRSA) or see README: credentials"
+
+
+def _cannot_read(node: str, location: str, exc: SafeMergeError) -> Problem:
+    if isinstance(exc, NoCredentials):
+        cause = _NO_CREDENTIALS
+    elif not location.startswith("s3://") and os.path.isabs(location) and not os.path.exists(location):
+        cause = "no such directory on that node; a multi-node cluster needs its inputs on S3 or a shared filesystem"
+    else:
+        cause = str(exc)
+    return Problem(node, "cannot read", location, cause)
+
+
+def _check_output(node: str, node_id: str, out: Dir, marker: tuple[str, str] | None) -> Problem | None:
+    """None if this node can write the output (and, for a local output, sees the driver's directory)."""
+    try:
+        if marker is None:  # S3: one small object, overwritten by every node of every run
+            out.write("status/preflight.json", json_bytes({"node": node, "node_id": node_id, "checked_at": utc_now()}))
+            return None
+        name, token = marker
+        if not out.exists(name) or out.read(name).decode() != token:
+            return Problem(node, "does not see", f"the output directory {out.uri}",
+                           "the driver's marker file is not there; a multi-node cluster needs an s3:// output or a "
+                           "shared filesystem")
+        probe = Path(out.uri) / f".preflight-write-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return None
+    except NoCredentials:
+        return Problem(node, "cannot write to", out.uri, _NO_CREDENTIALS)
+    except (SafeMergeError, OSError) as exc:
+        return Problem(node, "cannot write to", out.uri, str(exc))
 
 
 @dataclass
 class AdapterState:
     ref: AdapterRef
-    settings: MergeSettings | None = None
+    settings: MergeSettings
     fingerprint: str = ""
     run_key: str = ""
     plans: list[ModulePlan] = field(default_factory=list)
-    status: str = "pending"  # pending | unchanged | committed | failed
+    status: str = "pending"  # pending | unchanged | assembled | committed | failed
     reason: str = ""
     previous_run: str | None = None
     scores: dict[str, ModuleScore] = field(default_factory=dict)
@@ -168,7 +303,8 @@ class FleetReport:
     adapters: list[AdapterState]
     exit_code: int
     warnings: list[str] = field(default_factory=list)
-    bytes_read: int = 0  # by the driver, the scoring actors and the assembly tasks, measured in each
+    bytes_read: int = 0  # by the driver and every worker process, measured in each
+    record: RunRecord | None = None
 
     def by_status(self, status: str) -> list[str]:
         return [a.ref.name for a in self.adapters if a.status == status]
@@ -210,14 +346,63 @@ def _log(msg: str) -> None:
 
 
 def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = None,
-              ray_address: str | None = None) -> FleetReport:
-    """Plan, score, assemble and commit; Ray is started or joined only when there is work."""
+              ray_address: str | None = None, runtime_env: dict | None = None) -> FleetReport:
+    """Plan, score, assemble and commit; Ray is started or joined only when there is work.
+
+    Whatever happens once the output is known, a run record is written there (`status/last_run.json`)
+    and attached to the report, or to the error as `run_record`.
+    """
+    out = open_dir(config.output, what="output", s3=config.s3, must_exist=False)
+    record = RunRecord(started_at=utc_now(), output=out.uri, config=config.source)
+    try:
+        report = _run(config, out, progress, run_id, ray_address, runtime_env)
+    except SafeMergeError as exc:
+        record.exit_status, record.error = exc.exit_code, str(exc)
+        _save_record(out, record)
+        exc.run_record = record  # type: ignore[attr-defined]
+        raise
+    except KeyboardInterrupt:
+        record.exit_status, record.error = 130, "interrupted; nothing more was committed"
+        _save_record(out, record)
+        raise
+    record.run_id, record.exit_status = report.run_id, report.exit_code
+    record.counts = {"adapters": len(report.adapters),
+                     **{s: len(report.by_status(s)) for s in ("committed", "unchanged", "failed")}}
+    record.set_failed({st.ref.name: st.reason for st in report.adapters if st.status == "failed"})
+    problem = _save_record(out, record)
+    if problem:
+        report.warnings.append(problem)
+        report.exit_code = report.exit_code or 1  # a run nobody can see did not go well
+    report.record = record
+    return report
+
+
+def _save_record(out: Dir, record: RunRecord) -> str | None:
+    record.ended_at = utc_now()
+    try:
+        write_run_record(out, record)
+    except (SafeMergeError, OSError) as exc:
+        return f"the run record could not be written to {out.uri}: {exc}"
+    return None
+
+
+def exit_status(states: list[AdapterState]) -> int:
+    """0: every adapter is usable (committed or unchanged); 3: some failed; 4: none is usable."""
+    failed = sum(st.status == "failed" for st in states)
+    if not failed:
+        return EXIT_OK
+    return EXIT_PARTIAL if failed < len(states) else EXIT_FAILED
+
+
+def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_address: str | None,
+         runtime_env: dict | None) -> FleetReport:
     driver_before = BYTES_READ.total
     s3 = config.s3
-    out = open_dir(config.output, what="output", s3=s3, must_exist=False)
     refs = config.resolve_adapters()
     if not refs:
         raise SafeMergeError(f"{config.source}: finetuned: no adapters found")
+    if isinstance(out, LocalDir):
+        _check_output_outlives_job(out)
     unaligned = Checkpoint(open_dir(config.unaligned_model, what="unaligned model", s3=s3), "unaligned model")
     aligned = Checkpoint(open_dir(config.aligned_model, what="aligned model", s3=s3), "aligned model")
     safety = (load_adapter(open_dir(config.safety_adapter, what="safety adapter", s3=s3), "safety adapter")
@@ -227,11 +412,10 @@ def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = N
     warnings = [f"overrides.{n}: no adapter of that name in this fleet"
                 for n in config.overrides if n not in {r.name for r in refs}]
 
-    states = [AdapterState(ref) for ref in refs]
+    states = [AdapterState(ref, config.settings_for(ref.name)) for ref in refs]
     for st in states:
         try:
             adapter = load_adapter(open_dir(st.ref.uri, what=f"adapter {st.ref.name}", s3=s3), f"adapter {st.ref.name}")
-            st.settings = config.settings_for(st.ref.name)
             st.fingerprint = adapter.fingerprint
             st.run_key = run_key(fingerprints, adapter.fingerprint, st.settings)
             pointer = _read_pointer(out, st.ref.name)
@@ -240,36 +424,47 @@ def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = N
                 st.status = "unchanged"
                 continue
             st.plans = plan_adapter(unaligned, aligned, adapter, safety)
-        except SafeMergeError as exc:
+        except SafeMergeError as exc:  # unreadable or invalid: this adapter fails alone
             st.status, st.reason = "failed", str(exc)
     pending = [st for st in states if st.status == "pending"]
-    failed_early = [st for st in states if st.status == "failed"]
     _log(f"{len(refs)} adapters: {len(pending)} to repair, "
-         f"{sum(st.status == 'unchanged' for st in states)} unchanged, {len(failed_early)} invalid")
-    if not pending and not failed_early:
-        return FleetReport(None, out.uri, states, EXIT_OK, warnings, BYTES_READ.total - driver_before)
+         f"{sum(st.status == 'unchanged' for st in states)} unchanged, "
+         f"{sum(st.status == 'failed' for st in states)} invalid")
+    if not pending:
+        return FleetReport(None, out.uri, states, exit_status(states), warnings, BYTES_READ.total - driver_before)
+
+    import ray
 
     run_id = run_id or new_run_id()
-    worker_bytes = 0
-    if pending:
-        init_ray(ray_address)
-        jobs = _plan_jobs(pending)
-        workers = _start_workers(config, len(jobs))
-        try:
-            worker_bytes += _score(workers, jobs, pending, progress)
-            worker_bytes += _assemble(config, workers, out, run_id, [st for st in pending if st.status == "pending"],
-                                      progress)
-        finally:
-            import ray
-
-            for worker in workers:
-                ray.kill(worker)
-    report = FleetReport(run_id, out.uri, states, EXIT_OK, warnings)
-    _commit(config, out, run_id, states, fingerprints, report)
+    init_ray(ray_address, runtime_env)
+    jobs = _plan_jobs(pending)
+    workers = _start_workers(config, len(jobs))
+    try:
+        _preflight(config, out, workers, pending)
+        _score(workers, jobs, pending, progress)
+        _assemble(config, workers, out, run_id, [st for st in pending if st.status == "pending"], progress)
+        worker_bytes = sum(ray.get([w.bytes_read.remote() for w in workers]))
+    finally:
+        for worker in workers:
+            ray.kill(worker)
+    report = FleetReport(run_id if any(st.status == "assembled" for st in states) else None,
+                         out.uri, states, EXIT_OK, warnings)
+    if report.run_id:
+        _commit(config, out, report.run_id, states, fingerprints, report)
     report.bytes_read = BYTES_READ.total - driver_before + worker_bytes
-    committed, failed = report.by_status("committed"), report.by_status("failed")
-    report.exit_code = EXIT_OK if not failed else EXIT_PARTIAL if committed else EXIT_FAILED
+    report.exit_code = exit_status(states)
     return report
+
+
+def _check_output_outlives_job(out: LocalDir) -> None:
+    """A relative output in a config that travelled in a `ray job submit` working dir lands in Ray's
+    temporary copy of it, which Ray deletes: refuse before any work."""
+    parts = Path(out.uri).parts
+    if "runtime_resources" in parts or any(p.startswith("_ray_pkg_") for p in parts):
+        raise SafeMergeError(
+            f"output: {out.uri} is inside Ray's temporary copy of the job's working dir and would be deleted "
+            "with it; give the output as an absolute path on a shared filesystem or as s3://"
+        )
 
 
 def _plan_jobs(pending: list[AdapterState]) -> list[ModuleJob]:
@@ -312,29 +507,69 @@ def _start_workers(config: FleetConfig, n_jobs: int) -> list:
 
     n_actors, gpus_per_actor, cpus_per_actor, device = _actor_shape(config, n_jobs)
     _log(f"starting {n_actors} {device} worker(s)")
+    # Restarts and retries are for lost processes and nodes; input errors come back as values.
     actor_cls = ray.remote(FleetWorker).options(
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=2, max_task_retries=2)
     return [actor_cls.remote(config.unaligned_model, config.aligned_model, config.s3, device, cpus_per_actor)
             for _ in range(n_actors)]
 
 
-def _score(workers: list, jobs: list[ModuleJob], pending: list[AdapterState], progress: bool) -> int:
-    """Score every pending adapter, module-major; returns the bytes the workers read."""
+def _preflight(config: FleetConfig, out: Dir, workers: list, pending: list[AdapterState]) -> None:
+    """Every worker checks, from its own node, every input it will read and the output it will write.
+
+    Waits at most `ray.start_timeout_s` for the workers to be placed (an autoscaling cluster may need
+    to add nodes first). Raises one line per problem, naming the node and the cause.
+    """
+    import ray
+
+    marker = None
+    if isinstance(out, LocalDir):
+        marker = (f".preflight-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex)
+        out.write(marker[0], marker[1].encode())
+    uris = [st.ref.uri for st in pending]
+    try:
+        futures = [w.preflight.remote(uris, config.safety_adapter, out, marker) for w in workers]
+        try:
+            results = ray.get(futures, timeout=config.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise EnvironmentFailure(
+                f"the {len(workers)} worker(s) did not start within {config.start_timeout_s:.0f} s: the cluster has "
+                "no room for them (see `ray status`); raise ray.start_timeout_s if nodes are still being added"
+            ) from None
+        except ray.exceptions.RayActorError as exc:
+            raise EnvironmentFailure(f"a worker died while starting: {_first_line(exc)}") from None
+    finally:
+        if marker:
+            (Path(out.uri) / marker[0]).unlink(missing_ok=True)
+    problems = format_problems([p for r in results for p in r.problems])
+    if problems:
+        raise EnvironmentFailure("preflight: the workers cannot run this fleet:\n  " + "\n  ".join(problems))
+    nodes = sorted({r.node for r in results})
+    _log(f"preflight passed: {len(workers)} worker(s) on {len(nodes)} node(s): {', '.join(nodes)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _score(workers: list, jobs: list[ModuleJob], pending: list[AdapterState], progress: bool) -> None:
+    """Score every pending adapter, module-major."""
     import ray
 
     _log(f"scoring {len(jobs)} modules ({sum(j.nbytes for j in jobs) / 1e6:.0f} MB of model weights) "
          f"for {len(pending)} adapters")
     futures = [worker.score.remote(job, shard[i + 1] if i + 1 < len(shard) else None)
-               for worker, shard in zip(workers, balance(jobs, len(workers))) for i, job in enumerate(shard)]
+               # strict=False: balance() drops empty shards when there are more workers than modules
+               for worker, shard in zip(workers, balance(jobs, len(workers)), strict=False)
+               for i, job in enumerate(shard)]
     bar = Progress("score", len(jobs)) if progress else None
     by_name = {st.ref.name: st for st in pending}
-    bytes_read = 0
     try:
         remaining = futures
         while remaining:
             done, remaining = ray.wait(remaining, num_returns=1, timeout=5.0)
             for result in ray.get(done):
-                bytes_read += result.bytes_read
                 for name, score in result.scores.items():
                     by_name[name].scores[result.module] = score
                 for name, reason in result.errors.items():
@@ -344,15 +579,15 @@ def _score(workers: list, jobs: list[ModuleJob], pending: list[AdapterState], pr
                 if bar:
                     bar.advance(nbytes=result.nbytes)
     except ray.exceptions.RayActorError as exc:  # restarts exhausted: a worker keeps dying
-        raise SafeMergeError(f"scoring failed: a worker died and could not be restarted ({exc})") from None
-    return bytes_read
+        raise EnvironmentFailure(f"scoring failed: a worker died and could not be restarted "
+                                 f"({_first_line(exc)})") from None
+
 
 def _assemble(config: FleetConfig, workers: list, out: Dir, run_id: str, pending: list[AdapterState],
-              progress: bool) -> int:
-    """One assembly task per adapter, spread over the workers; returns the bytes they read."""
+              progress: bool) -> None:
+    """One assembly task per adapter, spread over the workers."""
     import ray
 
-    bytes_read = 0
     futures = {
         workers[i % len(workers)].assemble.remote(
             st.ref.name, st.ref.uri, config.safety_adapter, st.plans, st.scores, st.settings, out,
@@ -366,18 +601,16 @@ def _assemble(config: FleetConfig, workers: list, out: Dir, run_id: str, pending
         for ref in done:
             st = futures[ref]
             try:
-                result = ray.get(ref)
-            except ray.exceptions.RayError as exc:  # retries exhausted
-                result = {"error": f"assembly failed: {exc}"}
-            bytes_read += result.get("bytes_read", 0)
-            if "error" in result:
-                st.status, st.reason = "failed", result["error"]
+                result: AssemblyResult = ray.get(ref)
+            except ray.exceptions.RayError as exc:  # the worker was lost and its retries are spent
+                result = AssemblyResult(st.ref.name, error=f"assembly failed: {_first_line(exc)}")
+            if result.error is not None:
+                st.status, st.reason = "failed", result.error
             else:
-                st.status, st.objects, st.decisions = "assembled", result["objects"], result["decisions"]
-                st.counts = counts(result["decisions"])
+                st.status, st.objects, st.decisions = "assembled", result.objects, result.decisions
+                st.counts = counts(result.decisions)
             if bar:
                 bar.advance()
-    return bytes_read
 
 
 def _commit(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterState], fingerprints: dict,
@@ -407,6 +640,8 @@ def _commit(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterStat
         "objects": {k: {"sha256": sha256_of(v), "bytes": len(v)} for k, v in run_files.items()},
         "failed": {st.ref.name: st.reason for st in states if st.status == "failed"},
     }
+    with ThreadPoolExecutor(max_workers=16) as pool:  # S3 round trips, one per object
+        list(pool.map(out.unstage, [key for st in assembled for key in st.objects]))
     out.write(f"{prefix}{MANIFEST}", json_bytes(manifest))
     for st in assembled:
         pointer = {"adapter": st.ref.name, "run_id": run_id, "path": f"{prefix}{st.ref.name}/",
@@ -416,7 +651,7 @@ def _commit(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterStat
 
 
 def _adapter_summary(st: AdapterState) -> dict:
-    entry = {"status": "committed" if st.status == "assembled" else st.status, "uri": st.ref.uri}
+    entry: dict[str, object] = {"status": "committed" if st.status == "assembled" else st.status, "uri": st.ref.uri}
     if st.reason:
         entry["reason"] = st.reason
     if st.counts:
@@ -437,14 +672,17 @@ def format_report(report: FleetReport) -> str:
     if report.run_id:
         lines.append(f"run {report.run_id}: {report.output.rstrip('/')}/runs/{report.run_id}/ "
                      f"({report.bytes_read / 1e6:.0f} MB read)")
+    elif report.by_status("failed"):
+        lines.append(f"nothing committed: {len(report.by_status('unchanged'))} unchanged, "
+                     f"{len(report.by_status('failed'))} failed (their previous pointers stay) in {report.output}")
     else:
         lines.append(f"nothing to do: every adapter is up to date in {report.output}")
     return "\n".join(lines)
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, runtime_env: dict | None = None) -> None:
     """Join the cluster named by `address` / RAY_ADDRESS / a local `ray start`, or start a local one."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True)
+        ray.init(address=address, runtime_env=runtime_env, ignore_reinit_error=True)

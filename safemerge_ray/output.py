@@ -4,13 +4,16 @@ summary last (a prefix without `summary.json` is not a finished output)."""
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import json
 import shutil
 import uuid
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from safetensors.torch import save as safetensors_bytes
 
+from . import __version__
 from .adapters import CONFIG, WEIGHTS
 from .errors import SafeMergeError
 from .storage import Dir, LocalDir, S3Dir, S3Settings
@@ -89,3 +92,51 @@ def staged_dir(out: Path):
         if old is not None and not out.exists():
             old.rename(out)  # the swap failed half-way: put the previous output back
         raise
+
+
+# --------------------------------------------------------------------------- run records
+# Every fleet run, including one with nothing to do or one that stopped on an error, leaves a small
+# record: `status/last_run.json` (what alerting reads) and one file per run under `status/history/`.
+LAST_RUN = "status/last_run.json"
+HISTORY = "status/history/"
+_MAX_LISTED_FAILURES = 100  # a record stays small however many adapters fail
+_MAX_REASON = 500
+
+
+@dataclass
+class RunRecord:
+    started_at: str
+    output: str
+    config: str
+    ended_at: str = ""
+    run_id: str | None = None  # None: nothing was committed (nothing to do, or an error)
+    exit_status: int = 0
+    error: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)  # adapters by status
+    failed: dict[str, str] = field(default_factory=dict)  # adapter -> reason (the first 100)
+    tool_version: str = __version__
+
+    @property
+    def key(self) -> str:
+        stamp = self.started_at.replace("-", "").replace(":", "")
+        return f"{HISTORY}{stamp}-{self.run_id or 'no-run'}-{uuid.uuid4().hex[:6]}.json"
+
+    def to_dict(self) -> dict:
+        return {"tool": "safemerge-ray", **asdict(self)}
+
+    def set_failed(self, reasons: dict[str, str]) -> None:
+        names = sorted(reasons)
+        self.failed = {n: reasons[n][:_MAX_REASON] for n in names[:_MAX_LISTED_FAILURES]}
+        if len(names) > _MAX_LISTED_FAILURES:
+            self.failed["..."] = f"and {len(names) - _MAX_LISTED_FAILURES} more; see the run's summary.json"
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_run_record(out: Dir, record: RunRecord) -> None:
+    """The history entry first, then `last_run.json`, which alerting reads."""
+    data = json_bytes(record.to_dict())
+    out.write(record.key, data)
+    out.write(LAST_RUN, data)

@@ -7,6 +7,7 @@ per-object atomic (a temporary name and a rename locally; S3 PUTs are atomic by 
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import os
 import re
@@ -16,7 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .errors import SafeMergeError
+from .errors import EnvironmentFailure, NoCredentials, SafeMergeError
+
+# Objects of a run that is not committed yet carry this S3 tag; a bucket lifecycle rule
+# (infra/terraform) expires tagged objects after some days, so a crashed run's leftovers go away,
+# while the commit removes the tag before the run's manifest is written.
+STAGED_TAG = "safemerge-state=staged"
 
 
 class ReadCounter:
@@ -46,16 +52,20 @@ class Dir(Protocol):
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
         """Fill `buffer` with the object's bytes from `offset` on; a short object is an error."""
 
-    def list(self) -> list[str]:
+    def list(self) -> builtins.list[str]:
         """Object names directly in this directory."""
 
-    def subdirs(self) -> list[str]:
+    def subdirs(self) -> builtins.list[str]:
         """Names of the directories directly in this directory."""
 
-    def child(self, name: str) -> "Dir": ...
+    def child(self, name: str) -> Dir: ...
 
-    def write(self, name: str, data: bytes) -> None:
-        """Write one object atomically; `name` may contain '/'."""
+    def write(self, name: str, data: bytes, staged: bool = False) -> None:
+        """Write one object atomically; `name` may contain '/'. A `staged` object belongs to a run
+        that is not committed yet (on S3 it carries the tag STAGED_TAG until `unstage`)."""
+
+    def unstage(self, name: str) -> None:
+        """Mark a staged object as part of a committed run."""
 
     def version_tag(self, name: str) -> str:
         """Something that changes when the object's content does (size+mtime locally, the ETag on S3)."""
@@ -104,25 +114,28 @@ class LocalDir:
                 got += n
         BYTES_READ.add(want)
 
-    def list(self) -> list[str]:
+    def list(self) -> builtins.list[str]:
         if not self.path.is_dir():
             return []
         return sorted(p.name for p in self.path.iterdir() if p.is_file())
 
-    def subdirs(self) -> list[str]:
+    def subdirs(self) -> builtins.list[str]:
         if not self.path.is_dir():
             return []
         return sorted(p.name for p in self.path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-    def child(self, name: str) -> "LocalDir":
+    def child(self, name: str) -> LocalDir:
         return LocalDir(self.path / name)
 
-    def write(self, name: str, data: bytes) -> None:
+    def write(self, name: str, data: bytes, staged: bool = False) -> None:
         target = self._file(name)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
         tmp.write_bytes(data)
         os.replace(tmp, target)
+
+    def unstage(self, name: str) -> None:
+        pass  # locally a run's files are only ever reached through its manifest and pointers
 
     def version_tag(self, name: str) -> str:
         st = self._stat(name)
@@ -159,7 +172,7 @@ class S3Dir:
         self.uri = f"s3://{bucket}/{self.prefix}"
         self._client = client
         self._entries: dict[str, tuple[int, str]] | None = None
-        self._dirs: list[str] | None = None
+        self._dirs: builtins.list[str] | None = None
         self._children: dict[str, S3Dir] = {}  # nested names reuse one listing per sub-prefix
 
     @property
@@ -172,10 +185,16 @@ class S3Dir:
         return {"uri": self.uri, "settings": self.settings}
 
     def __setstate__(self, state):
-        self.__init__(state["uri"], state["settings"])
+        S3Dir.__init__(self, state["uri"], state["settings"])
 
     def _call(self, what: str, fn, **kwargs):
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
 
         try:
             return fn(Bucket=self.bucket, **kwargs)
@@ -185,11 +204,19 @@ class S3Dir:
                 raise SafeMergeError(f"missing object: {what}") from None
             if code == "NoSuchBucket":
                 raise SafeMergeError(f"no such bucket: s3://{self.bucket} ({what})") from None
-            raise SafeMergeError(f"S3 error on {what}: {code or exc}") from None
-        except BotoCoreError as exc:  # no credentials, endpoint unreachable after retries, ...
-            raise SafeMergeError(f"S3 error on {what}: {exc}") from None
+            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
+                raise EnvironmentFailure(f"S3 refused access to {what}: {code}") from None
+            raise EnvironmentFailure(f"S3 error on {what}: {code or exc}") from None
+        except (NoCredentialsError, PartialCredentialsError):
+            raise NoCredentials(f"{what}: no AWS credentials (boto3 looked in the environment, profiles and the "
+                                "instance or pod role); see README: credentials") from None
+        except EndpointConnectionError as exc:
+            endpoint = exc.kwargs.get("endpoint_url")
+            raise EnvironmentFailure(f"S3 error on {what}: cannot connect to {endpoint}") from None
+        except BotoCoreError as exc:  # timeouts, connection resets after retries, ...
+            raise EnvironmentFailure(f"S3 error on {what}: {exc}") from None
 
-    def _scan(self) -> None:
+    def _scan(self) -> tuple[dict[str, tuple[int, str]], builtins.list[str]]:
         entries, dirs = {}, []
         paginator = self.client.get_paginator("list_objects_v2")
         pages = self._call(self.uri, lambda **kw: list(paginator.paginate(**kw)), Prefix=self.prefix, Delimiter="/")
@@ -199,6 +226,7 @@ class S3Dir:
             for cp in page.get("CommonPrefixes", []):
                 dirs.append(cp["Prefix"][len(self.prefix):].rstrip("/"))
         self._entries, self._dirs = entries, sorted(dirs)
+        return self._entries, self._dirs
 
     def _entry(self, name: str) -> tuple[int, str] | None:
         if "/" in name:
@@ -206,9 +234,8 @@ class S3Dir:
             if parent not in self._children:
                 self._children[parent] = self.child(parent)
             return self._children[parent]._entry(leaf)
-        if self._entries is None:
-            self._scan()
-        return self._entries.get(name)
+        entries = self._entries if self._entries is not None else self._scan()[0]
+        return entries.get(name)
 
     def exists(self, name: str) -> bool:
         return self._entry(name) is not None
@@ -250,46 +277,72 @@ class S3Dir:
         if got != want:
             raise SafeMergeError(f"{where}: ranged read returned {got} bytes, expected {want}")
 
-    def list(self) -> list[str]:
-        if self._entries is None:
-            self._scan()
-        return sorted(self._entries)
+    def list(self) -> builtins.list[str]:
+        entries = self._entries if self._entries is not None else self._scan()[0]
+        return sorted(entries)
 
-    def subdirs(self) -> list[str]:
-        if self._dirs is None:
-            self._scan()
-        return list(self._dirs)
+    def subdirs(self) -> builtins.list[str]:
+        dirs = self._dirs if self._dirs is not None else self._scan()[1]
+        return list(dirs)
 
-    def child(self, name: str) -> "S3Dir":
+    def child(self, name: str) -> S3Dir:
         return S3Dir(f"{self.uri}{name.strip('/')}/", self.settings, self._client)
 
-    def write(self, name: str, data: bytes) -> None:
-        self._call(f"{self.uri}{name}", self.client.put_object, Key=self.prefix + name, Body=data)
+    def write(self, name: str, data: bytes, staged: bool = False) -> None:
+        extra = {"Tagging": STAGED_TAG} if staged else {}
+        self._call(f"{self.uri}{name}", self.client.put_object, Key=self.prefix + name, Body=data, **extra)
         self._entries = self._dirs = None  # the listings are stale now
         self._children.clear()
+
+    def unstage(self, name: str) -> None:
+        self._call(f"{self.uri}{name}", self.client.delete_object_tagging, Key=self.prefix + name)
 
 
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def resolve_location(location: str, base: str | os.PathLike | None = None) -> str:
+    """An s3:// URI as written, a local path made absolute (relative to `base`, default the working
+    directory), or a Hugging Face hub id as written.
+
+    Paths are made absolute before they travel to other processes, whose working directory differs.
+    Something that looks like a local path never becomes a hub lookup: only `org/name` that starts
+    with neither `.`, `/` nor `~`, does not exist locally, and whose `org` is not a local directory.
+    """
+    if location.startswith("s3://"):
+        return location
+    base_path = Path(base) if base is not None else Path.cwd()
+    path = Path(os.path.expanduser(location))
+    absolute = Path(os.path.abspath(base_path / path))
+    if is_hub_id(location) and not absolute.exists() and not absolute.parent.is_dir():
+        return location
+    return str(absolute)
+
+
+def is_hub_id(location: str) -> bool:
+    return bool(_HF_ID.match(location)) and not location.startswith((".", "/", "~"))
+
+
 def open_dir(location: str, *, what: str, s3: S3Settings = S3Settings(), must_exist: bool = True) -> Dir:
     """Open a local directory, an s3:// prefix, or a Hugging Face hub id (for users with hub access).
 
-    `what` names the input in error messages ("aligned model", "safety adapter", ...).
+    `what` names the input in error messages ("aligned model", "safety adapter", ...). A relative
+    local path is taken relative to the working directory (configs resolve theirs before this).
     """
     if location.startswith("s3://"):
         d = S3Dir(location, s3)
         if must_exist and not d.list() and not d.subdirs():
             raise SafeMergeError(f"{what}: nothing under {d.uri}")
         return d
-    path = Path(location)
+    resolved = resolve_location(location)
+    if must_exist and resolved == location and is_hub_id(location):
+        return LocalDir(_hub_snapshot(location, what))
+    path = Path(resolved)
     if path.is_dir() or not must_exist:
         return LocalDir(path)
     if path.exists():
         raise SafeMergeError(f"{what}: {location} is a file; expected a directory")
-    if _HF_ID.match(location) and not location.startswith((".", "/")):
-        return LocalDir(_hub_snapshot(location, what))
-    raise SafeMergeError(f"{what}: no such directory: {location}")
+    raise SafeMergeError(f"{what}: no such directory: {resolved}")
 
 
 def _hub_snapshot(repo_id: str, what: str) -> Path:
@@ -299,9 +352,10 @@ def _hub_snapshot(repo_id: str, what: str) -> Path:
 
         return Path(snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json"]))
     except Exception as exc:  # offline, unknown repo, gated repo: all user-facing
+        cause = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise SafeMergeError(
-            f"{what}: {repo_id} is not a local directory and could not be fetched from the "
-            f"Hugging Face hub ({type(exc).__name__}: {exc})"
+            f"{what}: {repo_id} is not a local directory and could not be fetched from the Hugging Face hub "
+            f"({type(exc).__name__}{': ' + cause if cause else ''}); download it and give its local path"
         ) from None
 
 

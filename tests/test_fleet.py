@@ -62,7 +62,7 @@ def test_fleet_output_equals_merge_per_adapter(fleet, tmp_path):
         ours = [r for r in run_rows if r["adapter"] == name]
         theirs = read_decisions(single / "decisions.parquet")
         assert [(r["module"], r["action"]) for r in ours] == [(r["module"], r["action"]) for r in theirs]
-        assert all(abs(a["rho"] - b["rho"]) < 1e-6 for a, b in zip(ours, theirs))
+        assert all(abs(a["rho"] - b["rho"]) < 1e-6 for a, b in zip(ours, theirs, strict=True))
 
 
 def test_manifest_is_complete_and_hashes_match(fleet):
@@ -90,7 +90,16 @@ def test_rerun_with_nothing_changed_does_nothing(fleet):
     assert again.run_id is None and again.exit_code == EXIT_OK
     assert again.by_status("unchanged") == ADAPTERS
     assert all(st.previous_run == first.run_id for st in again.adapters)
-    assert _snapshot(fleet / "merged") == before  # no scoring, no adapters, not even a run summary
+    after = _snapshot(fleet / "merged")
+    # No scoring, no adapters, no run directory: only the run record says that the night did run.
+    assert {k: v for k, v in after.items() if not k.startswith("status/")} == \
+        {k: v for k, v in before.items() if not k.startswith("status/")}
+    record = json.loads(after["status/last_run.json"])
+    assert record["run_id"] is None and record["exit_status"] == EXIT_OK
+    assert record["counts"] == {"adapters": 4, "committed": 0, "unchanged": 4, "failed": 0}
+    history = sorted(k for k in after if k.startswith("status/history/"))
+    assert len(history) == 2 and json.loads(after[history[-1]]) == record
+    assert json.loads(after[history[0]])["run_id"] == first.run_id
 
 
 def test_changed_adapter_is_redone_alone(fleet):
@@ -221,8 +230,8 @@ def test_each_model_weight_is_read_once_for_the_whole_fleet(tmp_path, ray_local)
     root = tmp_path / "fx"
     build_fixture(root, SynthSpec(hidden=128, layers=2, heads=4, rank=2, seed=8), n_finetunes=4)
     write_fleet_config(root)
-    from safemerge_ray.tensors import Checkpoint
     from safemerge_ray.storage import LocalDir
+    from safemerge_ray.tensors import Checkpoint
 
     target = 0
     for side in ("unaligned", "aligned"):

@@ -67,12 +67,21 @@ def test_fleet_commits_to_s3_and_equals_local_merge(s3_fleet, s3_endpoint, s3_cl
                      out=str(local), settings=MergeSettings(), progress=False)
         assert out.read(f"{pointer['path']}adapter_model.safetensors") == \
             (local / "adapter_model.safetensors").read_bytes()
-    # Incremental: a second run changes nothing in the bucket.
-    listing = lambda: sorted((o["Key"], o["ETag"]) for o in s3_client.list_objects_v2(  # noqa: E731
-        Bucket="merged", Prefix=uris["output"][len("s3://merged/"):])["Contents"])
+    # Committed objects no longer carry the staged tag that the bucket's lifecycle rule expires.
+    for key in manifest["adapters"]["gsm8k"]["objects"]:
+        tags = s3_client.get_object_tagging(Bucket="merged", Key=f"{uris['output'][len('s3://merged/'):]}{key}")
+        assert tags["TagSet"] == [], key
+    # Incremental: a second run changes nothing in the bucket but its run record.
+    prefix = uris["output"][len("s3://merged/"):]
+
+    def listing():
+        objects = s3_client.list_objects_v2(Bucket="merged", Prefix=prefix)["Contents"]
+        return sorted((o["Key"], o["ETag"]) for o in objects if not o["Key"].startswith(f"{prefix}status/"))
+
     before = listing()
     again = run_fleet(config, progress=False)
     assert again.run_id is None and listing() == before
+    assert json.loads(out.read("status/last_run.json"))["counts"]["unchanged"] == 3
     # Credentials come from the standard chain and appear in no output and no report.
     secret = "safemerge-test-secret"
     assert all(secret.encode() not in s3_client.get_object(Bucket="merged", Key=key)["Body"].read()
@@ -124,3 +133,17 @@ def test_missing_bucket_and_prefix_are_clear_errors(s3_fleet, s3_endpoint, tmp_p
     with pytest.raises(SafeMergeError, match="nothing under"):
         run_fleet(load_config(_config(tmp_path, bad, s3_endpoint)), progress=False)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_uncommitted_objects_carry_the_staged_tag_until_unstaged(s3_endpoint, s3_client):
+    """What a crashed run leaves behind is tagged, so the bucket's lifecycle rule can expire it."""
+    from safemerge_ray.storage import STAGED_TAG
+
+    out = S3Dir(f"s3://merged/{uuid.uuid4().hex[:6]}/fleet/", S3Settings(endpoint_url=s3_endpoint))
+    out.write("runs/r1/a/adapter_model.safetensors", b"weights", staged=True)
+    key = f"{out.prefix}runs/r1/a/adapter_model.safetensors"
+    tags = s3_client.get_object_tagging(Bucket="merged", Key=key)["TagSet"]
+    assert [f"{t['Key']}={t['Value']}" for t in tags] == [STAGED_TAG]
+    out.unstage("runs/r1/a/adapter_model.safetensors")
+    assert s3_client.get_object_tagging(Bucket="merged", Key=key)["TagSet"] == []
+    assert out.read("runs/r1/a/adapter_model.safetensors") == b"weights"

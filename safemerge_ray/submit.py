@@ -1,0 +1,127 @@
+"""`safemerge-ray submit`: run the fleet job on a standing Ray cluster through Ray's job API, and exit
+with the fleet's own status.
+
+`ray job submit` turns every non-zero exit status into 1, so a night with one broken adapter looks like
+a night where nothing worked. Here the config is read and checked on the submitting side (its local
+paths made absolute), travels with the job beside this package (so the cluster runs the submitter's
+version), and the job prints its run record as one log line, from which the exit status is taken.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from .cli import RECORD_LINE
+from .config import portable_config
+from .errors import EnvironmentFailure, SafeMergeError
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+
+
+def build_runtime_env(job_dir: str, extra: dict | None) -> dict:
+    """The job's working dir (its config) and this package, plus the user's env_vars, pip, ..."""
+    extra = dict(extra or {})
+    for key in ("working_dir", "py_modules"):
+        if key in extra:
+            raise SafeMergeError(f"--runtime-env-json: {key} is set by submit (the config and this package)")
+    package = str(Path(__file__).resolve().parent)
+    return {**extra, "working_dir": job_dir, "py_modules": [package]}
+
+
+def find_record(logs: str) -> dict | None:
+    """The last run record the job printed, or None."""
+    for line in reversed(logs.splitlines()):
+        if line.startswith(RECORD_LINE):
+            try:
+                return json.loads(line[len(RECORD_LINE):])
+            except ValueError:
+                return None
+    return None
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # unreachable, wrong token, not a Ray dashboard: all environment
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise EnvironmentFailure(f"cannot reach the Ray job API at {address}: {text}") from None
+
+
+def submit_fleet(config_path: str, *, address: str | None, runtime_env: dict | None, timeout: float | None,
+                 summary_json: str | None, quiet: bool, poll_s: float = 2.0) -> int:
+    import os
+
+    from .cli import emit_record
+
+    _, text = portable_config(config_path)  # a bad config fails here, before anything is submitted
+    address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    client = _client(address)
+    submission_id = f"safemerge-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    with tempfile.TemporaryDirectory(prefix="safemerge-job-") as job_dir:
+        (Path(job_dir) / "fleet.yaml").write_text(text)
+        _submit(client, address, submission_id, build_runtime_env(job_dir, runtime_env))
+    print(f"submitted {submission_id} to {address}", file=sys.stderr, flush=True)
+    try:
+        status, logs = _wait(client, submission_id, timeout, quiet, poll_s)
+    except KeyboardInterrupt:
+        client.stop_job(submission_id)
+        print(f"safemerge-ray: interrupted; asked Ray to stop {submission_id}", file=sys.stderr)
+        raise
+    record = find_record(logs)
+    if record is None:
+        info = client.get_job_info(submission_id)
+        why = (info.message or "").strip().splitlines()
+        raise EnvironmentFailure(f"job {submission_id} ended {status} without a run record"
+                                 + (f": {why[-1][:300]}" if why else "") + f" (see `ray job logs {submission_id}`)")
+    if summary_json:
+        emit_record(record, summary_json, record_line=False)
+    counts = record.get("counts") or {}
+    print(f"job {submission_id}: exit status {record['exit_status']}"
+          + (f" ({', '.join(f'{k} {v}' for k, v in counts.items())})" if counts else "")
+          + (f": {record['error'].splitlines()[0]} (see above)" if record.get("error") else ""),
+          file=sys.stderr, flush=True)
+    return int(record["exit_status"])
+
+
+def _submit(client, address: str, submission_id: str, runtime_env: dict, patience_s: float = 60.0) -> None:
+    """Submit; a cluster that has just started answers 'No available agent' for a while: retry that."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            client.submit_job(entrypoint="python -m safemerge_ray fleet --config fleet.yaml --record-line",
+                              runtime_env=runtime_env, submission_id=submission_id)
+            return
+        except Exception as exc:
+            text = str(exc).strip()
+            if "try again later" in text and time.monotonic() < deadline:
+                time.sleep(2.0)
+                continue
+            raise EnvironmentFailure(f"submitting to {address} failed: {text[:300]}") from None
+
+
+def _wait(client, submission_id: str, timeout: float | None, quiet: bool, poll_s: float) -> tuple[str, str]:
+    """Follow the job until it ends (or `timeout`, then stop it); returns (status, whole log)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    shown = 0
+    while True:
+        status = str(client.get_job_status(submission_id)).rsplit(".", 1)[-1]
+        logs = client.get_job_logs(submission_id)
+        if not quiet and len(logs) > shown:
+            sys.stdout.write(logs[shown:])
+            sys.stdout.flush()
+            shown = len(logs)
+        if status in TERMINAL:
+            return status, logs
+        if deadline is not None and time.monotonic() > deadline:
+            client.stop_job(submission_id)
+            raise EnvironmentFailure(f"job {submission_id} did not end within {timeout:.0f} s (--timeout); "
+                                     "asked Ray to stop it")
+        time.sleep(poll_s)

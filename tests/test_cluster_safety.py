@@ -1,0 +1,223 @@
+"""Cluster-safe inputs, honest exit status and run records, on a real local Ray and local store.
+
+(The same paths across two `ray start` nodes and S3 are in test_z_cluster.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from safemerge_ray.cli import RECORD_LINE, main
+from safemerge_ray.config import load_config, portable_config
+from safemerge_ray.errors import EnvironmentFailure, SafeMergeError
+from safemerge_ray.fleet import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, FleetWorker, format_problems, run_fleet
+from safemerge_ray.storage import LocalDir, S3Settings, is_hub_id, open_dir, resolve_location
+from safemerge_ray.submit import build_runtime_env, find_record
+from safemerge_ray.synthetic import SynthSpec, build_fixture, write_fleet_config
+
+
+@pytest.fixture(scope="module")
+def fleet_src(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cs-src")
+    build_fixture(root, SynthSpec(hidden=32, layers=2, heads=4, rank=4, seed=61), n_finetunes=4)
+    return root
+
+
+@pytest.fixture
+def fleet(fleet_src, tmp_path):
+    root = tmp_path / "fleet"
+    shutil.copytree(fleet_src, root)
+    write_fleet_config(root)
+    return root
+
+
+# --------------------------------------------------------------------------- paths
+
+
+@pytest.mark.parametrize("location,kind", [
+    ("meta-llama/Llama-2-7b-hf", "hub"),
+    ("fleet/unaligned", "local"),  # `fleet` exists: a mistyped local path, not a hub id
+    ("./org/name", "local"),
+    ("~/models/base", "local"),
+    ("/abs/models/base", "local"),
+    ("models", "local"),
+    ("s3://bucket/prefix/", "s3"),
+])
+def test_what_becomes_a_hub_lookup(tmp_path, location, kind):
+    (tmp_path / "fleet").mkdir()
+    resolved = resolve_location(location, tmp_path)
+    if kind == "hub":
+        assert resolved == location and is_hub_id(location)
+    elif kind == "s3":
+        assert resolved == location
+    else:
+        assert Path(resolved).is_absolute() and "~" not in resolved
+
+
+def test_mistyped_local_path_is_not_a_hub_lookup(tmp_path, monkeypatch):
+    (tmp_path / "fleet").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SafeMergeError, match=r"unaligned model: no such directory: .*/fleet/unaligend$"):
+        open_dir("fleet/unaligend", what="unaligned model")
+
+
+def test_config_paths_are_absolute_relative_to_the_config(fleet, tmp_path, monkeypatch):
+    """`--config fleet/fleet.yaml` from the fleet's parent: every path absolute, under the config's dir."""
+    monkeypatch.chdir(fleet.parent)
+    config = load_config(Path(fleet.name) / "fleet.yaml")
+    for path in (config.unaligned_model, config.aligned_model, config.safety_adapter, config.output):
+        assert Path(path).is_absolute() and Path(path).parent == fleet, path
+    assert all(Path(r.uri).is_absolute() for r in config.resolve_adapters())
+    # What `submit` ships to the cluster: the same config with those absolute paths written in.
+    _, text = portable_config(Path(fleet.name) / "fleet.yaml")
+    raw = yaml.safe_load(text)
+    assert raw["unaligned_model"] == str(fleet / "unaligned")
+    assert raw["finetuned"] == [{"prefix": str(fleet / "finetuned")}]
+    assert raw["merge"] == yaml.safe_load((fleet / "fleet.yaml").read_text())["merge"]
+
+
+def test_config_has_no_place_for_credentials(fleet):
+    raw = yaml.safe_load((fleet / "fleet.yaml").read_text())
+    raw["s3"] = {"aws_secret_access_key": "hunter2"}
+    (fleet / "fleet.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(SafeMergeError, match="s3.aws_secret_access_key: Extra inputs are not permitted") as exc:
+        load_config(fleet / "fleet.yaml")
+    assert "hunter2" not in str(exc.value)
+
+
+def test_output_inside_a_job_working_dir_copy_is_refused(fleet, ray_local):
+    copy = fleet.parent / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    config = replace(load_config(fleet / "fleet.yaml"), output=str(copy / "merged"))
+    with pytest.raises(SafeMergeError, match="inside Ray's temporary copy of the job's working dir"):
+        run_fleet(config, progress=False)
+    assert not (copy / "merged" / "runs").exists()
+
+
+# --------------------------------------------------------------------------- preflight
+
+
+def test_preflight_names_the_node_and_the_cause(fleet, ray_local):
+    worker = FleetWorker(str(fleet / "unaligned"), str(fleet / "gone"), S3Settings(), "cpu")
+    out = LocalDir(fleet / "merged")
+    result = worker.preflight([str(fleet / "finetuned" / "gsm8k"), str(fleet / "finetuned" / "nope")],
+                              str(fleet / "safety"), out, marker=(".preflight-x", "token"))
+    node = result.node
+    assert re.fullmatch(r"127\.0\.0\.1 \(node [0-9a-f]{8}\)|[\d.]+ \(node [0-9a-f]{8}\)", node)
+    assert format_problems(result.problems) == [
+        f"worker node {node} cannot read {fleet / 'gone'} (and 1 more): no such directory on that node; a "
+        "multi-node cluster needs its inputs on S3 or a shared filesystem",
+        f"worker node {node} does not see the output directory {out.uri}: the driver's marker file is not there; "
+        "a multi-node cluster needs an s3:// output or a shared filesystem",
+    ]
+    # With the marker in place and every input there, nothing to report; headers are kept for scoring.
+    out.write(".preflight-x", b"token")
+    worker = FleetWorker(str(fleet / "unaligned"), str(fleet / "aligned"), S3Settings(), "cpu")
+    ok = worker.preflight([str(fleet / "finetuned" / "gsm8k")], str(fleet / "safety"), out, (".preflight-x", "token"))
+    assert ok.problems == [] and len(worker.models) == 2 and len(worker.adapters) == 1
+
+
+def test_worker_constructor_never_touches_inputs(tmp_path):
+    """A bad input must not look like a crashed actor to Ray (which would restart it)."""
+    worker = FleetWorker("/no/such/model", "s3://no-such-bucket/x/", S3Settings(), "cuda")
+    assert worker.models == {} and worker.adapters == {}
+
+
+# --------------------------------------------------------------------------- exit status and records
+
+
+def _record(fleet: Path) -> dict:
+    return json.loads((fleet / "merged" / "status" / "last_run.json").read_text())
+
+
+def test_unchanged_plus_one_broken_is_partial_not_failed(fleet, ray_local):
+    config = load_config(fleet / "fleet.yaml")
+    assert run_fleet(config, progress=False).exit_code == EXIT_OK
+    (fleet / "finetuned" / "medqa" / "adapter_config.json").write_text("{not json")
+    report = run_fleet(config, progress=False)
+    assert report.by_status("unchanged") == ["gsm8k", "legal", "support"] and report.by_status("failed") == ["medqa"]
+    assert report.exit_code == EXIT_PARTIAL and report.run_id is None  # nothing new to commit: no run dir
+    record = _record(fleet)
+    assert record["exit_status"] == EXIT_PARTIAL and record["run_id"] is None
+    assert record["counts"] == {"adapters": 4, "committed": 0, "unchanged": 3, "failed": 1}
+    assert "corrupt adapter_config.json" in record["failed"]["medqa"]
+    # Every adapter broken: nothing usable.
+    for name in ("gsm8k", "legal", "support"):
+        (fleet / "finetuned" / name / "adapter_config.json").write_text("[]")
+    assert run_fleet(config, progress=False).exit_code == EXIT_FAILED
+
+
+def test_run_record_on_a_shared_input_error_and_summary_json(fleet, ray_local, tmp_path, capsys):
+    shutil.rmtree(fleet / "aligned")
+    summary = tmp_path / "reports" / "last.json"
+    summary.parent.mkdir()
+    code = main(["fleet", "--config", str(fleet / "fleet.yaml"), "--quiet", "--summary-json", str(summary),
+                 "--record-line"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.err.count("\n") == 1 and "aligned model: no such directory" in captured.err
+    record = json.loads(summary.read_text())
+    assert record == _record(fleet)
+    assert record["exit_status"] == 2 and "aligned model: no such directory" in record["error"]
+    assert record["started_at"] <= record["ended_at"] and record["tool_version"]
+    (line,) = [x for x in captured.out.splitlines() if x.startswith(RECORD_LINE)]
+    assert find_record(captured.out) == record == json.loads(line[len(RECORD_LINE):])
+
+
+def test_summary_json_for_a_config_that_does_not_load(tmp_path, capsys):
+    summary = tmp_path / "s.json"
+    assert main(["fleet", "--config", str(tmp_path / "missing.yaml"), "--summary-json", str(summary)]) == 2
+    record = json.loads(summary.read_text())
+    assert record["exit_status"] == 2 and "config file not found" in record["error"] and record["run_id"] is None
+
+
+def test_environment_failures_exit_1(tmp_path, capsys, monkeypatch):
+    from safemerge_ray import cli
+
+    def no_credentials(args):
+        raise EnvironmentFailure("worker node 10.0.0.5 (node 3f2a9c1b) cannot read s3://m/: no AWS credentials")
+
+    monkeypatch.setattr(cli, "cmd_fleet", no_credentials)
+    assert main(["fleet", "--config", "x.yaml"]) == 1
+    assert capsys.readouterr().err.strip().endswith("no AWS credentials")
+
+
+# --------------------------------------------------------------------------- submit
+
+
+def test_submit_runtime_env_and_record_parsing(tmp_path):
+    env = build_runtime_env(str(tmp_path), {"env_vars": {"A": "1"}, "pip": ["x"]})
+    assert env["working_dir"] == str(tmp_path) and env["env_vars"] == {"A": "1"} and env["pip"] == ["x"]
+    assert Path(env["py_modules"][0]).name == "safemerge_ray"
+    with pytest.raises(SafeMergeError, match="working_dir is set by submit"):
+        build_runtime_env(str(tmp_path), {"working_dir": "."})
+    log = f"progress\n{RECORD_LINE}{{\"exit_status\": 4}}\nnoise\n{RECORD_LINE}{{\"exit_status\": 3}}\n"
+    assert find_record(log) == {"exit_status": 3}
+    assert find_record("no record here\n") is None
+
+
+def test_submit_user_errors_are_one_line(fleet, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SAFEMERGE_NOT_SET", raising=False)
+    assert main(["submit", "--config", str(fleet / "fleet.yaml"), "--env", "SAFEMERGE_NOT_SET"]) == 2
+    assert "--env: SAFEMERGE_NOT_SET not set in this shell" in capsys.readouterr().err
+    assert main(["submit", "--config", str(fleet / "fleet.yaml"), "--runtime-env-json", "{nope"]) == 2
+    assert "--runtime-env-json: not valid JSON" in capsys.readouterr().err
+    # A bad config fails before anything is submitted (no cluster is needed to see that).
+    (fleet / "fleet.yaml").write_text("output: 3\n")
+    assert main(["submit", "--config", str(fleet / "fleet.yaml"), "--address", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid config" in err and "Traceback" not in err
+
+
+def test_submit_to_nothing_is_an_environment_error(fleet, capsys):
+    from raycluster import free_port
+
+    code = main(["submit", "--config", str(fleet / "fleet.yaml"), "--address", f"http://127.0.0.1:{free_port()}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "cannot reach the Ray job API at http://127.0.0.1:" in err and "Traceback" not in err
