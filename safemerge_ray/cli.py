@@ -112,15 +112,24 @@ def cmd_fleet(args) -> int:
     from .output import RunRecord, utc_now
 
     started = utc_now()
-    runtime_env = json_arg(args.runtime_env_json, "--runtime-env-json")
+
+    def failed(exc: BaseException, status: int) -> None:
+        """The record the fleet job wrote, or (it never got that far) one saying why."""
+        record = getattr(exc, "run_record", None)
+        if not isinstance(record, RunRecord):
+            record = RunRecord(started_at=started, output="", config=args.config, ended_at=utc_now(),
+                               exit_status=status, error=str(exc) or "interrupted")
+        emit_record(record.to_dict(), args.summary_json, args.record_line)
+
     try:
+        runtime_env = json_arg(args.runtime_env_json, "--runtime-env-json")
         config = load_config(args.config)
         report = run_fleet(config, progress=not args.quiet, ray_address=args.address, runtime_env=runtime_env)
     except SafeMergeError as exc:
-        record = getattr(exc, "run_record", None) or RunRecord(
-            started_at=started, output="", config=args.config, ended_at=utc_now(), exit_status=exc.exit_code,
-            error=str(exc))
-        emit_record(record.to_dict(), args.summary_json, args.record_line)
+        failed(exc, exc.exit_code)
+        raise
+    except KeyboardInterrupt as exc:
+        failed(exc, 130)
         raise
     print(format_report(report))
     assert report.record is not None
@@ -163,16 +172,24 @@ def emit_record(record: dict, summary_json: str | None, record_line: bool) -> No
 def cmd_submit(args) -> int:
     import os
 
+    from .output import RunRecord, utc_now
     from .submit import submit_fleet
 
-    runtime_env = json_arg(args.runtime_env_json, "--runtime-env-json") or {}
-    missing = [name for name in args.env if name not in os.environ]
-    if missing:
-        raise SafeMergeError(f"--env: {', '.join(missing)} not set in this shell")
-    if args.env:
-        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **{n: os.environ[n] for n in args.env}}
-    return submit_fleet(args.config, address=args.address, runtime_env=runtime_env or None, timeout=args.timeout,
-                        summary_json=args.summary_json, quiet=args.quiet)
+    started = utc_now()
+    try:
+        runtime_env = json_arg(args.runtime_env_json, "--runtime-env-json") or {}
+        missing = [name for name in args.env if name not in os.environ]
+        if missing:
+            raise SafeMergeError(f"--env: {', '.join(missing)} not set in this shell")
+        if args.env:
+            runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **{n: os.environ[n] for n in args.env}}
+        return submit_fleet(args.config, address=args.address, runtime_env=runtime_env or None,
+                            timeout=args.timeout, summary_json=args.summary_json, quiet=args.quiet)
+    except SafeMergeError as exc:  # never submitted, or the job was lost: no record from the job itself
+        record = RunRecord(started_at=started, output="", config=args.config, ended_at=utc_now(),
+                           exit_status=exc.exit_code, error=str(exc))
+        emit_record(record.to_dict(), args.summary_json, record_line=False)
+        raise
 
 
 def cmd_synth(args) -> int:
@@ -202,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"safemerge-ray: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("safemerge-ray: interrupted; nothing was committed", file=sys.stderr)
+        what = "nothing was committed" if args.command == "merge" else "pointers move only with a completed commit"
+        print(f"safemerge-ray: interrupted; {what}", file=sys.stderr)
         return 130
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import SafeMergeError
 from .merge import FIELD_CHECKS, MergeSettings
-from .storage import S3Settings, open_dir, resolve_location
+from .storage import S3Settings, local_path, open_dir, resolve_location
 
 _NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
 
@@ -93,10 +92,11 @@ class S3Section(_Strict):
 class RaySection(_Strict):
     actors: Literal["auto"] | int = "auto"
     gpus_per_actor: Literal["auto"] | float = "auto"
+    cpus_per_actor: Literal["auto"] | int = "auto"  # auto: the cluster's CPUs / actors (CPU), 1 (GPU)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     start_timeout_s: float = 900.0  # how long the workers may take to be placed (autoscaling included)
 
-    @field_validator("actors")
+    @field_validator("actors", "cpus_per_actor")
     @classmethod
     def _positive(cls, v):
         if v != "auto" and v < 1:
@@ -153,6 +153,7 @@ class FleetConfig:
     s3: S3Settings
     actors: int | None  # None: auto
     gpus_per_actor: float | None  # None: auto
+    cpus_per_actor: int | None  # None: auto
     device: str
     source: str = "<config>"
     start_timeout_s: float = 900.0
@@ -271,7 +272,7 @@ def parse_config(raw: dict, source: str = "<config>", base: Path = Path(".")) ->
         return resolve_location(p, base)
 
     finetuned = tuple(
-        PrefixEntry(prefix=local(e.prefix)) if isinstance(e, PrefixEntry)
+        PrefixEntry(prefix=_local_or_s3(e.prefix, base)) if isinstance(e, PrefixEntry)  # a prefix is listed
         else NamedEntry(path=local(e.path), name=e.name) if isinstance(e, NamedEntry)
         else local(e)
         for e in schema.finetuned
@@ -279,18 +280,18 @@ def parse_config(raw: dict, source: str = "<config>", base: Path = Path(".")) ->
     return FleetConfig(
         unaligned_model=local(schema.unaligned_model), aligned_model=local(schema.aligned_model),
         safety_adapter=local(schema.safety_adapter) if schema.safety_adapter else None,
-        finetuned=finetuned, output=_output_location(schema.output, base), merge=merge, overrides=valid_overrides,
+        finetuned=finetuned, output=_local_or_s3(schema.output, base), merge=merge, overrides=valid_overrides,
         s3=S3Settings(endpoint_url=schema.s3.endpoint_url, region=schema.s3.region),
         actors=None if schema.ray.actors == "auto" else schema.ray.actors,
         gpus_per_actor=None if schema.ray.gpus_per_actor == "auto" else schema.ray.gpus_per_actor,
+        cpus_per_actor=None if schema.ray.cpus_per_actor == "auto" else schema.ray.cpus_per_actor,
         device=schema.ray.device, source=source, start_timeout_s=schema.ray.start_timeout_s,
     )
 
 
-def _output_location(location: str, base: Path) -> str:
-    if location.startswith("s3://"):
-        return location
-    return os.path.abspath(base / os.path.expanduser(location))  # never a hub id
+def _local_or_s3(location: str, base: Path) -> str:
+    """For what is listed or written (prefixes, the output): never a hub id."""
+    return location if location.startswith("s3://") else local_path(location, base)
 
 
 def _settings(base: MergeSettings, fields: dict, where: str, problems: list[str]) -> MergeSettings | None:

@@ -5,6 +5,7 @@ class SafeMergeError(Exception):
     """A problem with the user's inputs or settings: one line on stderr, exit status 2."""
 
     exit_code = 2
+    run_record: object = None  # set by the fleet job: the output.RunRecord it wrote before raising
 
 
 class EnvironmentFailure(SafeMergeError):

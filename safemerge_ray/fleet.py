@@ -19,6 +19,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import signal
+import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,7 +44,7 @@ from .tensors import Checkpoint, natural_key, release_freed_buffers
 
 # 0: every adapter committed or unchanged; 3: some failed, the rest are usable; 4: none is usable.
 # (2: bad config or shared input, 1: environment, 130: interrupted; both raised, not returned.)
-EXIT_OK, EXIT_CONFIG, EXIT_PARTIAL, EXIT_FAILED = 0, 2, 3, 4
+EXIT_OK, EXIT_ENVIRONMENT, EXIT_PARTIAL, EXIT_FAILED = 0, 1, 3, 4
 MANIFEST = "manifest.json"
 
 
@@ -62,12 +64,24 @@ class ModuleJob:
     requests: tuple[ScoreRequest, ...]
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why one adapter failed; `environment`: the store or a disk, not the adapter (exit status 1, not 4)."""
+
+    reason: str
+    environment: bool = False
+
+    @staticmethod
+    def of(exc: Exception) -> Failure:
+        return Failure(str(exc), isinstance(exc, (EnvironmentFailure, OSError)))
+
+
 @dataclass
 class ModuleResult:
     module: str
     nbytes: int
     scores: dict[str, ModuleScore] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, Failure] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -156,16 +170,16 @@ class FleetWorker:
             problems.append(Problem(node, "cannot use", self.device, str(exc)))
 
         def check(item: tuple[str, str]) -> Problem | None:
-            kind, uri = item
+            kind, key = item  # key: "unaligned model" / "aligned model" for a model, else the adapter's URI
+            location = self.uris[key] if kind == "model" else key
             try:
                 if kind == "model":
-                    self._model(uri)
+                    self._model(key)
                 elif kind == "safety":
-                    load_adapter(open_dir(uri, what="safety adapter", s3=self.s3), "safety adapter")
+                    load_adapter(open_dir(key, what="safety adapter", s3=self.s3), "safety adapter")
                 else:
-                    self._adapter(uri)
-            except SafeMergeError as exc:
-                location = self.uris[uri] if kind == "model" else uri
+                    self._adapter(key)
+            except (SafeMergeError, OSError) as exc:  # OSError: e.g. files owned by another uid on that node
                 return _cannot_read(node, location, exc)
             return None
 
@@ -193,7 +207,7 @@ class FleetWorker:
                 self._prefetched[next_job.module] = self._read(next_job)
             v = delta_from_pair(job, pending_read.result(), self.device)
         except SafeMergeError as exc:  # a bad or unreadable model weight fails every adapter that needs it
-            result.errors = {r.adapter: str(exc) for r in job.requests}
+            result.errors = {r.adapter: Failure.of(exc) for r in job.requests}
             return result
         ready, loras = [], []
         for req in job.requests:
@@ -201,7 +215,7 @@ class FleetWorker:
                 loras.append(self._adapter(req.uri).read_lora(job.module))
                 ready.append(req)
             except SafeMergeError as exc:
-                result.errors[req.adapter] = str(exc)
+                result.errors[req.adapter] = Failure.of(exc)
         if ready:
             scores = score_module(job.module, v, loras, [r.settings for r in ready])
             result.scores = {req.adapter: s for req, s in zip(ready, scores, strict=True)}
@@ -214,7 +228,7 @@ class FleetWorker:
 @dataclass
 class AssemblyResult:
     adapter: str
-    error: str | None = None
+    error: Failure | None = None
     objects: dict[str, dict] = field(default_factory=dict)  # written object -> {sha256, bytes}
     decisions: list[dict] = field(default_factory=list)
 
@@ -232,8 +246,8 @@ def assemble_and_write(name: str, uri: str, safety_uri: str | None, plans: list[
         for fname, data in adapter_files(result.tensors, result.config).items():
             out.write(f"{prefix}{fname}", data, staged=True)
             objects[f"{prefix}{fname}"] = {"sha256": sha256_of(data), "bytes": len(data)}
-    except SafeMergeError as exc:
-        return AssemblyResult(name, error=str(exc))
+    except (SafeMergeError, OSError) as exc:  # OSError: the output's disk (full, permissions)
+        return AssemblyResult(name, error=Failure.of(exc))
     return AssemblyResult(name, objects=objects, decisions=result.decisions)
 
 
@@ -249,7 +263,7 @@ def _node() -> tuple[str, str]:
 _NO_CREDENTIALS = "no AWS credentials on the worker; give workers an IAM role (IRSA) or see README: credentials"
 
 
-def _cannot_read(node: str, location: str, exc: SafeMergeError) -> Problem:
+def _cannot_read(node: str, location: str, exc: Exception) -> Problem:
     if isinstance(exc, NoCredentials):
         cause = _NO_CREDENTIALS
     elif not location.startswith("s3://") and os.path.isabs(location) and not os.path.exists(location):
@@ -262,8 +276,11 @@ def _cannot_read(node: str, location: str, exc: SafeMergeError) -> Problem:
 def _check_output(node: str, node_id: str, out: Dir, marker: tuple[str, str] | None) -> Problem | None:
     """None if this node can write the output (and, for a local output, sees the driver's directory)."""
     try:
-        if marker is None:  # S3: one small object, overwritten by every node of every run
-            out.write("status/preflight.json", json_bytes({"node": node, "node_id": node_id, "checked_at": utc_now()}))
+        if marker is None:  # S3: one small object, overwritten by every node of every run; written and
+            # unstaged the way a run's objects are, so a role without the tagging permissions fails here
+            out.write("status/preflight.json", json_bytes({"node": node, "node_id": node_id, "checked_at": utc_now()}),
+                      staged=True)
+            out.unstage("status/preflight.json")
             return None
         name, token = marker
         if not out.exists(name) or out.read(name).decode() != token:
@@ -289,12 +306,16 @@ class AdapterState:
     plans: list[ModulePlan] = field(default_factory=list)
     status: str = "pending"  # pending | unchanged | assembled | committed | failed
     reason: str = ""
+    environment: bool = False  # failed because of the store or a disk, not the adapter
     previous_run: str | None = None
     scores: dict[str, ModuleScore] = field(default_factory=dict)
     objects: dict = field(default_factory=dict)  # written object -> {sha256, bytes}
     decisions: list[dict] = field(default_factory=list)
     counts: dict = field(default_factory=dict)
 
+
+    def fail(self, failure: Failure) -> None:
+        self.status, self.reason, self.environment = "failed", failure.reason, failure.environment
 
 @dataclass
 class FleetReport:
@@ -359,10 +380,14 @@ def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = N
     except SafeMergeError as exc:
         record.exit_status, record.error = exc.exit_code, str(exc)
         _save_record(out, record)
-        exc.run_record = record  # type: ignore[attr-defined]
+        exc.run_record = record
         raise
-    except KeyboardInterrupt:
-        record.exit_status, record.error = 130, "interrupted; nothing more was committed"
+    except KeyboardInterrupt:  # also SIGTERM (`ray job stop`, a pod evicted): the CLI turns it into this
+        record.exit_status, record.error = 130, "interrupted; pointers moved only for a completed commit"
+        _save_record(out, record)
+        raise
+    except Exception as exc:  # a bug or an unexpected Ray error: keep its traceback, but say so in the record
+        record.exit_status, record.error = 1, f"{type(exc).__name__}: {_first_line(exc)}"
         _save_record(out, record)
         raise
     record.run_id, record.exit_status = report.run_id, report.exit_code
@@ -373,6 +398,7 @@ def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = N
     if problem:
         report.warnings.append(problem)
         report.exit_code = report.exit_code or 1  # a run nobody can see did not go well
+        record.exit_status, record.error = report.exit_code, problem  # what --summary-json and submit see
     report.record = record
     return report
 
@@ -387,11 +413,14 @@ def _save_record(out: Dir, record: RunRecord) -> str | None:
 
 
 def exit_status(states: list[AdapterState]) -> int:
-    """0: every adapter is usable (committed or unchanged); 3: some failed; 4: none is usable."""
-    failed = sum(st.status == "failed" for st in states)
+    """0: every adapter is usable (committed or unchanged); 3: some failed; 4: none is usable;
+    1: none is usable and every failure was the environment's (an S3 outage, a full disk)."""
+    failed = [st for st in states if st.status == "failed"]
     if not failed:
         return EXIT_OK
-    return EXIT_PARTIAL if failed < len(states) else EXIT_FAILED
+    if len(failed) < len(states):
+        return EXIT_PARTIAL
+    return EXIT_ENVIRONMENT if all(st.environment for st in failed) else EXIT_FAILED
 
 
 def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_address: str | None,
@@ -425,7 +454,7 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
                 continue
             st.plans = plan_adapter(unaligned, aligned, adapter, safety)
         except SafeMergeError as exc:  # unreadable or invalid: this adapter fails alone
-            st.status, st.reason = "failed", str(exc)
+            st.fail(Failure.of(exc))
     pending = [st for st in states if st.status == "pending"]
     _log(f"{len(refs)} adapters: {len(pending)} to repair, "
          f"{sum(st.status == 'unchanged' for st in states)} unchanged, "
@@ -443,7 +472,7 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
         _preflight(config, out, workers, pending)
         _score(workers, jobs, pending, progress)
         _assemble(config, workers, out, run_id, [st for st in pending if st.status == "pending"], progress)
-        worker_bytes = sum(ray.get([w.bytes_read.remote() for w in workers]))
+        worker_bytes = _worker_bytes(workers)
     finally:
         for worker in workers:
             ray.kill(worker)
@@ -454,6 +483,19 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
     report.bytes_read = BYTES_READ.total - driver_before + worker_bytes
     report.exit_code = exit_status(states)
     return report
+
+
+def _worker_bytes(workers: list) -> int:
+    """Bytes read by the live workers (a worker lost and restarted counts from its restart)."""
+    import ray
+
+    total = 0
+    for worker in workers:
+        try:
+            total += ray.get(worker.bytes_read.remote(), timeout=60)
+        except ray.exceptions.RayError:
+            pass  # lost: its adapters already failed, and the accounting is not worth a failed run
+    return total
 
 
 def _check_output_outlives_job(out: LocalDir) -> None:
@@ -498,7 +540,10 @@ def _actor_shape(config: FleetConfig, n_jobs: int) -> tuple[int, float, int, str
     else:
         actors = max(1, cpus)
     actors = max(1, min(actors, n_jobs))
-    cpus_per_actor = max(1, cpus // actors) if gpus_per_actor == 0 else 1
+    if config.cpus_per_actor is not None:  # on an autoscaling cluster, what one worker pod offers
+        cpus_per_actor = config.cpus_per_actor
+    else:
+        cpus_per_actor = max(1, cpus // actors) if gpus_per_actor == 0 else 1
     return actors, gpus_per_actor, cpus_per_actor, device
 
 
@@ -538,6 +583,8 @@ def _preflight(config: FleetConfig, out: Dir, workers: list, pending: list[Adapt
             ) from None
         except ray.exceptions.RayActorError as exc:
             raise EnvironmentFailure(f"a worker died while starting: {_first_line(exc)}") from None
+        except ray.exceptions.RaySystemError as exc:
+            raise EnvironmentFailure(f"Ray failed while starting the workers: {_first_line(exc)}") from None
     finally:
         if marker:
             (Path(out.uri) / marker[0]).unlink(missing_ok=True)
@@ -549,7 +596,8 @@ def _preflight(config: FleetConfig, out: Dir, workers: list, pending: list[Adapt
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    cause = getattr(exc, "cause", None)  # a RayTaskError's own text starts with a colored task header
+    text = str(cause if isinstance(cause, BaseException) else exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
@@ -572,10 +620,9 @@ def _score(workers: list, jobs: list[ModuleJob], pending: list[AdapterState], pr
             for result in ray.get(done):
                 for name, score in result.scores.items():
                     by_name[name].scores[result.module] = score
-                for name, reason in result.errors.items():
-                    st = by_name[name]
-                    if st.status == "pending":
-                        st.status, st.reason = "failed", reason
+                for name, failure in result.errors.items():
+                    if by_name[name].status == "pending":
+                        by_name[name].fail(failure)
                 if bar:
                     bar.advance(nbytes=result.nbytes)
     except ray.exceptions.RayActorError as exc:  # restarts exhausted: a worker keeps dying
@@ -603,9 +650,9 @@ def _assemble(config: FleetConfig, workers: list, out: Dir, run_id: str, pending
             try:
                 result: AssemblyResult = ray.get(ref)
             except ray.exceptions.RayError as exc:  # the worker was lost and its retries are spent
-                result = AssemblyResult(st.ref.name, error=f"assembly failed: {_first_line(exc)}")
+                result = AssemblyResult(st.ref.name, error=Failure(f"assembly failed: {_first_line(exc)}", True))
             if result.error is not None:
-                st.status, st.reason = "failed", result.error
+                st.fail(result.error)
             else:
                 st.status, st.objects, st.decisions = "assembled", result.objects, result.decisions
                 st.counts = counts(result.decisions)
@@ -627,7 +674,7 @@ def _commit(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterStat
     }
     run_files = {f"{prefix}{DECISIONS}": decisions_bytes(rows), f"{prefix}{SUMMARY}": json_bytes(summary)}
     for key, data in run_files.items():
-        out.write(key, data)
+        out.write(key, data, staged=True)
     manifest = {
         "tool": "safemerge-ray", "version": __version__, "run_id": run_id, "committed_at": now,
         "inputs": {
@@ -641,7 +688,7 @@ def _commit(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterStat
         "failed": {st.ref.name: st.reason for st in states if st.status == "failed"},
     }
     with ThreadPoolExecutor(max_workers=16) as pool:  # S3 round trips, one per object
-        list(pool.map(out.unstage, [key for st in assembled for key in st.objects]))
+        list(pool.map(out.unstage, [key for st in assembled for key in st.objects] + list(run_files)))
     out.write(f"{prefix}{MANIFEST}", json_bytes(manifest))
     for st in assembled:
         pointer = {"adapter": st.ref.name, "run_id": run_id, "path": f"{prefix}{st.ref.name}/",
@@ -685,4 +732,16 @@ def init_ray(address: str | None = None, runtime_env: dict | None = None) -> Non
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, runtime_env=runtime_env, ignore_reinit_error=True)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, ignore_reinit_error=True)
+        except (ConnectionError, ray.exceptions.RayError, RuntimeError) as exc:  # unreachable, bad token, ...
+            raise EnvironmentFailure(f"cannot start or join Ray (address {address or 'auto'}): "
+                                     f"{_first_line(exc)}") from None
+        if threading.current_thread() is threading.main_thread():
+            # Ray's own handler aborts the process; SIGTERM (`ray job stop`, an evicted pod) should end a
+            # run as Ctrl-C does, with its run record written.
+            signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -301,22 +301,29 @@ class S3Dir:
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+HUB = "hf://"  # a location resolved as a Hugging Face hub id carries this scheme from then on
+
+
 def resolve_location(location: str, base: str | os.PathLike | None = None) -> str:
     """An s3:// URI as written, a local path made absolute (relative to `base`, default the working
-    directory), or a Hugging Face hub id as written.
+    directory), or a Hugging Face hub id as `hf://org/name`.
 
     Paths are made absolute before they travel to other processes, whose working directory differs.
     Something that looks like a local path never becomes a hub lookup: only `org/name` that starts
     with neither `.`, `/` nor `~`, does not exist locally, and whose `org` is not a local directory.
     """
-    if location.startswith("s3://"):
+    if location.startswith(("s3://", HUB)):
         return location
+    absolute = local_path(location, base)
+    if is_hub_id(location) and not Path(absolute).exists() and not Path(absolute).parent.is_dir():
+        return HUB + location  # decided once: no later resolution (another node, another cwd) redoes it
+    return absolute
+
+
+def local_path(location: str, base: str | os.PathLike | None = None) -> str:
+    """A local path made absolute: `~` expanded, relative to `base` (default: the working directory)."""
     base_path = Path(base) if base is not None else Path.cwd()
-    path = Path(os.path.expanduser(location))
-    absolute = Path(os.path.abspath(base_path / path))
-    if is_hub_id(location) and not absolute.exists() and not absolute.parent.is_dir():
-        return location
-    return str(absolute)
+    return os.path.abspath(base_path / os.path.expanduser(location))
 
 
 def is_hub_id(location: str) -> bool:
@@ -335,8 +342,10 @@ def open_dir(location: str, *, what: str, s3: S3Settings = S3Settings(), must_ex
             raise SafeMergeError(f"{what}: nothing under {d.uri}")
         return d
     resolved = resolve_location(location)
-    if must_exist and resolved == location and is_hub_id(location):
-        return LocalDir(_hub_snapshot(location, what))
+    if resolved.startswith(HUB):
+        if not must_exist:
+            raise SafeMergeError(f"{what}: {location} is a Hugging Face hub id; give a local path or s3://")
+        return LocalDir(_hub_snapshot(resolved[len(HUB):], what))
     path = Path(resolved)
     if path.is_dir() or not must_exist:
         return LocalDir(path)

@@ -65,20 +65,22 @@ def submit_fleet(config_path: str, *, address: str | None, runtime_env: dict | N
     address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     client = _client(address)
     submission_id = f"safemerge-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
-    with tempfile.TemporaryDirectory(prefix="safemerge-job-") as job_dir:
-        (Path(job_dir) / "fleet.yaml").write_text(text)
-        _submit(client, address, submission_id, build_runtime_env(job_dir, runtime_env))
-    print(f"submitted {submission_id} to {address}", file=sys.stderr, flush=True)
     try:
+        with tempfile.TemporaryDirectory(prefix="safemerge-job-") as job_dir:
+            (Path(job_dir) / "fleet.yaml").write_text(text)
+            _submit(client, address, submission_id, build_runtime_env(job_dir, runtime_env))
+        print(f"submitted {submission_id} to {address}", file=sys.stderr, flush=True)
         status, logs = _wait(client, submission_id, timeout, quiet, poll_s)
-    except KeyboardInterrupt:
-        client.stop_job(submission_id)
+    except KeyboardInterrupt:  # the job may exist already: it must not run on unattended
+        _stop(client, submission_id)
         print(f"safemerge-ray: interrupted; asked Ray to stop {submission_id}", file=sys.stderr)
         raise
     record = find_record(logs)
     if record is None:
-        info = client.get_job_info(submission_id)
-        why = (info.message or "").strip().splitlines()
+        try:
+            why = (client.get_job_info(submission_id).message or "").strip().splitlines()
+        except Exception:
+            why = []
         raise EnvironmentFailure(f"job {submission_id} ended {status} without a run record"
                                  + (f": {why[-1][:300]}" if why else "") + f" (see `ray job logs {submission_id}`)")
     if summary_json:
@@ -86,9 +88,17 @@ def submit_fleet(config_path: str, *, address: str | None, runtime_env: dict | N
     counts = record.get("counts") or {}
     print(f"job {submission_id}: exit status {record['exit_status']}"
           + (f" ({', '.join(f'{k} {v}' for k, v in counts.items())})" if counts else "")
-          + (f": {record['error'].splitlines()[0]} (see above)" if record.get("error") else ""),
+          # the whole error when the log was not shown; its first line when it was, just above
+          + (f": {record['error'] if quiet else record['error'].splitlines()[0]}" if record.get("error") else ""),
           file=sys.stderr, flush=True)
     return int(record["exit_status"])
+
+
+def _stop(client, submission_id: str) -> None:
+    try:
+        client.stop_job(submission_id)
+    except Exception:  # best effort: the job may have ended, or the API gone; the caller reports
+        pass
 
 
 def _submit(client, address: str, submission_id: str, runtime_env: dict, patience_s: float = 60.0) -> None:
@@ -107,13 +117,28 @@ def _submit(client, address: str, submission_id: str, runtime_env: dict, patienc
             raise EnvironmentFailure(f"submitting to {address} failed: {text[:300]}") from None
 
 
-def _wait(client, submission_id: str, timeout: float | None, quiet: bool, poll_s: float) -> tuple[str, str]:
-    """Follow the job until it ends (or `timeout`, then stop it); returns (status, whole log)."""
+def _wait(client, submission_id: str, timeout: float | None, quiet: bool, poll_s: float,
+          patience_s: float = 120.0) -> tuple[str, str]:
+    """Follow the job until it ends (or `timeout`, then stop it); returns (status, whole log).
+
+    The job API may be unreachable for a while (a head pod restarting): polls fail quietly for up to
+    `patience_s` in a row, then the job counts as lost (exit 1)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     shown = 0
+    last_contact = time.monotonic()
     while True:
-        status = str(client.get_job_status(submission_id)).rsplit(".", 1)[-1]
-        logs = client.get_job_logs(submission_id)
+        try:
+            status = str(client.get_job_status(submission_id)).rsplit(".", 1)[-1]
+            # The whole log each time: follow it only when it is shown, else fetch it once at the end.
+            logs = client.get_job_logs(submission_id) if not quiet or status in TERMINAL else ""
+            last_contact = time.monotonic()
+        except Exception as exc:  # connection refused, 5xx, ...: the cluster, not the user
+            if time.monotonic() - last_contact > patience_s:
+                text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                raise EnvironmentFailure(f"lost contact with the Ray job API for {patience_s:.0f} s while following "
+                                         f"{submission_id}: {text}") from None
+            time.sleep(poll_s)
+            continue
         if not quiet and len(logs) > shown:
             sys.stdout.write(logs[shown:])
             sys.stdout.flush()
@@ -121,7 +146,7 @@ def _wait(client, submission_id: str, timeout: float | None, quiet: bool, poll_s
         if status in TERMINAL:
             return status, logs
         if deadline is not None and time.monotonic() > deadline:
-            client.stop_job(submission_id)
+            _stop(client, submission_id)
             raise EnvironmentFailure(f"job {submission_id} did not end within {timeout:.0f} s (--timeout); "
                                      "asked Ray to stop it")
         time.sleep(poll_s)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from safemerge_ray.cli import RECORD_LINE, main
-from safemerge_ray.config import load_config, portable_config
+from safemerge_ray.config import load_config, parse_config, portable_config
 from safemerge_ray.errors import EnvironmentFailure, SafeMergeError
 from safemerge_ray.fleet import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, FleetWorker, format_problems, run_fleet
 from safemerge_ray.storage import LocalDir, S3Settings, is_hub_id, open_dir, resolve_location
@@ -54,11 +54,20 @@ def test_what_becomes_a_hub_lookup(tmp_path, location, kind):
     (tmp_path / "fleet").mkdir()
     resolved = resolve_location(location, tmp_path)
     if kind == "hub":
-        assert resolved == location and is_hub_id(location)
+        assert resolved == f"hf://{location}" and is_hub_id(location)
+        assert resolve_location(resolved, tmp_path / "elsewhere") == resolved  # not re-decided later
     elif kind == "s3":
         assert resolved == location
     else:
         assert Path(resolved).is_absolute() and "~" not in resolved
+
+
+def test_prefixes_and_outputs_are_never_hub_ids(tmp_path):
+    raw = {"unaligned_model": "u", "aligned_model": "a", "safety_adapter": "s", "output": "org/merged",
+           "finetuned": [{"prefix": "org/domains"}]}
+    config = parse_config(raw, base=tmp_path)
+    assert config.output == str(tmp_path / "org" / "merged")
+    assert config.finetuned[0].prefix == str(tmp_path / "org" / "domains")
 
 
 def test_mistyped_local_path_is_not_a_hub_lookup(tmp_path, monkeypatch):
@@ -221,3 +230,56 @@ def test_submit_to_nothing_is_an_environment_error(fleet, capsys):
     code = main(["submit", "--config", str(fleet / "fleet.yaml"), "--address", f"http://127.0.0.1:{free_port()}"])
     err = capsys.readouterr().err
     assert code == 1 and "cannot reach the Ray job API at http://127.0.0.1:" in err and "Traceback" not in err
+
+
+def test_sigterm_ends_a_run_with_a_record(fleet, tmp_path):
+    """`ray job stop` and an evicted pod send SIGTERM: the run says so in its record (130), commits nothing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cli = Path(sys.executable).with_name("safemerge-ray")
+    proc = subprocess.Popen([str(cli), "fleet", "--config", str(fleet / "fleet.yaml"), "--address", "local"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        seen = []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            seen.append(line)
+            if "starting" in line or not line:
+                break
+        assert any("starting" in line for line in seen), "".join(seen)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 130, "".join(seen) + out
+    assert "Traceback" not in out
+    record = _record(fleet)
+    assert record["exit_status"] == 130 and record["run_id"] is None and "interrupted" in record["error"]
+    assert not (fleet / "merged" / "latest").exists()
+
+
+def test_exit_status_counts_the_whole_fleet():
+    from safemerge_ray.config import AdapterRef
+    from safemerge_ray.fleet import AdapterState, Failure, exit_status
+    from safemerge_ray.merge import MergeSettings
+
+    def state(status: str, failure: Failure | None = None) -> AdapterState:
+        st = AdapterState(AdapterRef(status, f"/x/{status}"), MergeSettings(), status=status)
+        if failure:
+            st.fail(failure)
+        return st
+
+    bad, outage = Failure("corrupt adapter_config.json"), Failure("S3 error: cannot connect", environment=True)
+    assert exit_status([state("committed"), state("unchanged")]) == 0
+    assert exit_status([state("unchanged")] * 12 + [state("x", bad)]) == 3
+    assert exit_status([state("unchanged"), state("x", outage)]) == 3
+    assert exit_status([state("x", bad), state("y", outage)]) == 4
+    assert exit_status([state("x", outage), state("y", outage)]) == 1  # the store, not the adapters
+    assert Failure.of(EnvironmentFailure("S3 down")).environment and not Failure.of(SafeMergeError("bad")).environment
+    assert Failure.of(OSError(28, "No space left on device")).environment

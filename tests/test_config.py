@@ -475,7 +475,7 @@ def test_relative_output_resolves_even_if_missing(tmp_path, monkeypatch):
 
 def test_missing_relative_model_is_left_as_written_hub_id(tmp_path):
     path = _write(tmp_path / "fleet.yaml", _raw(unaligned_model="meta-llama/Llama-2-7b-hf"))
-    assert load_config(path).unaligned_model == "meta-llama/Llama-2-7b-hf"
+    assert load_config(path).unaligned_model == "hf://meta-llama/Llama-2-7b-hf"  # decided once, here
 
 
 def test_write_fleet_config_loads_and_resolves(fixture_root, monkeypatch, tmp_path):

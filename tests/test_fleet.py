@@ -196,21 +196,23 @@ def test_safelora_fleet_without_safety_adapter(fleet):
     assert {r["action"] for r in rows} == {"projected", "kept"}
 
 
-@pytest.mark.parametrize("resources,actors,gpus,expected", [
-    ({"CPU": 2.0}, None, None, (2, 0.0, 1, "cpu")),
-    ({"CPU": 16.0}, None, None, (14, 0.0, 1, "cpu")),  # capped by the 14 modules to score
-    ({"CPU": 16.0, "GPU": 4.0}, None, None, (4, 1.0, 1, "cuda")),
-    ({"CPU": 16.0, "GPU": 2.0}, None, 0.5, (4, 0.5, 1, "cuda")),
-    ({"CPU": 8.0}, 2, None, (2, 0.0, 4, "cpu")),
+@pytest.mark.parametrize("resources,actors,gpus,cpus,expected", [
+    ({"CPU": 2.0}, None, None, None, (2, 0.0, 1, "cpu")),
+    ({"CPU": 16.0}, None, None, None, (14, 0.0, 1, "cpu")),  # capped by the 14 modules to score
+    ({"CPU": 16.0, "GPU": 4.0}, None, None, None, (4, 1.0, 1, "cuda")),
+    ({"CPU": 16.0, "GPU": 2.0}, None, 0.5, None, (4, 0.5, 1, "cuda")),
+    ({"CPU": 8.0}, 2, None, None, (2, 0.0, 4, "cpu")),
+    # An autoscaling cluster at zero workers: the config says what each worker pod will offer.
+    ({"CPU": 2.0}, 4, 1.0, 4, (4, 1.0, 4, "cuda")),
 ])
-def test_actors_ask_for_gpus_when_the_cluster_has_them(monkeypatch, fleet, resources, actors, gpus, expected):
+def test_actors_ask_for_gpus_when_the_cluster_has_them(monkeypatch, fleet, resources, actors, gpus, cpus, expected):
     """The GPU side of actor placement; a GPU cluster is the one thing this machine cannot start."""
     import ray
 
     from safemerge_ray.fleet import _actor_shape
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
-    config = replace(load_config(fleet / "fleet.yaml"), actors=actors, gpus_per_actor=gpus)
+    config = replace(load_config(fleet / "fleet.yaml"), actors=actors, gpus_per_actor=gpus, cpus_per_actor=cpus)
     assert _actor_shape(config, n_jobs=14) == expected
 
 

@@ -162,6 +162,12 @@ def _gpus(container: dict) -> float:
         "nvidia.com/gpu", 0)))
 
 
+def _cpus(container: dict) -> float:
+    """The CPUs Ray sees on the pod: KubeRay sets num-cpus from the container's CPU limit (else request)."""
+    resources = container.get("resources", {})
+    return _quantity(resources.get("limits", {}).get("cpu", resources.get("requests", {}).get("cpu", 0)))
+
+
 # --------------------------------------------------------------------------- schema validation
 
 
@@ -326,6 +332,10 @@ def check_fleet_config(render: str, docs: list[dict]) -> list[str]:
             if (gpus > 0) != (config.device == "cuda") or (gpus > 0) != bool(config.gpus_per_actor):
                 problems.append(f"{where}: {gpus} GPU(s) per pod but ray.device={config.device}, "
                                 f"gpus_per_actor={config.gpus_per_actor}")
+            pod_cpus = _cpus(container)
+            if config.cpus_per_actor is not None and config.cpus_per_actor > pod_cpus:
+                problems.append(f"{where}: ray.cpus_per_actor={config.cpus_per_actor} but a pod has {pod_cpus} CPUs: "
+                                "the actors could never be placed")
             if config.actors is not None:
                 capacity = group["maxReplicas"] * (gpus / config.gpus_per_actor if config.gpus_per_actor else 1)
                 if config.actors > capacity:
@@ -668,6 +678,8 @@ BREAKAGES = [  # (check, rendering, what breaks, how)
      lambda docs: _set_config(docs, gpus_per_actor="auto")),
     (check_fleet_config, "dev", "device cuda on CPU workers",
      lambda docs: _set_config(docs, device="cuda", gpus_per_actor=1)),
+    (check_fleet_config, "prod", "more CPUs per actor than a pod has",
+     lambda docs: _set_config(docs, cpus_per_actor=64)),
     (check_fleet_config, "prod", "more actors than GPU pods",
      lambda docs: _set_config(docs, actors=9)),
     (check_fleet_config, "dev", "S3 endpoint with no Service",

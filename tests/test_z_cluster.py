@@ -29,7 +29,7 @@ from safemerge_ray.storage import S3Dir, S3Settings
 from safemerge_ray.synthetic import SynthSpec, build_fixture
 
 REPO = Path(__file__).resolve().parents[1]
-SECRET = "safemerge-test-secret"
+SECRET = os.environ["AWS_SECRET_ACCESS_KEY"]  # conftest sets the test's own unless the shell has one
 AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
@@ -155,6 +155,18 @@ def test_two_nodes_over_s3_credentials_only_the_documented_way(ray_cluster_two_n
     for key, data in {**_objects(out, "status/"), **ours}.items():
         assert SECRET.encode() not in data, key
     assert SECRET not in text
+
+    # 4. Two unchanged and one broken: submit exits with the fleet's 3, where `ray job submit` says 1.
+    domains = raw["finetuned"][0]["prefix"][len("s3://adapters/"):]
+    s3_client.put_object(Bucket="adapters", Key=f"{domains}medqa/adapter_config.json", Body=b"{not json")
+    partial = _submit(cluster, Path("../ops/fleet.yaml"), elsewhere, "--env", "AWS_ACCESS_KEY_ID",
+                      "--env", "AWS_SECRET_ACCESS_KEY", "--quiet", "--summary-json", str(tmp_path / "night.json"))
+    text = partial.stdout + partial.stderr
+    assert partial.returncode == 3, text[-3000:]
+    record = json.loads((tmp_path / "night.json").read_text())
+    assert record == json.loads(out.read("status/last_run.json"))
+    assert record["counts"] == {"adapters": 3, "committed": 0, "unchanged": 2, "failed": 1}
+    assert "corrupt adapter_config.json" in record["failed"]["medqa"]
 
 
 def _without_ray(env) -> dict[str, str]:
