@@ -10,6 +10,7 @@ version), and the job prints its run record as one log line, from which the exit
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -62,6 +63,8 @@ def submit_fleet(config_path: str, *, address: str | None, runtime_env: dict | N
     from .cli import emit_record
 
     _, text = portable_config(config_path)  # a bad config fails here, before anything is submitted
+    if quiet:  # Ray's job client says INFO about every package it uploads
+        logging.getLogger("ray").setLevel(logging.WARNING)
     address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     client = _client(address)
     submission_id = f"safemerge-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"

@@ -51,6 +51,23 @@ def pair(request, fixtures_root):
     return _fixture(fixtures_root, f"pair-{request.param}", spec)
 
 
+@pytest.fixture(scope="session")
+def fleet_source(fixtures_root):
+    """A Llama fixture with 4 fine-tunes (gsm8k, legal, medqa, support): a small fleet."""
+    return _fixture(fixtures_root, "fleet4", SynthSpec(hidden=32, layers=2, heads=4, rank=4, seed=21), n_finetunes=4)
+
+
+@pytest.fixture
+def local_fleet(fleet_source, tmp_path):
+    """A private copy of that fleet with its `fleet.yaml` (paths relative to it, output `merged`)."""
+    from safemerge_ray.synthetic import write_fleet_config
+
+    root = tmp_path / "fleet"
+    shutil.copytree(fleet_source, root)
+    write_fleet_config(root)
+    return root
+
+
 @pytest.fixture
 def pristine(fixtures_root, tmp_path):
     """A private copy of a Llama fixture that a test may damage."""

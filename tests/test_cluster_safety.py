@@ -20,22 +20,11 @@ from safemerge_ray.errors import EnvironmentFailure, SafeMergeError
 from safemerge_ray.fleet import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, FleetWorker, format_problems, run_fleet
 from safemerge_ray.storage import LocalDir, S3Settings, is_hub_id, open_dir, resolve_location
 from safemerge_ray.submit import build_runtime_env, find_record
-from safemerge_ray.synthetic import SynthSpec, build_fixture, write_fleet_config
-
-
-@pytest.fixture(scope="module")
-def fleet_src(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cs-src")
-    build_fixture(root, SynthSpec(hidden=32, layers=2, heads=4, rank=4, seed=61), n_finetunes=4)
-    return root
 
 
 @pytest.fixture
-def fleet(fleet_src, tmp_path):
-    root = tmp_path / "fleet"
-    shutil.copytree(fleet_src, root)
-    write_fleet_config(root)
-    return root
+def fleet(local_fleet):
+    return local_fleet
 
 
 # --------------------------------------------------------------------------- paths

@@ -19,19 +19,9 @@ from safemerge_ray.synthetic import SynthSpec, build_fixture, write_fleet_config
 ADAPTERS = ["gsm8k", "legal", "medqa", "support"]
 
 
-@pytest.fixture(scope="module")
-def fleet_src(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fleet-src")
-    build_fixture(root, SynthSpec(hidden=32, layers=2, heads=4, rank=4, seed=21), n_finetunes=4)
-    return root
-
-
 @pytest.fixture
-def fleet(fleet_src, tmp_path, ray_local):
-    root = tmp_path / "fleet"
-    shutil.copytree(fleet_src, root)
-    write_fleet_config(root)
-    return root
+def fleet(local_fleet, ray_local):
+    return local_fleet
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:

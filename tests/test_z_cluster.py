@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -167,6 +168,19 @@ def test_two_nodes_over_s3_credentials_only_the_documented_way(ray_cluster_two_n
     assert record == json.loads(out.read("status/last_run.json"))
     assert record["counts"] == {"adapters": 3, "committed": 0, "unchanged": 2, "failed": 1}
     assert "corrupt adapter_config.json" in record["failed"]["medqa"]
+
+    # 5. A night that overruns --timeout: submit stops the job and says so (exit 1), bounded in time.
+    late = _submit(cluster, Path("../ops/fleet.yaml"), elsewhere, "--timeout", "1", "--quiet")
+    text = late.stdout + late.stderr
+    assert late.returncode == 1 and "did not end within 1 s (--timeout); asked Ray to stop it" in text, text[-3000:]
+    (job_id,) = re.findall(r"submitted (safemerge-\S+) to", text)
+    for _ in range(30):
+        status = subprocess.run([str(BIN / "ray"), "job", "status", job_id, "--address", cluster.address],
+                                env=cluster.env, capture_output=True, text=True, timeout=60).stdout.lower()
+        if any(word in status for word in ("stopped", "failed", "succeeded")):
+            break
+        time.sleep(1)
+    assert "was stopped" in status, status
 
 
 def _without_ray(env) -> dict[str, str]:
