@@ -7,20 +7,23 @@ model's checkpoint. Everything is matched by these names, never by position in a
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import re
 from dataclasses import dataclass
 
 import torch
 
 from .errors import SafeMergeError
-from .storage import Dir, sha256_of
+from .storage import Dir, LocalDir, sha256_of
 from .tensors import SafetensorsFile, natural_key
+from .untrusted import check_pattern, load_json
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+_MAX_CONFIG = 16 * 1024 * 1024  # a PEFT config is a few KB; rank_pattern of a huge model, a few hundred
+_FLOATS = {"F64", "F32", "F16", "BF16"}
 
 # Config switches for LoRA variants whose update is not `scaling * B @ A` on a 2-D weight.
 _UNSUPPORTED_FLAGS = {
@@ -88,13 +91,11 @@ def load_adapter(store: Dir, what: str) -> LoraAdapter:
         pickles = [n for n in store.list() if n.startswith("adapter_model.") and n != WEIGHTS]
         hint = f" (found {', '.join(pickles)})" if pickles else ""
         raise SafeMergeError(f"{what}: {store.uri} is not a PEFT adapter directory: no {CONFIG}{hint}")
+    _check_inside(store, [CONFIG, WEIGHTS], what)
     raw_config = store.read(CONFIG)
-    try:
-        config = json.loads(raw_config)
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as exc:
-        raise SafeMergeError(f"{what}: corrupt {CONFIG} in {store.uri} ({exc})") from None
+    config = load_json(raw_config, f"{what}: corrupt {CONFIG} in {store.uri}", _MAX_CONFIG)
+    if not isinstance(config, dict):
+        raise SafeMergeError(f"{what}: corrupt {CONFIG} in {store.uri} (not a JSON object)")
     if not store.exists(WEIGHTS):
         others = [n for n in store.list() if n.startswith("adapter_model.")]
         if others:
@@ -110,6 +111,28 @@ def load_adapter(store: Dir, what: str) -> LoraAdapter:
     return LoraAdapter(store.uri, config, modules, extra, digest, weights)
 
 
+def _check_inside(store: Dir, names: list[str], what: str) -> None:
+    """A local adapter's files must be its own: a symlink out of its directory (to /etc/passwd, to
+    another team's adapter) is refused. A Hugging Face cache snapshot links into its repo's blobs/."""
+    if not isinstance(store, LocalDir):
+        return
+    root = os.path.realpath(store.path)
+    blobs = os.path.join(os.path.dirname(os.path.dirname(root)), "blobs")
+    for name in names:
+        path = os.path.join(store.path, name)
+        if not os.path.lexists(path):
+            continue
+        target = os.path.realpath(path)
+        if not (_within(target, root) or os.path.basename(os.path.dirname(root)) == "snapshots"
+                and _within(target, blobs)):
+            raise SafeMergeError(f"{what}: {name} in {store.uri} is a link to a file outside the adapter's "
+                                 "directory; refused")
+
+
+def _within(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
 def _check_config(config: dict, what: str) -> None:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
@@ -118,8 +141,36 @@ def _check_config(config: dict, what: str) -> None:
         if config.get(flag):
             raise SafeMergeError(f"{what}: {name} is not supported ({flag} is set in {CONFIG})")
     for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-            raise SafeMergeError(f"{what}: {CONFIG} needs a positive {key!r}, got {config.get(key)!r}")
+        if not _positive(config.get(key)):
+            raise SafeMergeError(f"{what}: {CONFIG} needs a positive {key!r}, got {config.get(key)!r:.80}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise SafeMergeError(f"{what}: {CONFIG}: {key} must be an object of pattern: number")
+        for pattern, value in patterns.items():
+            check_pattern(pattern, f"{what}: {CONFIG}: {key}")
+            if not _positive(value):
+                raise SafeMergeError(f"{what}: {CONFIG}: {key} gives {pattern!r:.80} a value that is not a "
+                                     "positive number")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        check_pattern(targets, f"{what}: {CONFIG}: target_modules")
+    elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise SafeMergeError(f"{what}: {CONFIG}: target_modules must be a pattern or a list of module names")
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value)
+
+
+def _targeted(module: str, targets: str | list[str] | None) -> bool:
+    """Whether PEFT's `check_target_module_exists` would put a LoRA layer on `module`: a string is a
+    regular expression matched against the whole name; a list names modules by suffix."""
+    if targets is None or targets == "all-linear":
+        return True  # PEFT fills these in from the architecture; nothing to check here
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets)
 
 
 def get_pattern_key(pattern_keys, key_to_match: str) -> str:
@@ -141,6 +192,8 @@ def _parse_keys(weights: SafetensorsFile, config: dict, what: str):
         path = key[len(PREFIX):]
         module, _, tail = path.rpartition(".lora_")
         if module and tail in ("A.weight", "B.weight"):
+            if info.dtype not in _FLOATS:
+                raise SafeMergeError(f"{what}: module {module}: LoRA weight is {info.dtype}, not a float type")
             if len(info.shape) != 2:
                 raise SafeMergeError(
                     f"{what}: module {module} has a {len(info.shape)}-D LoRA weight (convolution LoRA); "
@@ -178,4 +231,9 @@ def _parse_keys(weights: SafetensorsFile, config: dict, what: str):
         modules[module] = LoraModule(module, int(r), float(alpha), scaling, tuple(a_shape), tuple(b_shape))
     if not modules:
         raise SafeMergeError(f"{what}: {WEIGHTS} holds no LoRA layers")
+    untargeted = [m for m in modules if not _targeted(m, config.get("target_modules"))]
+    if untargeted:  # PEFT would not create these layers, so neither the fine-tune nor its repair loads
+        raise SafeMergeError(f"{what}: target_modules in {CONFIG} does not match module {untargeted[0]}"
+                             f"{f' (and {len(untargeted) - 1} more)' if len(untargeted) > 1 else ''}; "
+                             "PEFT could not load this adapter")
     return modules, sorted(extra)

@@ -15,13 +15,14 @@ from .merge import FIELD_CHECKS, MergeSettings
 from .storage import S3Settings, local_path, open_dir, resolve_location
 
 _NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
+MAX_NAME = 128  # names become file names (`latest/<name>.json` and its temp name): far below 255 bytes
 
 
 def check_adapter_name(name: str) -> str:
     """Adapter names become output paths (`runs/<id>/<name>/`), so they must be one safe path component."""
-    if not _NAME.fullmatch(name) or name in (".", ".."):
-        raise ValueError(f"adapter name {name!r} must be letters, digits, '.', '_' or '-', starting with a "
-                         "letter or digit")
+    if not _NAME.fullmatch(name) or name in (".", "..") or len(name) > MAX_NAME:
+        raise ValueError(f"adapter name {name[:MAX_NAME]!r} must be at most {MAX_NAME} letters, digits, '.', '_' "
+                         "or '-', starting with a letter or digit")
     return name
 
 
@@ -162,13 +163,25 @@ class FleetConfig:
         return self.overrides.get(adapter, self.merge)
 
     def resolve_adapters(self) -> list[AdapterRef]:
-        """Explicit entries and every directory directly under each prefix; names must be unique."""
+        return self.scan_adapters()[0]
+
+    def scan_adapters(self) -> tuple[list[AdapterRef], list[str]]:
+        """Explicit entries and every directory directly under each prefix; names must be unique.
+
+        Also returns what was skipped under a prefix: a directory whose name cannot be an adapter's
+        (`_staging`, `..`, 300 characters) is left out and reported, not fatal to the fleet."""
         refs: list[AdapterRef] = []
+        skipped: list[str] = []
         for entry in self.finetuned:
             if isinstance(entry, PrefixEntry):
                 base = open_dir(entry.prefix, what=f"finetuned prefix {entry.prefix}", s3=self.s3)
                 for sub in base.subdirs():
                     uri = _join(entry.prefix, sub)
+                    try:
+                        check_adapter_name(sub)
+                    except ValueError as exc:
+                        skipped.append(f"finetuned: skipped {uri}: {exc}")
+                        continue
                     if self.safety_adapter is None or _norm(uri) != _norm(self.safety_adapter):
                         refs.append(AdapterRef(sub, uri))
             elif isinstance(entry, NamedEntry):
@@ -188,7 +201,7 @@ class FleetConfig:
                 )
             seen[ref.name] = ref.uri
         unique = {ref.name: ref for ref in refs}
-        return sorted(unique.values(), key=lambda r: r.name)
+        return sorted(unique.values(), key=lambda r: r.name), skipped
 
 
 def _norm(uri: str) -> str:

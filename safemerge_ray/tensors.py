@@ -6,7 +6,6 @@ A model directory is either one `model.safetensors` or shards listed in
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import torch
 
 from .errors import SafeMergeError
 from .storage import Dir, sha256_of
+from .untrusted import load_json
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -63,12 +63,9 @@ class SafetensorsFile:
         raw = bytearray(header_len)
         store.read_into(name, 8, memoryview(raw))
         self.header_bytes = bytes(raw)
-        try:
-            header = json.loads(self.header_bytes)
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-        except ValueError as exc:
-            raise SafeMergeError(f"{self.where}: corrupt safetensors header ({exc})") from None
+        header = load_json(self.header_bytes, f"{self.where}: corrupt safetensors header", _MAX_HEADER)
+        if not isinstance(header, dict):
+            raise SafeMergeError(f"{self.where}: corrupt safetensors header (not a JSON object)")
         self.metadata = header.pop("__metadata__", None) or {}
         self.tensors = self._check(header, data_start=8 + header_len, data_len=size - 8 - header_len)
 
@@ -156,7 +153,8 @@ class Checkpoint:
     @classmethod
     def _read_index(cls, store: Dir, what: str) -> dict[str, str]:
         try:
-            weight_map = json.loads(store.read(cls.INDEX))["weight_map"]
+            weight_map = load_json(store.read(cls.INDEX), f"{what}: corrupt {cls.INDEX} in {store.uri}",
+                                   _MAX_HEADER)["weight_map"]  # type: ignore[index]
             if not isinstance(weight_map, dict):
                 raise ValueError("weight_map is not an object")
             for shard in weight_map.values():
