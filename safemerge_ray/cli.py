@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--runtime-env-json", metavar="JSON", default=None,
                    help="Ray runtime env for the workers, e.g. '{\"env_vars\": {...}}' (see README: credentials)")
 
+    f.add_argument("--break-lock", action="store_true",
+                   help="take the output's run lock even if another run's lease is still valid (operators only)")
     f.add_argument("--record-line", action="store_true", help=argparse.SUPPRESS)  # for `submit`: see RECORD_LINE
 
     j = sub.add_parser("submit", help="submit the fleet job to a Ray cluster's job API, wait, exit with its status")
@@ -67,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop the job and exit 1 if it has not ended by then (default: wait)")
     j.add_argument("--summary-json", metavar="FILE", default=None, help="write the job's run record to FILE")
     j.add_argument("--quiet", action="store_true", help="do not stream the job's log")
+    j.add_argument("--break-lock", action="store_true", help="passed to the job: see `fleet --break-lock`")
 
     s = sub.add_parser("synth", help="build a small synthetic model pair and adapters (demo and tests)")
     s.add_argument("--out", required=True, help="directory to create")
@@ -124,7 +127,8 @@ def cmd_fleet(args) -> int:
     try:
         runtime_env = json_arg(args.runtime_env_json, "--runtime-env-json")
         config = load_config(args.config)
-        report = run_fleet(config, progress=not args.quiet, ray_address=args.address, runtime_env=runtime_env)
+        report = run_fleet(config, progress=not args.quiet, ray_address=args.address, runtime_env=runtime_env,
+                           break_lock=args.break_lock)
     except SafeMergeError as exc:
         failed(exc, exc.exit_code)
         raise
@@ -184,7 +188,8 @@ def cmd_submit(args) -> int:
         if args.env:
             runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **{n: os.environ[n] for n in args.env}}
         return submit_fleet(args.config, address=args.address, runtime_env=runtime_env or None,
-                            timeout=args.timeout, summary_json=args.summary_json, quiet=args.quiet)
+                            timeout=args.timeout, summary_json=args.summary_json, quiet=args.quiet,
+                            break_lock=args.break_lock)
     except SafeMergeError as exc:  # never submitted, or the job was lost: no record from the job itself
         record = RunRecord(started_at=started, output="", config=args.config, ended_at=utc_now(),
                            exit_status=exc.exit_code, error=str(exc))

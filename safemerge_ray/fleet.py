@@ -34,7 +34,16 @@ from .assemble import ModuleScore, assemble_adapter
 from .config import AdapterRef, FleetConfig
 from .errors import EnvironmentFailure, NoCredentials, SafeMergeError
 from .merge import MergeSettings
-from .output import DECISIONS, SUMMARY, RunRecord, adapter_files, json_bytes, utc_now, write_run_record
+from .output import (
+    DECISIONS,
+    SUMMARY,
+    RunLock,
+    RunRecord,
+    adapter_files,
+    json_bytes,
+    utc_now,
+    write_run_record,
+)
 from .plan import ModulePlan, plan_adapter
 from .progress import Progress
 from .repair import delta_from_pair, read_weight_pair, resolve_device, score_module
@@ -367,16 +376,27 @@ def _log(msg: str) -> None:
 
 
 def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = None,
-              ray_address: str | None = None, runtime_env: dict | None = None) -> FleetReport:
+              ray_address: str | None = None, runtime_env: dict | None = None,
+              break_lock: bool = False) -> FleetReport:
     """Plan, score, assemble and commit; Ray is started or joined only when there is work.
 
-    Whatever happens once the output is known, a run record is written there (`status/last_run.json`)
-    and attached to the report, or to the error as `run_record`.
+    One run per output at a time (its lock; another run's lock is LockHeld, exit status 5). Whatever
+    happens once the lock is held, a run record is written (`status/last_run.json`) and attached to
+    the report, or to the error as `run_record`.
     """
     out = open_dir(config.output, what="output", s3=config.s3, must_exist=False)
     record = RunRecord(started_at=utc_now(), output=out.uri, config=config.source)
+    lock = RunLock(out).acquire(break_lock=break_lock)
     try:
-        report = _run(config, out, progress, run_id, ray_address, runtime_env)
+        return _run_locked(config, out, record, lock, progress, run_id, ray_address, runtime_env)
+    finally:
+        lock.release()
+
+
+def _run_locked(config: FleetConfig, out: Dir, record: RunRecord, lock: RunLock, progress: bool,
+                run_id: str | None, ray_address: str | None, runtime_env: dict | None) -> FleetReport:
+    try:
+        report = _run(config, out, progress, run_id, ray_address, runtime_env, lock)
     except SafeMergeError as exc:
         record.exit_status, record.error = exc.exit_code, str(exc)
         _save_record(out, record)
@@ -394,6 +414,7 @@ def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = N
     record.counts = {"adapters": len(report.adapters),
                      **{s: len(report.by_status(s)) for s in ("committed", "unchanged", "failed")}}
     record.set_failed({st.ref.name: st.reason for st in report.adapters if st.status == "failed"})
+    record.warnings = report.warnings[:100]
     problem = _save_record(out, record)
     if problem:
         report.warnings.append(problem)
@@ -424,10 +445,10 @@ def exit_status(states: list[AdapterState]) -> int:
 
 
 def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_address: str | None,
-         runtime_env: dict | None) -> FleetReport:
+         runtime_env: dict | None, lock: RunLock) -> FleetReport:
     driver_before = BYTES_READ.total
     s3 = config.s3
-    refs = config.resolve_adapters()
+    refs, skipped = config.scan_adapters()
     if not refs:
         raise SafeMergeError(f"{config.source}: finetuned: no adapters found")
     if isinstance(out, LocalDir):
@@ -438,8 +459,8 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
               if config.safety_adapter else None)
     fingerprints = {"unaligned_model": unaligned.fingerprint(), "aligned_model": aligned.fingerprint(),
                     "safety_adapter": safety.fingerprint if safety else None}
-    warnings = [f"overrides.{n}: no adapter of that name in this fleet"
-                for n in config.overrides if n not in {r.name for r in refs}]
+    warnings = skipped + [f"overrides.{n}: no adapter of that name in this fleet"
+                          for n in config.overrides if n not in {r.name for r in refs}]
 
     states = [AdapterState(ref, config.settings_for(ref.name)) for ref in refs]
     for st in states:
@@ -479,6 +500,8 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
     report = FleetReport(run_id if any(st.status == "assembled" for st in states) else None,
                          out.uri, states, EXIT_OK, warnings)
     if report.run_id:
+        if lock.lost:  # another run may be writing pointers now: ours must not move
+            raise EnvironmentFailure(f"{lock.lost}; this run committed nothing")
         _commit(config, out, report.run_id, states, fingerprints, report)
     report.bytes_read = BYTES_READ.total - driver_before + worker_bytes
     report.exit_code = exit_status(states)

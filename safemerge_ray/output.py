@@ -6,7 +6,11 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import os
 import shutil
+import socket
+import threading
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +19,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from . import __version__
 from .adapters import CONFIG, WEIGHTS
-from .errors import SafeMergeError
+from .errors import EnvironmentFailure, SafeMergeError
 from .storage import Dir, LocalDir, S3Dir, S3Settings
 
 SUMMARY = "summary.json"
@@ -114,6 +118,7 @@ class RunRecord:
     error: str | None = None
     counts: dict[str, int] = field(default_factory=dict)  # adapters by status
     failed: dict[str, str] = field(default_factory=dict)  # adapter -> reason (the first 100)
+    warnings: list[str] = field(default_factory=list)  # skipped directories, unused overrides (the first 100)
     tool_version: str = __version__
 
     @property
@@ -140,3 +145,137 @@ def write_run_record(out: Dir, record: RunRecord) -> None:
     data = json_bytes(record.to_dict())
     out.write(record.key, data)
     out.write(LAST_RUN, data)
+
+
+# --------------------------------------------------------------------------- the run lock
+# One run per output at a time. The lock is an object created only if absent (S3 `If-None-Match: *`;
+# locally O_CREAT|O_EXCL). It names its owner and carries a lease that the running job renews; a lock
+# whose lease has expired (its run died without releasing it) is taken over, on S3 by a conditional
+# overwrite (`If-Match` on the stale lock's ETag), so of two runs taking it over at once only one wins.
+LOCK = "status/lock.json"
+LEASE_S = 300.0
+EXIT_LOCKED = 5
+
+
+class LockHeld(EnvironmentFailure):
+    """Another run holds the output's lock (exit status 5: nothing was done, try later)."""
+
+    exit_code = EXIT_LOCKED
+
+
+@dataclass
+class RunLock:
+    out: Dir
+    owner: str = field(default_factory=lambda: uuid.uuid4().hex)
+    lease_s: float = LEASE_S
+    _tag: str | None = None  # the ETag (S3) of our lock object, for conditional renewals
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _renewer: threading.Thread | None = None
+    lost: str | None = None  # why a renewal failed: the run must not commit
+
+    def _body(self) -> bytes:
+        return json_bytes({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
+                           "acquired_at": utc_now(), "lease_until": time.time() + self.lease_s,
+                           "tool_version": __version__})
+
+    def acquire(self, break_lock: bool = False) -> RunLock:
+        if self._create():
+            return self._start_renewing()
+        held, tag = self._read()
+        expired = held is None or float(held.get("lease_until", 0)) < time.time()
+        if (break_lock or expired) and self._take_over(tag):
+            return self._start_renewing()
+        who = held or {}
+        raise LockHeld(f"output {self.out.uri} is locked by another run (host {who.get('host', '?')}, pid "
+                       f"{who.get('pid', '?')}, since {who.get('acquired_at', '?')}, lease until "
+                       f"{_dt.datetime.fromtimestamp(float(who.get('lease_until', 0)), _dt.timezone.utc):%H:%M:%SZ}); "
+                       "nothing was done. If that run is dead, its lease expires by itself; or rerun with --break-lock")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join(timeout=30)
+        held, _ = self._read()
+        if held is not None and held.get("owner") == self.owner:
+            self._delete()
+
+    # -- storage-specific parts
+    def _create(self) -> bool:
+        if isinstance(self.out, S3Dir):
+            return self._s3_put(IfNoneMatch="*")
+        path = Path(self.out.uri) / LOCK
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(self._body())
+        return True
+
+    def _take_over(self, tag: str | None) -> bool:
+        if isinstance(self.out, S3Dir):
+            return self._s3_put(IfMatch=tag) if tag else self._s3_put(IfNoneMatch="*")
+        path = Path(self.out.uri) / LOCK
+        try:  # one renamer wins; the others find the stale lock gone
+            path.rename(path.with_name(f".lock-stale-{uuid.uuid4().hex[:8]}"))
+        except FileNotFoundError:
+            return False
+        for stale in path.parent.glob(".lock-stale-*"):
+            stale.unlink(missing_ok=True)
+        return self._create()
+
+    def _renew(self) -> None:
+        held, _ = self._read()
+        if held is None or held.get("owner") != self.owner:
+            raise LockHeld(f"the run lock on {self.out.uri} was taken over by another run")
+        if isinstance(self.out, S3Dir):
+            if not self._s3_put(IfMatch=self._tag):
+                raise LockHeld(f"the run lock on {self.out.uri} was taken over by another run")
+        else:
+            self.out.write(LOCK, self._body())
+
+    def _read(self) -> tuple[dict | None, str | None]:
+        try:
+            if isinstance(self.out, S3Dir):
+                resp = self.out.client.get_object(Bucket=self.out.bucket, Key=self.out.prefix + LOCK)
+                return json.loads(resp["Body"].read()), resp["ETag"]
+            return json.loads((Path(self.out.uri) / LOCK).read_bytes()), None
+        except (FileNotFoundError, ValueError):
+            return None, None
+        except Exception as exc:  # botocore: NoSuchKey is absent; anything else is the environment
+            if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None, None
+            raise EnvironmentFailure(f"cannot read the run lock {self.out.uri}{LOCK}: {exc}") from None
+
+    def _delete(self) -> None:
+        if isinstance(self.out, S3Dir):
+            self.out.client.delete_object(Bucket=self.out.bucket, Key=self.out.prefix + LOCK)
+        else:
+            (Path(self.out.uri) / LOCK).unlink(missing_ok=True)
+
+    def _s3_put(self, **condition) -> bool:
+        assert isinstance(self.out, S3Dir)
+        try:
+            resp = self.out.client.put_object(Bucket=self.out.bucket, Key=self.out.prefix + LOCK, Body=self._body(),
+                                              **condition)
+        except Exception as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise EnvironmentFailure(f"cannot write the run lock {self.out.uri}{LOCK}: {exc}") from None
+        self._tag = resp.get("ETag")
+        return True
+
+    def _start_renewing(self) -> RunLock:
+        def renew() -> None:
+            while not self._stop.wait(self.lease_s / 3):
+                try:
+                    self._renew()
+                except SafeMergeError as exc:
+                    self.lost = str(exc)
+                    return
+
+        self._renewer = threading.Thread(target=renew, name="safemerge-lock-lease", daemon=True)
+        self._renewer.start()
+        return self

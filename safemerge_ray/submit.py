@@ -57,7 +57,7 @@ def _client(address: str):
 
 
 def submit_fleet(config_path: str, *, address: str | None, runtime_env: dict | None, timeout: float | None,
-                 summary_json: str | None, quiet: bool, poll_s: float = 2.0) -> int:
+                 summary_json: str | None, quiet: bool, poll_s: float = 2.0, break_lock: bool = False) -> int:
     import os
 
     from .cli import emit_record
@@ -71,7 +71,7 @@ def submit_fleet(config_path: str, *, address: str | None, runtime_env: dict | N
     try:
         with tempfile.TemporaryDirectory(prefix="safemerge-job-") as job_dir:
             (Path(job_dir) / "fleet.yaml").write_text(text)
-            _submit(client, address, submission_id, build_runtime_env(job_dir, runtime_env))
+            _submit(client, address, submission_id, build_runtime_env(job_dir, runtime_env), break_lock)
         print(f"submitted {submission_id} to {address}", file=sys.stderr, flush=True)
         status, logs = _wait(client, submission_id, timeout, quiet, poll_s)
     except KeyboardInterrupt:  # the job may exist already: it must not run on unattended
@@ -104,12 +104,14 @@ def _stop(client, submission_id: str) -> None:
         pass
 
 
-def _submit(client, address: str, submission_id: str, runtime_env: dict, patience_s: float = 60.0) -> None:
+def _submit(client, address: str, submission_id: str, runtime_env: dict, break_lock: bool,
+            patience_s: float = 60.0) -> None:
     """Submit; a cluster that has just started answers 'No available agent' for a while: retry that."""
     deadline = time.monotonic() + patience_s
     while True:
         try:
-            client.submit_job(entrypoint="python -m safemerge_ray fleet --config fleet.yaml --record-line",
+            client.submit_job(entrypoint="python -m safemerge_ray fleet --config fleet.yaml --record-line"
+                              + (" --break-lock" if break_lock else ""),
                               runtime_env=runtime_env, submission_id=submission_id)
             return
         except Exception as exc:

@@ -166,6 +166,13 @@ data "aws_iam_policy_document" "access" {
     ]
     resources = ["${aws_s3_bucket.merged.arn}/*"]
   }
+
+  # The run lock (safemerge_ray/output.py RunLock) is released by deleting it; nothing else is deleted.
+  statement {
+    sid       = "ReleaseRunLock"
+    actions   = ["s3:DeleteObject"]
+    resources = ["${aws_s3_bucket.merged.arn}/*status/lock.json"]
+  }
 }
 
 resource "aws_iam_role" "job" {
