@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--quiet", action="store_true", help="do not stream the job's log")
     j.add_argument("--break-lock", action="store_true", help="passed to the job: see `fleet --break-lock`")
 
+    v = sub.add_parser("verify", help="re-read published adapters and check them against their manifests")
+    v.add_argument("output", help="a fleet output (local dir or s3://; endpoint from AWS_ENDPOINT_URL)")
+    v.add_argument("--adapter", default=None, help="only this adapter (default: every latest/ pointer)")
+    v.add_argument("--run", default=None, help="every object of this run instead of the published adapters")
+
     s = sub.add_parser("synth", help="build a small synthetic model pair and adapters (demo and tests)")
     s.add_argument("--out", required=True, help="directory to create")
     s.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
@@ -197,6 +202,21 @@ def cmd_submit(args) -> int:
         raise
 
 
+def cmd_verify(args) -> int:
+    """0: every object checked is there with the sha256 its manifest recorded; 1: something is not."""
+    from .output import verify_output
+    from .storage import open_dir
+
+    out = open_dir(args.output, what="output")
+    bad = 0
+    for what, problems in verify_output(out, adapter=args.adapter, run=args.run):
+        print(f"{'ok ' if not problems else 'BAD'}  {what}" + "".join(f"\n     {p}" for p in problems))
+        bad += bool(problems)
+    if bad:
+        print(f"safemerge-ray: {bad} damaged; a fleet run redoes damaged adapters it can detect", file=sys.stderr)
+    return 1 if bad else EXIT_OK
+
+
 def cmd_synth(args) -> int:
     from .synthetic import SynthSpec, build_fixture
 
@@ -215,7 +235,8 @@ def cmd_synth(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"merge": cmd_merge, "fleet": cmd_fleet, "submit": cmd_submit, "synth": cmd_synth}
+        commands = {"merge": cmd_merge, "fleet": cmd_fleet, "submit": cmd_submit, "verify": cmd_verify,
+                    "synth": cmd_synth}
         return commands[args.command](args)
     except SafeMergeError as exc:  # inputs (2) or environment (1): one line, no traceback
         print(f"safemerge-ray: error: {exc}", file=sys.stderr)

@@ -41,8 +41,10 @@ from .output import (
     RunRecord,
     adapter_files,
     json_bytes,
+    published_intact,
     utc_now,
     write_run_record,
+    write_verified,
 )
 from .plan import ModulePlan, plan_adapter
 from .progress import Progress
@@ -253,8 +255,7 @@ def assemble_and_write(name: str, uri: str, safety_uri: str | None, plans: list[
                   if safety_uri else None)
         result = assemble_adapter(name, plans, scores, finetuned, safety, settings)
         for fname, data in adapter_files(result.tensors, result.config).items():
-            out.write(f"{prefix}{fname}", data, staged=True)
-            objects[f"{prefix}{fname}"] = {"sha256": sha256_of(data), "bytes": len(data)}
+            objects[f"{prefix}{fname}"] = write_verified(out, f"{prefix}{fname}", data, staged=True)
     except (SafeMergeError, OSError) as exc:  # OSError: the output's disk (full, permissions)
         return AssemblyResult(name, error=Failure.of(exc))
     return AssemblyResult(name, objects=objects, decisions=result.decisions)
@@ -371,6 +372,21 @@ def _read_pointer(out: Dir, name: str) -> dict | None:
         return None  # a damaged pointer only means the adapter is redone
 
 
+def _published_damage(out: Dir, pointer: dict, name: str, manifests: dict[str, dict | None]) -> str | None:
+    """None if the adapter the pointer names is published intact (its manifest's objects, by version tag)."""
+    key = str(pointer.get("manifest", ""))
+    if key not in manifests:
+        try:
+            manifests[key] = json.loads(out.read(key)) if key and out.exists(key) else None
+        except (SafeMergeError, ValueError):
+            manifests[key] = None
+    manifest = manifests[key]
+    entry = (manifest or {}).get("adapters", {}).get(name)
+    if not entry:
+        return f"its published run's manifest ({key or 'none'}) is missing or does not list it"
+    return published_intact(out, entry.get("objects", {}))
+
+
 def _log(msg: str) -> None:
     print(f"[fleet] {msg}", flush=True)
 
@@ -463,6 +479,7 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
                           for n in config.overrides if n not in {r.name for r in refs}]
 
     states = [AdapterState(ref, config.settings_for(ref.name)) for ref in refs]
+    manifests: dict[str, dict | None] = {}  # committed runs' manifests, read once each
     for st in states:
         try:
             adapter = load_adapter(open_dir(st.ref.uri, what=f"adapter {st.ref.name}", s3=s3), f"adapter {st.ref.name}")
@@ -471,8 +488,11 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
             pointer = _read_pointer(out, st.ref.name)
             st.previous_run = pointer.get("run_id") if pointer else None
             if pointer and pointer.get("run_key") == st.run_key:
-                st.status = "unchanged"
-                continue
+                damage = _published_damage(out, pointer, st.ref.name, manifests)
+                if damage is None:
+                    st.status = "unchanged"
+                    continue
+                warnings.append(f"{st.ref.name}: {damage}; redoing it")
             st.plans = plan_adapter(unaligned, aligned, adapter, safety)
         except SafeMergeError as exc:  # unreadable or invalid: this adapter fails alone
             st.fail(Failure.of(exc))
@@ -696,8 +716,7 @@ def _commit(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterStat
         "warnings": report.warnings,
     }
     run_files = {f"{prefix}{DECISIONS}": decisions_bytes(rows), f"{prefix}{SUMMARY}": json_bytes(summary)}
-    for key, data in run_files.items():
-        out.write(key, data, staged=True)
+    run_objects = {key: write_verified(out, key, data, staged=True) for key, data in run_files.items()}
     manifest = {
         "tool": "safemerge-ray", "version": __version__, "run_id": run_id, "committed_at": now,
         "inputs": {
@@ -707,7 +726,7 @@ def _commit(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterStat
         },
         "adapters": {st.ref.name: {"uri": st.ref.uri, "fingerprint": st.fingerprint, "run_key": st.run_key,
                                    "settings": st.settings.to_dict(), "objects": st.objects} for st in assembled},
-        "objects": {k: {"sha256": sha256_of(v), "bytes": len(v)} for k, v in run_files.items()},
+        "objects": run_objects,
         "failed": {st.ref.name: st.reason for st in states if st.status == "failed"},
     }
     with ThreadPoolExecutor(max_workers=16) as pool:  # S3 round trips, one per object

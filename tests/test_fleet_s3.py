@@ -147,3 +147,26 @@ def test_uncommitted_objects_carry_the_staged_tag_until_unstaged(s3_endpoint, s3
     out.unstage("runs/r1/a/adapter_model.safetensors")
     assert s3_client.get_object_tagging(Bucket="merged", Key=key)["TagSet"] == []
     assert out.read("runs/r1/a/adapter_model.safetensors") == b"weights"
+
+
+def test_bytes_changed_in_the_bucket_are_found_and_redone(s3_fleet, s3_endpoint, s3_client, tmp_path, ray_local,
+                                                          monkeypatch, capsys):
+    """A published adapter overwritten in place (same size) has a new ETag: verify says so, a rerun redoes it."""
+    from safemerge_ray.cli import main
+
+    _, uris = s3_fleet
+    output = f"s3://merged/{uuid.uuid4().hex[:6]}/fleet-v/"
+    config = load_config(_config(tmp_path, dict(uris, output=output), s3_endpoint))
+    assert run_fleet(config, progress=False).exit_code == EXIT_OK
+    out = S3Dir(output, config.s3)
+    pointer = json.loads(out.read("latest/medqa.json"))
+    key = f"{out.prefix}{pointer['path']}adapter_model.safetensors"
+    data = bytearray(s3_client.get_object(Bucket="merged", Key=key)["Body"].read())
+    data[-1] ^= 0xFF
+    s3_client.put_object(Bucket="merged", Key=key, Body=bytes(data))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    assert main(["verify", output]) == 1
+    assert "BAD  medqa" in capsys.readouterr().out
+    again = run_fleet(config, progress=False)
+    assert again.by_status("committed") == ["medqa"] and again.by_status("unchanged") == ["gsm8k", "legal"]
+    assert main(["verify", output]) == EXIT_OK
