@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--adapter", default=None, help="only this adapter (default: every latest/ pointer)")
     v.add_argument("--run", default=None, help="every object of this run instead of the published adapters")
 
+    b = sub.add_parser("rollback", help="point an adapter back at its output from an earlier committed run")
+    b.add_argument("output", help="a fleet output (local dir or s3://; endpoint from AWS_ENDPOINT_URL)")
+    b.add_argument("adapter", help="the adapter's name")
+    b.add_argument("--to", required=True, metavar="RUN", help="the run id (see OUTPUT/runs/ or status/history/)")
+    b.add_argument("--break-lock", action="store_true", help="take the output's run lock even if held")
+
     s = sub.add_parser("synth", help="build a small synthetic model pair and adapters (demo and tests)")
     s.add_argument("--out", required=True, help="directory to create")
     s.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
@@ -217,6 +223,16 @@ def cmd_verify(args) -> int:
     return 1 if bad else EXIT_OK
 
 
+def cmd_rollback(args) -> int:
+    from .output import rollback
+    from .storage import open_dir
+
+    rollback(open_dir(args.output, what="output"), args.adapter, args.to, break_lock=args.break_lock)
+    print(f"{args.adapter} now points at run {args.to} (verified); a fleet run redoes it if its inputs, settings "
+          "or tool version differ from that run's")
+    return EXIT_OK
+
+
 def cmd_synth(args) -> int:
     from .synthetic import SynthSpec, build_fixture
 
@@ -236,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"merge": cmd_merge, "fleet": cmd_fleet, "submit": cmd_submit, "verify": cmd_verify,
-                    "synth": cmd_synth}
+                    "rollback": cmd_rollback, "synth": cmd_synth}
         return commands[args.command](args)
     except SafeMergeError as exc:  # inputs (2) or environment (1): one line, no traceback
         print(f"safemerge-ray: error: {exc}", file=sys.stderr)

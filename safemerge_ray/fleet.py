@@ -41,6 +41,7 @@ from .output import (
     RunRecord,
     adapter_files,
     json_bytes,
+    pointer_bytes,
     published_intact,
     utc_now,
     write_run_record,
@@ -733,9 +734,7 @@ def _commit(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterStat
         list(pool.map(out.unstage, [key for st in assembled for key in st.objects] + list(run_files)))
     out.write(f"{prefix}{MANIFEST}", json_bytes(manifest))
     for st in assembled:
-        pointer = {"adapter": st.ref.name, "run_id": run_id, "path": f"{prefix}{st.ref.name}/",
-                   "manifest": f"{prefix}{MANIFEST}", "run_key": st.run_key, "committed_at": now}
-        out.write(f"latest/{st.ref.name}.json", json_bytes(pointer))
+        out.write(f"latest/{st.ref.name}.json", pointer_bytes(st.ref.name, run_id, st.run_key, now))
         st.status = "committed"
 
 

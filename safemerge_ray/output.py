@@ -120,6 +120,7 @@ class RunRecord:
     failed: dict[str, str] = field(default_factory=dict)  # adapter -> reason (the first 100)
     warnings: list[str] = field(default_factory=list)  # skipped directories, unused overrides (the first 100)
     tool_version: str = __version__
+    kind: str = "fleet"  # or "rollback": an operator moved a pointer
 
     @property
     def key(self) -> str:
@@ -141,10 +142,47 @@ def utc_now() -> str:
 
 
 def write_run_record(out: Dir, record: RunRecord) -> None:
-    """The history entry first, then `last_run.json`, which alerting reads."""
+    """The history entry first, then (for a fleet run) `last_run.json`, which alerting reads."""
     data = json_bytes(record.to_dict())
     out.write(record.key, data)
-    out.write(LAST_RUN, data)
+    if record.kind == "fleet":  # a rollback must not look like a night that ran
+        out.write(LAST_RUN, data)
+
+
+def pointer_bytes(adapter: str, run_id: str, run_key: str, committed_at: str, **extra) -> bytes:
+    """`latest/<adapter>.json`: what consumers follow to an adapter's published run."""
+    return json_bytes({"adapter": adapter, "run_id": run_id, "path": f"runs/{run_id}/{adapter}/",
+                       "manifest": f"runs/{run_id}/manifest.json", "run_key": run_key, "committed_at": committed_at,
+                       **extra})
+
+
+def rollback(out: Dir, adapter: str, run_id: str, break_lock: bool = False) -> RunRecord:
+    """Point `adapter` back at its output from an earlier committed run, after re-verifying every byte
+    of it, under the run lock; the history records it (last_run.json stays the last fleet run's)."""
+    record = RunRecord(started_at=utc_now(), output=out.uri, config="", kind="rollback")
+    lock = RunLock(out).acquire(break_lock=break_lock)
+    try:
+        key = f"runs/{run_id}/manifest.json"
+        try:
+            manifest = json.loads(out.read(key))
+        except (SafeMergeError, ValueError):
+            raise SafeMergeError(f"rollback: {out.uri}{key}: no readable manifest "
+                                 f"(run {run_id} did not commit)") from None
+        entry = manifest.get("adapters", {}).get(adapter)
+        if not entry:
+            raise SafeMergeError(f"rollback: run {run_id} did not commit {adapter}")
+        problems = verify_objects(out, entry.get("objects", {}))
+        if problems:
+            raise EnvironmentFailure(f"rollback: {adapter} in run {run_id} is damaged: {problems[0]}")
+        out.write(f"latest/{adapter}.json", pointer_bytes(adapter, run_id, entry["run_key"], manifest["committed_at"],
+                                                          rolled_back_at=utc_now()))
+        record.run_id = run_id
+        record.warnings = [f"rollback: {adapter} now points at run {run_id}"]
+        record.ended_at = utc_now()
+        write_run_record(out, record)
+        return record
+    finally:
+        lock.release()
 
 
 # --------------------------------------------------------------------------- the run lock

@@ -65,3 +65,33 @@ def test_verify_user_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["verify", str(tmp_path / "empty")]) == 2
     assert "has no published adapters" in capsys.readouterr().err
+
+
+def test_rollback_moves_a_pointer_back_after_verifying_and_records_it(local_fleet, ray_local, capsys):
+    from dataclasses import replace
+
+    config = load_config(local_fleet / "fleet.yaml")
+    first = run_fleet(config, progress=False)
+    second = run_fleet(replace(config, merge=replace(config.merge, tau=0.5)), progress=False)
+    merged = local_fleet / "merged"
+    last_run = (merged / "status" / "last_run.json").read_bytes()
+    assert json.loads((merged / "latest" / "gsm8k.json").read_text())["run_id"] == second.run_id
+
+    assert main(["rollback", str(merged), "gsm8k", "--to", first.run_id]) == EXIT_OK
+    pointer = json.loads((merged / "latest" / "gsm8k.json").read_text())
+    assert pointer["run_id"] == first.run_id and pointer["path"] == f"runs/{first.run_id}/gsm8k/"
+    assert (merged / "status" / "last_run.json").read_bytes() == last_run  # alerting still sees the last night
+    history = [json.loads(p.read_text()) for p in sorted((merged / "status" / "history").iterdir())]
+    assert [h["kind"] for h in history].count("rollback") == 1
+    assert main(["verify", str(merged), "--adapter", "gsm8k"]) == EXIT_OK
+    # The run config (tau 0.35) is the first run's: a fleet run leaves the rolled-back adapter alone.
+    assert "gsm8k" in run_fleet(config, progress=False).by_status("unchanged")
+
+    capsys.readouterr()
+    assert main(["rollback", str(merged), "gsm8k", "--to", "no-such-run"]) == 2
+    assert "no readable manifest" in capsys.readouterr().err
+    damaged = merged / "runs" / second.run_id / "medqa" / "adapter_model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-1])
+    assert main(["rollback", str(merged), "medqa", "--to", second.run_id]) == 1
+    assert "is damaged" in capsys.readouterr().err
+    assert not (merged / "status" / "lock.json").exists()
