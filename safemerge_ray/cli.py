@@ -131,8 +131,7 @@ def cmd_fleet(args) -> int:
         """The record the fleet job wrote, or (it never got that far) one saying why."""
         record = getattr(exc, "run_record", None)
         if not isinstance(record, RunRecord):
-            record = RunRecord(started_at=started, output="", config=args.config, ended_at=utc_now(),
-                               exit_status=status, error=str(exc) or "interrupted")
+            record = error_record(started, args.config, exc, status)
         emit_record(record.to_dict(), args.summary_json, args.record_line)
 
     try:
@@ -170,16 +169,25 @@ def json_arg(text: str | None, flag: str) -> dict | None:
 RECORD_LINE = "safemerge-ray run record: "
 
 
+def error_record(started: str, config: str, exc: BaseException, status: int):
+    """The run record of a run that stopped before its output was known (or was never submitted)."""
+    from .output import RunRecord, utc_now
+
+    return RunRecord(started_at=started, output="", config=config, ended_at=utc_now(), exit_status=status,
+                     error=str(exc) or "interrupted")
+
+
 def emit_record(record: dict, summary_json: str | None, record_line: bool) -> None:
     import json
 
     if summary_json:
         from pathlib import Path
 
+        from .output import json_bytes
         from .storage import LocalDir
 
         path = Path(summary_json).absolute()
-        LocalDir(path.parent).write(path.name, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+        LocalDir(path.parent).write(path.name, json_bytes(record))
     if record_line:
         print(RECORD_LINE + json.dumps(record, sort_keys=True), flush=True)
 
@@ -187,7 +195,7 @@ def emit_record(record: dict, summary_json: str | None, record_line: bool) -> No
 def cmd_submit(args) -> int:
     import os
 
-    from .output import RunRecord, utc_now
+    from .output import utc_now
     from .submit import submit_fleet
 
     started = utc_now()
@@ -202,9 +210,8 @@ def cmd_submit(args) -> int:
                             timeout=args.timeout, summary_json=args.summary_json, quiet=args.quiet,
                             break_lock=args.break_lock)
     except SafeMergeError as exc:  # never submitted, or the job was lost: no record from the job itself
-        record = RunRecord(started_at=started, output="", config=args.config, ended_at=utc_now(),
-                           exit_status=exc.exit_code, error=str(exc))
-        emit_record(record.to_dict(), args.summary_json, record_line=False)
+        emit_record(error_record(started, args.config, exc, exc.exit_code).to_dict(), args.summary_json,
+                    record_line=False)
         raise
 
 

@@ -36,6 +36,7 @@ from .errors import EnvironmentFailure, NoCredentials, SafeMergeError
 from .merge import MergeSettings
 from .output import (
     DECISIONS,
+    MANIFEST,
     SUMMARY,
     RunLock,
     RunRecord,
@@ -43,6 +44,7 @@ from .output import (
     json_bytes,
     pointer_bytes,
     published_intact,
+    read_json,
     utc_now,
     write_run_record,
     write_verified,
@@ -57,7 +59,6 @@ from .tensors import Checkpoint, natural_key, release_freed_buffers
 # 0: every adapter committed or unchanged; 3: some failed, the rest are usable; 4: none is usable.
 # (2: bad config or shared input, 1: environment, 130: interrupted; both raised, not returned.)
 EXIT_OK, EXIT_ENVIRONMENT, EXIT_PARTIAL, EXIT_FAILED = 0, 1, 3, 4
-MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -209,9 +210,6 @@ class FleetWorker:
         return BYTES_READ.total
 
     def score(self, job: ModuleJob, next_job: ModuleJob | None = None) -> ModuleResult:
-        return self._score(job, next_job)
-
-    def _score(self, job: ModuleJob, next_job: ModuleJob | None) -> ModuleResult:
         result = ModuleResult(job.module, job.nbytes)
         try:
             pending_read = self._prefetched.pop(job.module, None) or self._read(job)
@@ -274,14 +272,16 @@ def _node() -> tuple[str, str]:
 _NO_CREDENTIALS = "no AWS credentials on the worker; give workers an IAM role (IRSA) or see README: credentials"
 
 
+def _cause(exc: Exception) -> str:
+    return _NO_CREDENTIALS if isinstance(exc, NoCredentials) else str(exc)
+
+
 def _cannot_read(node: str, location: str, exc: Exception) -> Problem:
-    if isinstance(exc, NoCredentials):
-        cause = _NO_CREDENTIALS
-    elif not location.startswith("s3://") and os.path.isabs(location) and not os.path.exists(location):
-        cause = "no such directory on that node; a multi-node cluster needs its inputs on S3 or a shared filesystem"
-    else:
-        cause = str(exc)
-    return Problem(node, "cannot read", location, cause)
+    if not isinstance(exc, NoCredentials) and not location.startswith("s3://") and os.path.isabs(location) \
+            and not os.path.exists(location):
+        return Problem(node, "cannot read", location, "no such directory on that node; a multi-node cluster needs "
+                       "its inputs on S3 or a shared filesystem")
+    return Problem(node, "cannot read", location, _cause(exc))
 
 
 def _check_output(node: str, node_id: str, out: Dir, marker: tuple[str, str] | None) -> Problem | None:
@@ -302,10 +302,8 @@ def _check_output(node: str, node_id: str, out: Dir, marker: tuple[str, str] | N
         probe.write_bytes(b"")
         probe.unlink()
         return None
-    except NoCredentials:
-        return Problem(node, "cannot write to", out.uri, _NO_CREDENTIALS)
     except (SafeMergeError, OSError) as exc:
-        return Problem(node, "cannot write to", out.uri, str(exc))
+        return Problem(node, "cannot write to", out.uri, _cause(exc))
 
 
 @dataclass
@@ -324,9 +322,9 @@ class AdapterState:
     decisions: list[dict] = field(default_factory=list)
     counts: dict = field(default_factory=dict)
 
-
     def fail(self, failure: Failure) -> None:
         self.status, self.reason, self.environment = "failed", failure.reason, failure.environment
+
 
 @dataclass
 class FleetReport:
@@ -363,24 +361,11 @@ def balance(jobs: list[ModuleJob], n: int) -> list[list[ModuleJob]]:
     return [sorted(s, key=lambda j: natural_key(j.module)) for s in shards if s]
 
 
-def _read_pointer(out: Dir, name: str) -> dict | None:
-    key = f"latest/{name}.json"
-    if not out.exists(key):
-        return None
-    try:
-        return json.loads(out.read(key))
-    except ValueError:
-        return None  # a damaged pointer only means the adapter is redone
-
-
 def _published_damage(out: Dir, pointer: dict, name: str, manifests: dict[str, dict | None]) -> str | None:
     """None if the adapter the pointer names is published intact (its manifest's objects, by version tag)."""
     key = str(pointer.get("manifest", ""))
     if key not in manifests:
-        try:
-            manifests[key] = json.loads(out.read(key)) if key and out.exists(key) else None
-        except (SafeMergeError, ValueError):
-            manifests[key] = None
+        manifests[key] = read_json(out, key) if key else None
     manifest = manifests[key]
     entry = (manifest or {}).get("adapters", {}).get(name)
     if not entry:
@@ -486,7 +471,7 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
             adapter = load_adapter(open_dir(st.ref.uri, what=f"adapter {st.ref.name}", s3=s3), f"adapter {st.ref.name}")
             st.fingerprint = adapter.fingerprint
             st.run_key = run_key(fingerprints, adapter.fingerprint, st.settings)
-            pointer = _read_pointer(out, st.ref.name)
+            pointer = read_json(out, f"latest/{st.ref.name}.json")  # damaged: the adapter is redone
             st.previous_run = pointer.get("run_id") if pointer else None
             if pointer and pointer.get("run_key") == st.run_key:
                 damage = _published_damage(out, pointer, st.ref.name, manifests)

@@ -23,6 +23,7 @@ from .errors import EnvironmentFailure, SafeMergeError
 from .storage import Dir, LocalDir, S3Dir, S3Settings, sha256_of
 
 SUMMARY = "summary.json"
+MANIFEST = "manifest.json"  # a run's commit point: written last; a run without it did not happen
 DECISIONS = "decisions.parquet"
 
 
@@ -36,13 +37,22 @@ def json_bytes(data) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _is_our_output(d: Dir) -> bool:
-    if not d.exists(SUMMARY):
-        return False
+def read_json(d: Dir, name: str) -> dict | None:
+    """A JSON object this tool wrote (a pointer, a manifest, a summary), or None when it is missing or
+    damaged: a damaged record only means that what it described is redone or reported."""
     try:
-        return json.loads(d.read(SUMMARY)).get("tool") == "safemerge-ray"
-    except (ValueError, AttributeError):
-        return False
+        value = json.loads(d.read(name)) if d.exists(name) else None
+    except (SafeMergeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def manifest_key(run_id: str) -> str:
+    return f"runs/{run_id}/{MANIFEST}"
+
+
+def _is_our_output(d: Dir) -> bool:
+    return (read_json(d, SUMMARY) or {}).get("tool") == "safemerge-ray"
 
 
 def check_output_target(out: str, s3: S3Settings = S3Settings()) -> Dir:
@@ -152,7 +162,7 @@ def write_run_record(out: Dir, record: RunRecord) -> None:
 def pointer_bytes(adapter: str, run_id: str, run_key: str, committed_at: str, **extra) -> bytes:
     """`latest/<adapter>.json`: what consumers follow to an adapter's published run."""
     return json_bytes({"adapter": adapter, "run_id": run_id, "path": f"runs/{run_id}/{adapter}/",
-                       "manifest": f"runs/{run_id}/manifest.json", "run_key": run_key, "committed_at": committed_at,
+                       "manifest": manifest_key(run_id), "run_key": run_key, "committed_at": committed_at,
                        **extra})
 
 
@@ -162,12 +172,10 @@ def rollback(out: Dir, adapter: str, run_id: str, break_lock: bool = False) -> R
     record = RunRecord(started_at=utc_now(), output=out.uri, config="", kind="rollback")
     lock = RunLock(out).acquire(break_lock=break_lock)
     try:
-        key = f"runs/{run_id}/manifest.json"
-        try:
-            manifest = json.loads(out.read(key))
-        except (SafeMergeError, ValueError):
-            raise SafeMergeError(f"rollback: {out.uri}{key}: no readable manifest "
-                                 f"(run {run_id} did not commit)") from None
+        manifest = read_json(out, manifest_key(run_id))
+        if manifest is None:
+            raise SafeMergeError(f"rollback: {out.uri}{manifest_key(run_id)}: no readable manifest "
+                                 f"(run {run_id} did not commit)")
         entry = manifest.get("adapters", {}).get(adapter)
         if not entry:
             raise SafeMergeError(f"rollback: run {run_id} did not commit {adapter}")
@@ -367,13 +375,13 @@ def verify_objects(out: Dir, objects: dict[str, dict]) -> list[str]:
 def verify_output(out: Dir, adapter: str | None = None, run: str | None = None) -> list[tuple[str, list[str]]]:
     """(what, problems) for every published adapter (or one, or every object of one run)."""
     def manifest_at(key: str) -> dict:
-        try:
-            return json.loads(out.read(key))
-        except (SafeMergeError, ValueError):
-            raise SafeMergeError(f"verify: no readable manifest at {out.uri}{key}") from None
+        manifest = read_json(out, key)
+        if manifest is None:
+            raise SafeMergeError(f"verify: no readable manifest at {out.uri}{key}")
+        return manifest
 
     if run is not None:
-        manifest = manifest_at(f"runs/{run}/manifest.json")
+        manifest = manifest_at(manifest_key(run))
         objects = dict(manifest.get("objects", {}))
         for entry in manifest.get("adapters", {}).values():
             objects.update(entry.get("objects", {}))
@@ -384,9 +392,8 @@ def verify_output(out: Dir, adapter: str | None = None, run: str | None = None) 
         raise SafeMergeError(f"verify: {out.uri} has no published adapters (no latest/*.json)")
     results = []
     for name in names:
-        try:
-            pointer = json.loads(out.read(f"latest/{name}.json"))
-        except (SafeMergeError, ValueError):
+        pointer = read_json(out, f"latest/{name}.json")
+        if pointer is None:
             results.append((name, [f"latest/{name}.json: missing or not JSON"]))
             continue
         entry = manifest_at(pointer["manifest"]).get("adapters", {}).get(name)
