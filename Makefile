@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := build/demo
 
-.PHONY: setup demo lint test test-fast clean bench bench-quick
+.PHONY: setup demo lint test test-fast test-quick clean bench bench-quick
 
 setup: $(STAMP)
 
@@ -34,7 +34,11 @@ test: setup lint
 
 # The fast unit tests alone: no Ray, no S3 server, no cluster, no manifest linters (markers: tests/conftest.py).
 test-fast: setup
-	$(PY) -m pytest -q -m "not ray and not s3 and not cluster and not k8s"
+	$(PY) -m pytest -q -m "not ray and not s3 and not cluster and not k8s and not slow"
+
+# Everything but the slow fault tests.
+test-quick: setup lint
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf build $(VENV)

@@ -18,6 +18,25 @@ _NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
 MAX_NAME = 128  # names become file names (`latest/<name>.json` and its temp name): far below 255 bytes
 
 
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: str | int) -> int:
+    """'12GiB', '800MB', '1.5 GB' or a number of bytes -> bytes (positive)."""
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE.fullmatch(value)
+        if not m:
+            raise ValueError(f"expected a size such as 12GiB, 800MB or a number of bytes; got {value!r}")
+        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+    if n <= 0:
+        raise ValueError("must be a positive size")
+    return n
+
+
 def check_adapter_name(name: str) -> str:
     """Adapter names become output paths (`runs/<id>/<name>/`), so they must be one safe path component."""
     if not _NAME.fullmatch(name) or name in (".", "..") or len(name) > MAX_NAME:
@@ -88,6 +107,16 @@ class NamedEntry(_Strict):
 class S3Section(_Strict):
     endpoint_url: str | None = None
     region: str | None = None
+    # botocore's standard retry mode: attempts per request, with exponential backoff (at most 20 s a wait)
+    # on 5xx, SlowDown, throttling and connection errors; after them a module's read is tried again 3 times.
+    max_attempts: int = 8
+
+    @field_validator("max_attempts")
+    @classmethod
+    def _attempts(cls, v):
+        if not 1 <= v <= 20:
+            raise ValueError("must be an integer from 1 to 20")
+        return v
 
 
 class RaySection(_Strict):
@@ -96,6 +125,14 @@ class RaySection(_Strict):
     cpus_per_actor: Literal["auto"] | int = "auto"  # auto: the cluster's CPUs / actors (CPU), 1 (GPU)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     start_timeout_s: float = 900.0  # how long the workers may take to be placed (autoscaling included)
+    # Memory each worker may use ("12GiB", "800MB" or bytes); Ray reserves it for the actor. Unset: the
+    # cluster's memory resource shared among the workers. Checked against the plan before scoring.
+    memory_per_worker: str | int | None = None
+
+    @field_validator("memory_per_worker")
+    @classmethod
+    def _size(cls, v):
+        return None if v is None else parse_bytes(v)
 
     @field_validator("actors", "cpus_per_actor")
     @classmethod
@@ -129,6 +166,16 @@ class FleetSchema(_Strict):
     overrides: dict[str, OverrideSection] = {}
     s3: S3Section = S3Section()
     ray: RaySection = RaySection()
+    # The whole run's deadline: past it, scoring stops, unfinished adapters fail (their pointers stay),
+    # what is finished is committed, and the run ends with exit status 1 or 3. Unset: no deadline.
+    max_run_seconds: float | None = None
+
+    @field_validator("max_run_seconds")
+    @classmethod
+    def _positive_deadline(cls, v):
+        if v is not None and not v > 0:
+            raise ValueError("must be a positive number of seconds")
+        return v
 
     @field_validator("overrides", mode="before")
     @classmethod
@@ -158,6 +205,8 @@ class FleetConfig:
     device: str
     source: str = "<config>"
     start_timeout_s: float = 900.0
+    memory_per_worker: int | None = None  # bytes; None: the cluster's memory resource / workers
+    max_run_seconds: float | None = None
 
     def settings_for(self, adapter: str) -> MergeSettings:
         return self.overrides.get(adapter, self.merge)
@@ -294,11 +343,14 @@ def parse_config(raw: dict, source: str = "<config>", base: Path = Path(".")) ->
         unaligned_model=local(schema.unaligned_model), aligned_model=local(schema.aligned_model),
         safety_adapter=local(schema.safety_adapter) if schema.safety_adapter else None,
         finetuned=finetuned, output=_local_or_s3(schema.output, base), merge=merge, overrides=valid_overrides,
-        s3=S3Settings(endpoint_url=schema.s3.endpoint_url, region=schema.s3.region),
+        s3=S3Settings(endpoint_url=schema.s3.endpoint_url, region=schema.s3.region,
+                      max_attempts=schema.s3.max_attempts),
         actors=None if schema.ray.actors == "auto" else schema.ray.actors,
         gpus_per_actor=None if schema.ray.gpus_per_actor == "auto" else schema.ray.gpus_per_actor,
         cpus_per_actor=None if schema.ray.cpus_per_actor == "auto" else schema.ray.cpus_per_actor,
         device=schema.ray.device, source=source, start_timeout_s=schema.ray.start_timeout_s,
+        memory_per_worker=schema.ray.memory_per_worker,  # type: ignore[arg-type]  # bytes after validation
+        max_run_seconds=schema.max_run_seconds,
     )
 
 

@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import threading
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from .adapters import LoraAdapter, load_adapter
 from .assemble import ModuleScore, assemble_adapter
 from .config import AdapterRef, FleetConfig
 from .errors import EnvironmentFailure, NoCredentials, SafeMergeError
+from .memory import PROCESS_BASELINE, ModuleCost, available_memory, check_fits, fmt
 from .merge import MergeSettings
 from .output import (
     DECISIONS,
@@ -75,6 +77,12 @@ class ModuleJob:
     transpose: bool
     nbytes: int
     requests: tuple[ScoreRequest, ...]
+    cost: ModuleCost
+
+
+# A module's weights are read again after botocore's own retries have given up (a longer outage),
+# before the adapters that need them fail: waits of 5, 15, 45 s, never past the run's deadline.
+READ_RETRY_WAITS_S = (5.0, 15.0, 45.0)
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,8 @@ class Problem:
 class PreflightResult:
     node: str
     problems: list[Problem]
+    node_id: str = ""
+    memory_available: int = 0  # bytes this worker's node (or its container) still has
 
 
 def format_problems(problems: list[Problem], limit: int = 20) -> list[str]:
@@ -137,8 +147,10 @@ class FleetWorker:
     which would restart it.
     """
 
-    def __init__(self, unaligned: str, aligned: str, s3: S3Settings, device: str, threads: int | None = None):
+    def __init__(self, unaligned: str, aligned: str, s3: S3Settings, device: str, threads: int | None = None,
+                 deadline: float | None = None):
         release_freed_buffers()
+        self.deadline = deadline  # time.time() past which a failed read is not retried
         if threads:
             torch.set_num_threads(threads)
         self.s3, self.device = s3, device
@@ -200,10 +212,21 @@ class FleetWorker:
         with ThreadPoolExecutor(max_workers=8) as pool:  # latency-bound on S3: overlap the small reads
             problems += [p for p in pool.map(check, items + [("adapter", u) for u in adapters]) if p]
         problem = _check_output(node, node_id, out, marker)
-        return PreflightResult(node, problems + ([problem] if problem else []))
+        return PreflightResult(node, problems + ([problem] if problem else []), node_id, available_memory())
 
     def _read(self, job: ModuleJob) -> Future:
-        return self._reader.submit(read_weight_pair, job.weight_key, self.unaligned, self.aligned, self.device)
+        return self._reader.submit(self._retrying, read_weight_pair, job.weight_key, self.unaligned, self.aligned,
+                                   self.device)
+
+    def _retrying(self, fn, *args):
+        """fn(*args), tried again after each of READ_RETRY_WAITS_S when the store fails (not for bad input)."""
+        for wait in (*READ_RETRY_WAITS_S, None):
+            try:
+                return fn(*args)
+            except EnvironmentFailure:
+                if wait is None or (self.deadline is not None and time.time() + wait > self.deadline):
+                    raise
+                time.sleep(wait)
 
     def bytes_read(self) -> int:
         """Everything this worker process has read (preflight headers, weights, adapters)."""
@@ -216,13 +239,13 @@ class FleetWorker:
             if next_job is not None and next_job.module not in self._prefetched:
                 self._prefetched[next_job.module] = self._read(next_job)
             v = delta_from_pair(job, pending_read.result(), self.device)
-        except SafeMergeError as exc:  # a bad or unreadable model weight fails every adapter that needs it
+        except SafeMergeError as exc:  # a bad or unreadable (after retries) weight fails every adapter needing it
             result.errors = {r.adapter: Failure.of(exc) for r in job.requests}
             return result
         ready, loras = [], []
         for req in job.requests:
             try:
-                loras.append(self._adapter(req.uri).read_lora(job.module))
+                loras.append(self._retrying(self._adapter(req.uri).read_lora, job.module))
                 ready.append(req)
             except SafeMergeError as exc:
                 result.errors[req.adapter] = Failure.of(exc)
@@ -449,6 +472,7 @@ def exit_status(states: list[AdapterState]) -> int:
 def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_address: str | None,
          runtime_env: dict | None, lock: RunLock) -> FleetReport:
     driver_before = BYTES_READ.total
+    deadline = Deadline(config.max_run_seconds)
     s3 = config.s3
     refs, skipped = config.scan_adapters()
     if not refs:
@@ -467,6 +491,9 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
     states = [AdapterState(ref, config.settings_for(ref.name)) for ref in refs]
     manifests: dict[str, dict | None] = {}  # committed runs' manifests, read once each
     for st in states:
+        if deadline.passed():  # a slow store: what is not planned by now is not done tonight
+            st.fail(deadline.failure("planned"))
+            continue
         try:
             adapter = load_adapter(open_dir(st.ref.uri, what=f"adapter {st.ref.name}", s3=s3), f"adapter {st.ref.name}")
             st.fingerprint = adapter.fingerprint
@@ -487,6 +514,7 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
          f"{sum(st.status == 'unchanged' for st in states)} unchanged, "
          f"{sum(st.status == 'failed' for st in states)} invalid")
     if not pending:
+        warnings += deadline.warnings()
         return FleetReport(None, out.uri, states, exit_status(states), warnings, BYTES_READ.total - driver_before)
 
     import ray
@@ -494,15 +522,16 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
     run_id = run_id or new_run_id()
     init_ray(ray_address, runtime_env)
     jobs = _plan_jobs(pending)
-    workers = _start_workers(config, len(jobs))
+    workers = _start_workers(config, len(jobs), deadline.at)
     try:
-        _preflight(config, out, workers, pending)
-        _score(workers, jobs, pending, progress)
-        _assemble(config, workers, out, run_id, [st for st in pending if st.status == "pending"], progress)
-        worker_bytes = _worker_bytes(workers)
+        check_memory(config, jobs, _preflight(config, out, workers, pending))
+        _score(workers, jobs, pending, progress, deadline)
+        _assemble(config, workers, out, run_id, [st for st in pending if st.status == "pending"], progress, deadline)
+        worker_bytes = 0 if deadline.passed() else _worker_bytes(workers)  # late workers may still be busy
     finally:
         for worker in workers:
             ray.kill(worker)
+    warnings += deadline.warnings()
     report = FleetReport(run_id if any(st.status == "assembled" for st in states) else None,
                          out.uri, states, EXIT_OK, warnings)
     if report.run_id:
@@ -547,8 +576,10 @@ def _plan_jobs(pending: list[AdapterState]) -> list[ModuleJob]:
     jobs = []
     for module, items in by_module.items():
         first = items[0][0]
+        cost = ModuleCost(module, *first.shape, first.nbytes, tuple(p.lora.rank for p, _ in items),
+                          sum(req.settings.policy == "safelora" for _, req in items))
         jobs.append(ModuleJob(module, first.weight_key, first.transpose, first.nbytes,
-                              tuple(req for _, req in items)))
+                              tuple(req for _, req in items), cost))
     return jobs
 
 
@@ -576,19 +607,41 @@ def _actor_shape(config: FleetConfig, n_jobs: int) -> tuple[int, float, int, str
     return actors, gpus_per_actor, cpus_per_actor, device
 
 
-def _start_workers(config: FleetConfig, n_jobs: int) -> list:
+def _start_workers(config: FleetConfig, n_jobs: int, deadline: float | None) -> list:
     import ray
 
     n_actors, gpus_per_actor, cpus_per_actor, device = _actor_shape(config, n_jobs)
     _log(f"starting {n_actors} {device} worker(s)")
     # Restarts and retries are for lost processes and nodes; input errors come back as values.
+    # A configured memory budget is reserved by Ray for each worker (and placement waits for it).
+    memory = {"memory": config.memory_per_worker} if config.memory_per_worker else {}
     actor_cls = ray.remote(FleetWorker).options(
-        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=2, max_task_retries=2)
-    return [actor_cls.remote(config.unaligned_model, config.aligned_model, config.s3, device, cpus_per_actor)
+        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=2, max_task_retries=2, **memory)
+    return [actor_cls.remote(config.unaligned_model, config.aligned_model, config.s3, device, cpus_per_actor,
+                             deadline)
             for _ in range(n_actors)]
 
 
-def _preflight(config: FleetConfig, out: Dir, workers: list, pending: list[AdapterState]) -> None:
+def check_memory(config: FleetConfig, jobs: list[ModuleJob], results: list[PreflightResult]) -> None:
+    """Before scoring: the module with the largest peak must fit in a worker's memory, which is the
+    configured `ray.memory_per_worker`, or else the memory its node has left shared by the workers there."""
+    if not jobs:
+        return
+    worst = max(jobs, key=lambda j: j.cost.peak)
+    if config.memory_per_worker:
+        have = config.memory_per_worker - PROCESS_BASELINE
+        where = f"ray.memory_per_worker is {fmt(config.memory_per_worker)}"
+    else:
+        per_node: dict[str, list[PreflightResult]] = {}
+        for r in results:
+            per_node.setdefault(r.node_id, []).append(r)
+        here = min(per_node.values(), key=lambda rs: min(r.memory_available for r in rs) / len(rs))
+        free = min(r.memory_available for r in here)
+        have, where = free // len(here), f"worker node {here[0].node} has {fmt(free)} free for {len(here)} worker(s)"
+    check_fits(worst.cost, have, where)
+
+
+def _preflight(config: FleetConfig, out: Dir, workers: list, pending: list[AdapterState]) -> list[PreflightResult]:
     """Every worker checks, from its own node, every input it will read and the output it will write.
 
     Waits at most `ray.start_timeout_s` for the workers to be placed (an autoscaling cluster may need
@@ -622,6 +675,7 @@ def _preflight(config: FleetConfig, out: Dir, workers: list, pending: list[Adapt
         raise EnvironmentFailure("preflight: the workers cannot run this fleet:\n  " + "\n  ".join(problems))
     nodes = sorted({r.node for r in results})
     _log(f"preflight passed: {len(workers)} worker(s) on {len(nodes)} node(s): {', '.join(nodes)}")
+    return results
 
 
 def _first_line(exc: BaseException) -> str:
@@ -630,38 +684,83 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def _score(workers: list, jobs: list[ModuleJob], pending: list[AdapterState], progress: bool) -> None:
-    """Score every pending adapter, module-major."""
+class Deadline:
+    """`max_run_seconds` from the run's start; `None` seconds: no deadline."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.at = time.time() + seconds if seconds else None  # wall clock: it travels to workers
+        self.missed = 0  # adapters failed for it
+
+    def passed(self) -> bool:
+        return self.at is not None and time.time() >= self.at
+
+    def wait_s(self, most: float) -> float:
+        return most if self.at is None else max(0.0, min(most, self.at - time.time()))
+
+    def warnings(self) -> list[str]:
+        return [f"max_run_seconds ({self.seconds:g} s) reached: {self.missed} adapter(s) not finished; their "
+                "previous pointers stay"] if self.missed else []
+
+    def failure(self, what: str) -> Failure:
+        self.missed += 1
+        return Failure(f"not {what} within max_run_seconds ({self.seconds:g} s); its previous pointer stays", True)
+
+
+def _worker_lost(exc: BaseException, doing: str, cost: ModuleCost | None = None) -> str:
+    """One line for a worker whose restarts are spent; a kill for memory is named as such."""
+    import ray
+
+    need = f" (it needs about {fmt(cost.peak)} beyond the process)" if cost else ""
+    text = str(exc)
+    if isinstance(exc, ray.exceptions.OutOfMemoryError) or "low on memory" in text or "OutOfMemoryError" in text:
+        return (f"a worker was killed for running out of memory while {doing}{need}; give workers more memory "
+                "(ray.memory_per_worker, larger nodes)")
+    return (f"a worker died while {doing} and could not be restarted{need}; if its node killed it for memory "
+            f"(OOM), give workers more memory: {_first_line(exc)}")
+
+
+def _score(workers: list, jobs: list[ModuleJob], pending: list[AdapterState], progress: bool,
+           deadline: Deadline) -> None:
+    """Score every pending adapter, module-major; past the deadline, what is unscored fails."""
     import ray
 
     _log(f"scoring {len(jobs)} modules ({sum(j.nbytes for j in jobs) / 1e6:.0f} MB of model weights) "
          f"for {len(pending)} adapters")
-    futures = [worker.score.remote(job, shard[i + 1] if i + 1 < len(shard) else None)
+    futures = {worker.score.remote(job, shard[i + 1] if i + 1 < len(shard) else None): job
                # strict=False: balance() drops empty shards when there are more workers than modules
                for worker, shard in zip(workers, balance(jobs, len(workers)), strict=False)
-               for i, job in enumerate(shard)]
+               for i, job in enumerate(shard)}
     bar = Progress("score", len(jobs)) if progress else None
     by_name = {st.ref.name: st for st in pending}
-    try:
-        remaining = futures
-        while remaining:
-            done, remaining = ray.wait(remaining, num_returns=1, timeout=5.0)
-            for result in ray.get(done):
-                for name, score in result.scores.items():
-                    by_name[name].scores[result.module] = score
-                for name, failure in result.errors.items():
-                    if by_name[name].status == "pending":
-                        by_name[name].fail(failure)
-                if bar:
-                    bar.advance(nbytes=result.nbytes)
-    except ray.exceptions.RayActorError as exc:  # restarts exhausted: a worker keeps dying
-        raise EnvironmentFailure(f"scoring failed: a worker died and could not be restarted "
-                                 f"({_first_line(exc)})") from None
+    remaining = list(futures)
+    while remaining:
+        if deadline.passed():
+            unscored = {req.adapter for ref in remaining for req in futures[ref].requests}
+            for name in sorted(unscored):
+                if by_name[name].status == "pending":
+                    by_name[name].fail(deadline.failure("scored"))
+            return
+        done, remaining = ray.wait(remaining, num_returns=1, timeout=deadline.wait_s(5.0))
+        for ref in done:
+            try:
+                result: ModuleResult = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:  # restarts exhausted: a worker keeps dying
+                job = futures[ref]
+                lost = _worker_lost(exc, f"scoring module {job.module}", job.cost)
+                raise EnvironmentFailure(f"scoring failed: {lost}") from None
+            for name, score in result.scores.items():
+                by_name[name].scores[result.module] = score
+            for name, failure in result.errors.items():
+                if by_name[name].status == "pending":
+                    by_name[name].fail(failure)
+            if bar:
+                bar.advance(nbytes=result.nbytes)
 
 
 def _assemble(config: FleetConfig, workers: list, out: Dir, run_id: str, pending: list[AdapterState],
-              progress: bool) -> None:
-    """One assembly task per adapter, spread over the workers."""
+              progress: bool, deadline: Deadline) -> None:
+    """One assembly task per adapter, spread over the workers; past the deadline, what is unwritten fails."""
     import ray
 
     futures = {
@@ -673,13 +772,18 @@ def _assemble(config: FleetConfig, workers: list, out: Dir, run_id: str, pending
     bar = Progress("assemble", len(futures), unit="adapters written") if progress else None
     remaining = list(futures)
     while remaining:
-        done, remaining = ray.wait(remaining, num_returns=1, timeout=5.0)
+        if deadline.passed():
+            for ref in remaining:
+                futures[ref].fail(deadline.failure("written"))
+            return
+        done, remaining = ray.wait(remaining, num_returns=1, timeout=deadline.wait_s(5.0))
         for ref in done:
             st = futures[ref]
             try:
                 result: AssemblyResult = ray.get(ref)
             except ray.exceptions.RayError as exc:  # the worker was lost and its retries are spent
-                result = AssemblyResult(st.ref.name, error=Failure(f"assembly failed: {_first_line(exc)}", True))
+                result = AssemblyResult(st.ref.name, error=Failure(
+                    f"assembly failed: {_worker_lost(exc, f'assembling {st.ref.name}')}", True))
             if result.error is not None:
                 st.fail(result.error)
             else:

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -193,6 +194,11 @@ def rollback(out: Dir, adapter: str, run_id: str, break_lock: bool = False) -> R
         lock.release()
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
 # --------------------------------------------------------------------------- the run lock
 # One run per output at a time. The lock is an object created only if absent (S3 `If-None-Match: *`;
 # locally O_CREAT|O_EXCL). It names its owner and carries a lease that the running job renews; a lock
@@ -238,12 +244,17 @@ class RunLock:
                        "nothing was done. If that run is dead, its lease expires by itself; or rerun with --break-lock")
 
     def release(self) -> None:
+        """Never raises: a lock that cannot be removed (the store is down) expires with its lease."""
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join(timeout=30)
-        held, _ = self._read()
-        if held is not None and held.get("owner") == self.owner:
-            self._delete()
+        try:
+            held, _ = self._read()
+            if held is not None and held.get("owner") == self.owner:
+                self._delete()
+        except Exception as exc:  # noqa: BLE001  # botocore's errors included
+            print(f"warning: could not release the run lock {self.out.uri}{LOCK} ({_one_line(exc)}); it expires "
+                  f"by itself within {self.lease_s:.0f} s", file=sys.stderr, flush=True)
 
     # -- storage-specific parts
     def _create(self) -> bool:

@@ -22,6 +22,11 @@ class ModulePlan:
     lora: LoraModule
     safety: LoraModule | None  # None: the safety adapter lacks this module; it keeps the fine-tune
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The module's [out, in]."""
+        return self.lora.b_shape[0], self.lora.a_shape[1]
+
 
 def _weight_key(module: str, unaligned: Checkpoint, aligned: Checkpoint) -> str:
     # Adapters name modules inside the full model (`model.layers.0...`); a checkpoint saved from the

@@ -19,6 +19,7 @@ from . import __version__
 from .adapters import LoraAdapter, load_adapter
 from .assemble import AssembledAdapter, ModuleScore, assemble_adapter
 from .errors import SafeMergeError
+from .memory import ModuleCost, available_memory, check_fits, fmt
 from .merge import MergeSettings, decide
 from .output import DECISIONS, SUMMARY, adapter_files, check_output_target, commit_files, json_bytes
 from .plan import ModulePlan, plan_adapter
@@ -123,6 +124,11 @@ def open_inputs(unaligned: str, aligned: str, finetuned: str, safety: str | None
 def repair_adapter(name: str, inputs: Inputs, settings: MergeSettings, device: str = "cpu",
                    progress: bool = True) -> tuple[list[ModulePlan], AssembledAdapter]:
     plans = plan_adapter(inputs.unaligned, inputs.aligned, inputs.finetuned, inputs.safety)
+    if plans:  # before any weight is read: a clear error, not an OOM kill
+        free = available_memory()
+        worst = max((ModuleCost(p.module, *p.shape, p.nbytes, (p.lora.rank,), int(settings.policy == "safelora"))
+                     for p in plans), key=lambda c: c.peak)
+        check_fits(worst, free, f"this machine has {fmt(free)} available")
     bar = Progress("score", len(plans)) if progress else None
     scores: dict[str, ModuleScore] = {}
 

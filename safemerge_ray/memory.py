@@ -1,0 +1,89 @@
+"""Memory known before it is spent: a worker's peak from the plan, and the memory there is.
+
+Scoring one module holds, above the process itself: the two model weights as stored (and the next
+module's, read ahead), V in float32, every adapter's (A, B) in float32, and `lora_rho`'s batch,
+`4 N r_max (2 in + 3 out)` bytes (a_all and V^T B of width `in`; b_all, b_wide and P of width `out`);
+SafeLoRA keeps each repaired layer's projected B (`4 out r`). The baseline (torch, Ray's worker) is
+counted apart.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROCESS_BASELINE = 600 * 2**20  # a Ray worker with torch imported, before any tensor (RSS, measured)
+# The terms above, measured against a process's peak RSS (tests/test_limits.py), leave about 10% to
+# temporaries and the allocator (the float32 copy while V is taken, GEMM outputs before reshapes).
+OVERHEAD = 1.2
+
+
+@dataclass(frozen=True)
+class ModuleCost:
+    module: str
+    out_features: int
+    in_features: int
+    nbytes: int  # both model weights as stored
+    ranks: tuple[int, ...]  # one per adapter scored against this module
+    projected: int = 0  # adapters whose repaired layer keeps a projected B (SafeLoRA)
+
+    @property
+    def peak(self) -> int:
+        """Bytes above the process baseline while this module is scored (with the next one read ahead)."""
+        n, r_max = len(self.ranks), max(self.ranks, default=0)
+        out, inp = self.out_features, self.in_features
+        weights = 2 * self.nbytes  # this module's pair, and the next one's being read
+        v = 4 * out * inp
+        factors = 4 * sum(r * (inp + out) for r in self.ranks)
+        batch = 4 * n * r_max * (2 * inp + 3 * out)
+        return int(OVERHEAD * (weights + v + factors + batch + 4 * out * r_max * self.projected))
+
+
+def check_fits(cost: ModuleCost, have: int, where: str) -> None:
+    """Raise, naming the module and both numbers, when scoring `cost` needs more than `have` bytes."""
+    from .errors import EnvironmentFailure
+
+    if cost.peak > have:
+        raise EnvironmentFailure(
+            f"not enough memory: scoring module {cost.module} ({len(cost.ranks)} adapter(s), rank up to "
+            f"{max(cost.ranks)}, {fmt(cost.nbytes)} of model weights) needs about {fmt(cost.peak)} beyond the process "
+            f"itself, but {where}; give it more memory (larger nodes, ray.memory_per_worker) or fewer adapters per run")
+
+
+def fmt(n: int) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{max(n, 0) / 2**10:.0f} KiB"
+
+
+def available_memory() -> int:
+    """Memory this process may still take: the smaller of the machine's available memory and what its
+    cgroup (a container's limit) leaves."""
+    free = _meminfo_available()
+    limit = _cgroup_left()
+    return min(free, limit) if limit is not None else free
+
+
+def _meminfo_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _cgroup_left() -> int | None:
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # v2
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):  # v1
+        try:
+            raw = Path(limit_file).read_text().strip()
+            if raw == "max" or int(raw) >= 2**60:  # no limit
+                return None
+            return max(0, int(raw) - int(Path(usage_file).read_text().strip()))
+        except (OSError, ValueError):
+            continue
+    return None

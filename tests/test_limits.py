@@ -1,0 +1,146 @@
+"""Memory known before it is spent, and a deadline for the whole run: on a real local Ray and store.
+
+(Outages of a real S3 server, through a fault-injecting proxy, are in test_faults.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from safemerge_ray.cli import main
+from safemerge_ray.config import load_config, parse_bytes, parse_config
+from safemerge_ray.errors import SafeMergeError
+from safemerge_ray.fleet import EXIT_ENVIRONMENT, EXIT_OK, _worker_lost, run_fleet
+from safemerge_ray.memory import ModuleCost, fmt
+
+
+def _set(fleet: Path, **fields) -> None:
+    path = fleet / "fleet.yaml"
+    raw = yaml.safe_load(path.read_text())
+    for key, value in fields.items():
+        section, _, name = key.partition("__")
+        if name:
+            raw.setdefault(section, {})[name] = value
+        else:
+            raw[section] = value
+    path.write_text(yaml.safe_dump(raw))
+
+
+def _pointers(fleet: Path) -> dict[str, str]:
+    latest = fleet / "merged" / "latest"
+    return {p.name: p.read_text() for p in sorted(latest.glob("*.json"))} if latest.is_dir() else {}
+
+
+@pytest.mark.parametrize("text,expected", [("12GiB", 12 * 2**30), ("800MB", 800 * 10**6), ("1.5 gb", 1_500_000_000),
+                                           ("4096", 4096), (65536, 65536)])
+def test_sizes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+def test_bad_limits_are_config_errors(tmp_path):
+    raw = {"unaligned_model": "u", "aligned_model": "a", "safety_adapter": "s", "output": "o", "finetuned": ["f"],
+           "ray": {"memory_per_worker": "lots"}, "max_run_seconds": -1, "s3": {"max_attempts": 0}}
+    with pytest.raises(SafeMergeError) as exc:
+        parse_config(raw, base=tmp_path)
+    text = str(exc.value)
+    assert "ray.memory_per_worker: expected a size such as 12GiB" in text
+    assert "max_run_seconds: must be a positive number of seconds" in text
+    assert "s3.max_attempts: must be an integer from 1 to 20" in text
+
+
+def test_a_worker_budget_too_small_is_one_line_before_any_scoring(local_fleet, ray_local, capsys):
+    assert run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False).exit_code == EXIT_OK
+    before = _pointers(local_fleet)
+    (local_fleet / "finetuned" / "gsm8k" / "adapter_model.safetensors").touch()  # changed: gsm8k has work to do
+    _set(local_fleet, ray__memory_per_worker="300MiB")  # less than a worker process needs for itself
+    code = main(["fleet", "--config", str(local_fleet / "fleet.yaml"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == EXIT_ENVIRONMENT and err.count("\n") == 1, err
+    assert "not enough memory: scoring module model.layers." in err
+    assert "ray.memory_per_worker is 300 MiB" in err and "needs about" in err
+    assert _pointers(local_fleet) == before  # nothing published
+    record = json.loads((local_fleet / "merged" / "status" / "last_run.json").read_text())
+    assert record["exit_status"] == EXIT_ENVIRONMENT and "not enough memory" in record["error"]
+    _set(local_fleet, ray__memory_per_worker="2GiB")
+    assert run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False).by_status("committed") == ["gsm8k"]
+
+
+def test_merge_checks_the_memory_this_machine_has(pair, tmp_path, monkeypatch, capsys):
+    from safemerge_ray import repair
+
+    # Stands in for a small container (its cgroup limit), which cannot be created here without root.
+    monkeypatch.setattr(repair, "available_memory", lambda: 1024)
+    code = main(["merge", "--unaligned", str(pair / "unaligned"), "--aligned", str(pair / "aligned"),
+                 "--safety-adapter", str(pair / "safety"), "--finetuned", str(pair / "finetuned" / "gsm8k"),
+                 "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == EXIT_ENVIRONMENT and err.count("\n") == 1, err
+    assert "this machine has 1 KiB available" in err and "needs about" in err
+    assert not (tmp_path / "out").exists()
+
+
+_MEASURE = """
+import torch
+from safemerge_ray.subspace import alignment_delta, lora_rho
+torch.set_num_threads(1)
+def status(field):  # kB in /proc/self/status
+    line = next(x for x in open("/proc/self/status") if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+out, inp, n, r = 2048, 2048, 48, 16
+w_al = torch.randn(out, inp, dtype=torch.bfloat16); w_un = torch.randn(out, inp, dtype=torch.bfloat16)
+loras = [(torch.randn(r, inp), torch.randn(out, r)) for _ in range(n)]
+inputs = 2 * w_al.nbytes + 4 * n * r * (inp + out)  # already held: the weights pair and the factors
+open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark (VmHWM) to the RSS now
+base = status("VmRSS")
+v = alignment_delta(w_al, w_un, "m")
+rho = lora_rho(v, loras)
+print(status("VmHWM") - base + inputs)
+"""
+
+
+def test_the_estimate_bounds_the_measured_peak():
+    """ModuleCost.peak against a real process's peak RSS for one module (2048 x 2048 bf16, 48 adapters, r 16)."""
+    measured = int(subprocess.run([sys.executable, "-c", _MEASURE], capture_output=True, text=True, check=True,
+                                  timeout=120).stdout)
+    cost = ModuleCost("m", 2048, 2048, 2 * 2048 * 2048 * 2, (16,) * 48)
+    # The estimate counts the next module's weights too (read ahead in a worker): it is an upper bound,
+    # and not so loose that it would refuse work that fits.
+    assert measured <= cost.peak <= 2.0 * measured, (measured, cost.peak)
+
+
+def test_deadline_reached_while_planning_keeps_the_previous_pointers(local_fleet, ray_local):
+    assert run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False).exit_code == EXIT_OK
+    before = _pointers(local_fleet)
+    for name in ("gsm8k", "legal"):
+        (local_fleet / "finetuned" / name / "adapter_model.safetensors").touch()
+    _set(local_fleet, max_run_seconds=1e-6)
+    report = run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False)
+    assert report.exit_code == EXIT_ENVIRONMENT and report.run_id is None
+    assert report.by_status("failed") == ["gsm8k", "legal", "medqa", "support"]
+    assert all("not planned within max_run_seconds (1e-06 s); its previous pointer stays" in st.reason
+               for st in report.adapters)
+    assert any("max_run_seconds (1e-06 s) reached: 4 adapter(s) not finished" in w for w in report.warnings)
+    assert _pointers(local_fleet) == before
+    assert not (local_fleet / "merged" / "status" / "lock.json").exists()  # released
+    _set(local_fleet, max_run_seconds=600)
+    assert run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False).by_status("committed") == [
+        "gsm8k", "legal"]
+
+
+def test_a_worker_killed_for_memory_is_named_as_such():
+    import ray
+
+    cost = ModuleCost("model.layers.3.mlp.up_proj", 14336, 4096, 2 * 14336 * 4096 * 2, (16,) * 64)
+    oom = ray.exceptions.OutOfMemoryError("Task was killed due to the node running low on memory.\nMemory on the node")
+    line = _worker_lost(oom, "scoring module model.layers.3.mlp.up_proj", cost)
+    assert line.startswith("a worker was killed for running out of memory while scoring module "
+                           f"model.layers.3.mlp.up_proj (it needs about {fmt(cost.peak)} beyond the process)")
+    assert "\n" not in line
+    died = ray.exceptions.RayActorError()
+    assert "could not be restarted" in _worker_lost(died, "assembling gsm8k") and "OOM" in _worker_lost(died, "x")
