@@ -20,6 +20,17 @@ def _weights(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected two comma-separated numbers like 0.8,0.2; got {text!r}") from None
 
 
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        value = -1
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected an age like 7d, 12h, 30m or a number of seconds; got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safemerge-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("output", help="a fleet output (local dir or s3://; endpoint from AWS_ENDPOINT_URL)")
     v.add_argument("--adapter", default=None, help="only this adapter (default: every latest/ pointer)")
     v.add_argument("--run", default=None, help="every object of this run instead of the published adapters")
+
+    g = sub.add_parser("gc", help="remove runs no pointer needs beyond the newest K, and failed attempts' leftovers")
+    g.add_argument("output", help="a fleet output (local dir or s3://; endpoint from AWS_ENDPOINT_URL)")
+    g.add_argument("--keep", type=int, required=True, metavar="K",
+                   help="keep the newest K committed runs besides every run a pointer names (rollback targets)")
+    g.add_argument("--older-than", type=_duration, default=None, metavar="AGE",
+                   help="only remove what is older than AGE (e.g. 7d, 12h, 30m, or seconds)")
+    g.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
+    g.add_argument("--break-lock", action="store_true", help="take the run lock even if a run holds it")
 
     b = sub.add_parser("rollback", help="point an adapter back at its output from an earlier committed run")
     b.add_argument("output", help="a fleet output (local dir or s3://; endpoint from AWS_ENDPOINT_URL)")
@@ -240,6 +260,21 @@ def cmd_rollback(args) -> int:
     return EXIT_OK
 
 
+def cmd_gc(args) -> int:
+    from .output import collect_garbage
+    from .storage import open_dir
+
+    out = open_dir(args.output, what="output")
+    report = collect_garbage(out, args.keep, args.older_than, dry_run=args.dry_run, break_lock=args.break_lock)
+    verb = "would remove" if args.dry_run else "removed"
+    for run in report.removed_runs:
+        print(f"{verb} run {run}")
+    if report.leftovers:
+        print(f"{verb} {len(report.leftovers)} leftover object(s) of failed attempts and interrupted writes")
+    print(f"{verb} {report.objects} object(s); kept {len(report.kept_runs)} run(s) in {out.uri}")
+    return EXIT_OK
+
+
 def cmd_synth(args) -> int:
     from .synthetic import SynthSpec, build_fixture
 
@@ -259,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"merge": cmd_merge, "fleet": cmd_fleet, "submit": cmd_submit, "verify": cmd_verify,
-                    "rollback": cmd_rollback, "synth": cmd_synth}
+                    "rollback": cmd_rollback, "gc": cmd_gc, "synth": cmd_synth}
         return commands[args.command](args)
     except SafeMergeError as exc:  # inputs (2) or environment (1): one line, no traceback
         print(f"safemerge-ray: error: {exc}", file=sys.stderr)

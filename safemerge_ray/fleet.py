@@ -38,15 +38,17 @@ from .memory import PROCESS_BASELINE, ModuleCost, available_memory, check_fits, 
 from .merge import MergeSettings
 from .output import (
     DECISIONS,
-    MANIFEST,
     SUMMARY,
+    Published,
     RunLock,
     RunRecord,
     adapter_files,
+    adapter_prefix,
+    commit_run,
     json_bytes,
-    pointer_bytes,
-    published_intact,
-    read_json,
+    published_damage,
+    read_pointer,
+    run_prefix,
     utc_now,
     write_run_record,
     write_verified,
@@ -384,18 +386,6 @@ def balance(jobs: list[ModuleJob], n: int) -> list[list[ModuleJob]]:
     return [sorted(s, key=lambda j: natural_key(j.module)) for s in shards if s]
 
 
-def _published_damage(out: Dir, pointer: dict, name: str, manifests: dict[str, dict | None]) -> str | None:
-    """None if the adapter the pointer names is published intact (its manifest's objects, by version tag)."""
-    key = str(pointer.get("manifest", ""))
-    if key not in manifests:
-        manifests[key] = read_json(out, key) if key else None
-    manifest = manifests[key]
-    entry = (manifest or {}).get("adapters", {}).get(name)
-    if not entry:
-        return f"its published run's manifest ({key or 'none'}) is missing or does not list it"
-    return published_intact(out, entry.get("objects", {}))
-
-
 def _log(msg: str) -> None:
     print(f"[fleet] {msg}", flush=True)
 
@@ -498,10 +488,10 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
             adapter = load_adapter(open_dir(st.ref.uri, what=f"adapter {st.ref.name}", s3=s3), f"adapter {st.ref.name}")
             st.fingerprint = adapter.fingerprint
             st.run_key = run_key(fingerprints, adapter.fingerprint, st.settings)
-            pointer = read_json(out, f"latest/{st.ref.name}.json")  # damaged: the adapter is redone
+            pointer = read_pointer(out, st.ref.name)  # damaged: the adapter is redone
             st.previous_run = pointer.get("run_id") if pointer else None
             if pointer and pointer.get("run_key") == st.run_key:
-                damage = _published_damage(out, pointer, st.ref.name, manifests)
+                damage = published_damage(out, st.ref.name, pointer, manifests)
                 if damage is None:
                     st.status = "unchanged"
                     continue
@@ -766,7 +756,7 @@ def _assemble(config: FleetConfig, workers: list, out: Dir, run_id: str, pending
     futures = {
         workers[i % len(workers)].assemble.remote(
             st.ref.name, st.ref.uri, config.safety_adapter, st.plans, st.scores, st.settings, out,
-            f"runs/{run_id}/{st.ref.name}/", config.s3): st
+            adapter_prefix(run_id, st.ref.name), config.s3): st
         for i, st in enumerate(pending)
     }
     bar = Progress("assemble", len(futures), unit="adapters written") if progress else None
@@ -795,35 +785,23 @@ def _assemble(config: FleetConfig, workers: list, out: Dir, run_id: str, pending
 
 def _commit(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterState], fingerprints: dict,
             report: FleetReport) -> None:
-    """Run-level files, then the manifest (the commit point), then the pointers."""
-    prefix = f"runs/{run_id}/"
+    """The run's decisions and summary, then the output store's commit (manifest, then pointers)."""
     assembled = [st for st in states if st.status == "assembled"]
-    rows = [row for st in assembled for row in st.decisions]
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     summary = {
-        "tool": "safemerge-ray", "version": __version__, "run_id": run_id, "created_at": now,
+        "tool": "safemerge-ray", "version": __version__, "run_id": run_id, "created_at": utc_now(),
         "adapters": {st.ref.name: _adapter_summary(st) for st in states},
         "warnings": report.warnings,
     }
-    run_files = {f"{prefix}{DECISIONS}": decisions_bytes(rows), f"{prefix}{SUMMARY}": json_bytes(summary)}
-    run_objects = {key: write_verified(out, key, data, staged=True) for key, data in run_files.items()}
-    manifest = {
-        "tool": "safemerge-ray", "version": __version__, "run_id": run_id, "committed_at": now,
-        "inputs": {
-            "unaligned_model": {"uri": config.unaligned_model, "fingerprint": fingerprints["unaligned_model"]},
-            "aligned_model": {"uri": config.aligned_model, "fingerprint": fingerprints["aligned_model"]},
-            "safety_adapter": {"uri": config.safety_adapter, "fingerprint": fingerprints["safety_adapter"]},
-        },
-        "adapters": {st.ref.name: {"uri": st.ref.uri, "fingerprint": st.fingerprint, "run_key": st.run_key,
-                                   "settings": st.settings.to_dict(), "objects": st.objects} for st in assembled},
-        "objects": run_objects,
-        "failed": {st.ref.name: st.reason for st in states if st.status == "failed"},
-    }
-    with ThreadPoolExecutor(max_workers=16) as pool:  # S3 round trips, one per object
-        list(pool.map(out.unstage, [key for st in assembled for key in st.objects] + list(run_files)))
-    out.write(f"{prefix}{MANIFEST}", json_bytes(manifest))
+    inputs = {role: {"uri": uri, "fingerprint": fingerprints[role]} for role, uri in (
+        ("unaligned_model", config.unaligned_model), ("aligned_model", config.aligned_model),
+        ("safety_adapter", config.safety_adapter))}
+    commit_run(out, run_id, inputs,
+               [Published(st.ref.name, st.ref.uri, st.fingerprint, st.run_key, st.settings.to_dict(), st.objects)
+                for st in assembled],
+               {DECISIONS: decisions_bytes([row for st in assembled for row in st.decisions]),
+                SUMMARY: json_bytes(summary)},
+               {st.ref.name: st.reason for st in states if st.status == "failed"})
     for st in assembled:
-        out.write(f"latest/{st.ref.name}.json", pointer_bytes(st.ref.name, run_id, st.run_key, now))
         st.status = "committed"
 
 
@@ -847,7 +825,7 @@ def format_report(report: FleetReport) -> str:
     for w in report.warnings:
         lines.append(f"warning: {w}")
     if report.run_id:
-        lines.append(f"run {report.run_id}: {report.output.rstrip('/')}/runs/{report.run_id}/ "
+        lines.append(f"run {report.run_id}: {report.output.rstrip('/')}/{run_prefix(report.run_id)} "
                      f"({report.bytes_read / 1e6:.0f} MB read)")
     elif report.by_status("failed"):
         lines.append(f"nothing committed: {len(report.by_status('unchanged'))} unchanged, "

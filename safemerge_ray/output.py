@@ -1,5 +1,18 @@
-"""Output bytes and their commit: a local directory appears whole (one rename), an S3 prefix gets its
-summary last (a prefix without `summary.json` is not a finished output)."""
+"""The output store: what is written where, and how it becomes visible.
+
+`merge` output: a local directory appears whole (one rename); an S3 prefix gets its summary last (a
+prefix without `summary.json` is not a finished output).
+
+Fleet output (local or S3), one module for its whole life:
+
+    runs/<run_id>/<adapter>/   adapter_config.json, adapter_model.safetensors   (staged until the commit)
+    runs/<run_id>/             decisions.parquet, summary.json, manifest.json   (the manifest last: the commit)
+    latest/<adapter>.json      pointers: moved only after the manifest is written
+    status/                    lock.json (the run lock), last_run.json and history/ (run records)
+
+Its parts, in order: layout, the commit (`commit_run`), run records, the run lock, verification
+(`write_verified`, `published_damage`, `verify_output`), `rollback`, and clean-up (`collect_garbage`).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +26,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,8 +62,29 @@ def read_json(d: Dir, name: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+# --------------------------------------------------------------------------- layout
+RUNS, LATEST = "runs/", "latest/"
+
+
+def run_prefix(run_id: str) -> str:
+    return f"{RUNS}{run_id}/"
+
+
+def adapter_prefix(run_id: str, adapter: str) -> str:
+    return f"{RUNS}{run_id}/{adapter}/"
+
+
 def manifest_key(run_id: str) -> str:
-    return f"runs/{run_id}/{MANIFEST}"
+    return f"{RUNS}{run_id}/{MANIFEST}"
+
+
+def pointer_key(adapter: str) -> str:
+    return f"{LATEST}{adapter}.json"
+
+
+def read_pointer(out: Dir, adapter: str) -> dict | None:
+    """An adapter's pointer, or None when it has none (or a damaged one: the adapter is redone)."""
+    return read_json(out, pointer_key(adapter))
 
 
 def _is_our_output(d: Dir) -> bool:
@@ -109,6 +144,46 @@ def staged_dir(out: Path):
         raise
 
 
+# --------------------------------------------------------------------------- the fleet's commit
+
+
+@dataclass(frozen=True)
+class Published:
+    """One adapter a run publishes: its written objects ({key: {sha256, bytes, version}}) and what they
+    were made from (so that a later run can tell whether they are still right)."""
+
+    name: str
+    uri: str
+    fingerprint: str
+    run_key: str
+    settings: dict
+    objects: dict[str, dict]
+
+
+def commit_run(out: Dir, run_id: str, inputs: dict, adapters: list[Published], run_files: dict[str, bytes],
+               failed: dict[str, str]) -> str:
+    """Commit a run whose adapters are written (staged and verified): its run-level files (verified),
+    every object unstaged, the manifest (the commit point), then one pointer per adapter. Returns the
+    commit time. A crash before the manifest leaves the old pointers; after it, a rerun rewrites them."""
+    now = utc_now()
+    prefix = run_prefix(run_id)
+    run_objects = {f"{prefix}{name}": write_verified(out, f"{prefix}{name}", data, staged=True)
+                   for name, data in run_files.items()}
+    manifest = {
+        "tool": "safemerge-ray", "version": __version__, "run_id": run_id, "committed_at": now, "inputs": inputs,
+        "adapters": {a.name: {"uri": a.uri, "fingerprint": a.fingerprint, "run_key": a.run_key,
+                              "settings": a.settings, "objects": a.objects} for a in adapters},
+        "objects": run_objects,
+        "failed": failed,
+    }
+    with ThreadPoolExecutor(max_workers=16) as pool:  # S3 round trips, one per object
+        list(pool.map(out.unstage, [key for a in adapters for key in a.objects] + list(run_objects)))
+    out.write(manifest_key(run_id), json_bytes(manifest))
+    for a in adapters:
+        out.write(pointer_key(a.name), pointer_bytes(a.name, run_id, a.run_key, now))
+    return now
+
+
 # --------------------------------------------------------------------------- run records
 # Every fleet run, including one with nothing to do or one that stopped on an error, leaves a small
 # record: `status/last_run.json` (what alerting reads) and one file per run under `status/history/`.
@@ -131,7 +206,7 @@ class RunRecord:
     failed: dict[str, str] = field(default_factory=dict)  # adapter -> reason (the first 100)
     warnings: list[str] = field(default_factory=list)  # skipped directories, unused overrides (the first 100)
     tool_version: str = __version__
-    kind: str = "fleet"  # or "rollback": an operator moved a pointer
+    kind: str = "fleet"  # or "rollback" (an operator moved a pointer), "gc" (old runs removed)
 
     @property
     def key(self) -> str:
@@ -162,7 +237,7 @@ def write_run_record(out: Dir, record: RunRecord) -> None:
 
 def pointer_bytes(adapter: str, run_id: str, run_key: str, committed_at: str, **extra) -> bytes:
     """`latest/<adapter>.json`: what consumers follow to an adapter's published run."""
-    return json_bytes({"adapter": adapter, "run_id": run_id, "path": f"runs/{run_id}/{adapter}/",
+    return json_bytes({"adapter": adapter, "run_id": run_id, "path": adapter_prefix(run_id, adapter),
                        "manifest": manifest_key(run_id), "run_key": run_key, "committed_at": committed_at,
                        **extra})
 
@@ -183,8 +258,8 @@ def rollback(out: Dir, adapter: str, run_id: str, break_lock: bool = False) -> R
         problems = verify_objects(out, entry.get("objects", {}))
         if problems:
             raise EnvironmentFailure(f"rollback: {adapter} in run {run_id} is damaged: {problems[0]}")
-        out.write(f"latest/{adapter}.json", pointer_bytes(adapter, run_id, entry["run_key"], manifest["committed_at"],
-                                                          rolled_back_at=utc_now()))
+        out.write(pointer_key(adapter), pointer_bytes(adapter, run_id, entry["run_key"], manifest["committed_at"],
+                                                      rolled_back_at=utc_now()))
         record.run_id = run_id
         record.warnings = [f"rollback: {adapter} now points at run {run_id}"]
         record.ended_at = utc_now()
@@ -358,6 +433,18 @@ def write_verified(out: Dir, key: str, data: bytes, staged: bool = False) -> dic
     return {"sha256": digest, "bytes": len(data), "version": out.version_tag(key)}
 
 
+def published_damage(out: Dir, adapter: str, pointer: dict, manifests: dict[str, dict | None]) -> str | None:
+    """None if the adapter its pointer names is published intact (its manifest's objects, by version tag);
+    `manifests` caches the runs' manifests across adapters."""
+    key = str(pointer.get("manifest", ""))
+    if key not in manifests:
+        manifests[key] = read_json(out, key) if key else None
+    entry = (manifests[key] or {}).get("adapters", {}).get(adapter)
+    if not entry:
+        return f"its published run's manifest ({key or 'none'}) is missing or does not list it"
+    return published_intact(out, entry.get("objects", {}))
+
+
 def published_intact(out: Dir, objects: dict[str, dict]) -> str | None:
     """None if every object is there with the version the manifest recorded; else what is wrong.
     Cheap (listings and stats only): what a nightly run checks before calling an adapter unchanged."""
@@ -397,15 +484,15 @@ def verify_output(out: Dir, adapter: str | None = None, run: str | None = None) 
         for entry in manifest.get("adapters", {}).values():
             objects.update(entry.get("objects", {}))
         return [(f"run {run}", verify_objects(out, objects))]
-    pointers = out.child("latest").list()
+    pointers = out.child(LATEST).list()
     names = [adapter] if adapter else sorted(n.removesuffix(".json") for n in pointers if n.endswith(".json"))
     if not names:
         raise SafeMergeError(f"verify: {out.uri} has no published adapters (no latest/*.json)")
     results = []
     for name in names:
-        pointer = read_json(out, f"latest/{name}.json")
+        pointer = read_pointer(out, name)
         if pointer is None:
-            results.append((name, [f"latest/{name}.json: missing or not JSON"]))
+            results.append((name, [f"{pointer_key(name)}: missing or not JSON"]))
             continue
         entry = manifest_at(pointer["manifest"]).get("adapters", {}).get(name)
         if not entry:
@@ -413,3 +500,79 @@ def verify_output(out: Dir, adapter: str | None = None, run: str | None = None) 
             continue
         results.append((name, verify_objects(out, entry.get("objects", {}))))
     return results
+
+
+# --------------------------------------------------------------------------- clean-up
+# What no pointer needs goes, under the run lock (so no run is writing): committed runs beyond the
+# newest K that no pointer names, runs that never committed (a crash, a deadline), objects inside
+# kept runs that their manifest does not list (a failed attempt's writes), and interrupted local
+# writes. With `older_than_s`, only what is older than that.
+
+
+@dataclass
+class GarbageReport:
+    removed_runs: list[str] = field(default_factory=list)  # "RUN (committed|uncommitted)"
+    leftovers: list[str] = field(default_factory=list)  # objects outside any manifest in kept runs, temp files
+    kept_runs: list[str] = field(default_factory=list)
+    objects: int = 0  # objects removed in all
+
+
+def _run_time(run_id: str) -> float | None:
+    """A run id starts with its UTC start time (20261122T035715Z-...)."""
+    try:
+        stamp = _dt.datetime.strptime(run_id.split("-", 1)[0], "%Y%m%dT%H%M%SZ")
+    except ValueError:
+        return None
+    return stamp.replace(tzinfo=_dt.timezone.utc).timestamp()
+
+
+def collect_garbage(out: Dir, keep: int, older_than_s: float | None = None, dry_run: bool = False,
+                    break_lock: bool = False) -> GarbageReport:
+    if keep < 0:
+        raise SafeMergeError("gc: --keep must be 0 or more")
+    report = GarbageReport()
+    lock = None if dry_run else RunLock(out).acquire(break_lock=break_lock)
+    try:
+        now = time.time()
+
+        def old_enough(run_id: str) -> bool:
+            started = _run_time(run_id)
+            return older_than_s is None or (started is not None and now - started >= older_than_s)
+
+        runs = sorted(out.child(RUNS).subdirs())
+        committed = {r: m for r in runs if (m := read_json(out, manifest_key(r))) is not None}
+        pointed = {str(p.get("run_id")) for name in out.child(LATEST).list() if name.endswith(".json")
+                   if (p := read_json(out, f"{LATEST}{name}")) is not None}
+        newest = set(sorted(committed)[-keep:]) if keep else set()
+        doomed: list[str] = []
+        for run_id in runs:
+            if run_id in pointed or run_id in newest or not old_enough(run_id):
+                report.kept_runs.append(run_id)
+                continue
+            report.removed_runs.append(f"{run_id} ({'committed' if run_id in committed else 'uncommitted'})")
+            doomed += out.walk(run_prefix(run_id))
+        for run_id in report.kept_runs:
+            manifest = committed.get(run_id)
+            if manifest is None:
+                continue  # uncommitted but young (older_than) or pointed at: left alone
+            listed = {manifest_key(run_id), *manifest.get("objects", {})}
+            for entry in manifest.get("adapters", {}).values():
+                listed.update(entry.get("objects", {}))
+            if old_enough(run_id):
+                report.leftovers += [k for k in out.walk(run_prefix(run_id)) if k not in listed]
+        if isinstance(out, LocalDir):  # interrupted writes and the lock's own debris, anywhere
+            report.leftovers += [k for k in out.walk() if k.rsplit("/", 1)[-1].startswith(
+                (".tmp-", ".lock-stale-", ".preflight-")) and not k.startswith(RUNS)]
+        doomed += report.leftovers
+        report.objects = len(doomed)
+        if not dry_run and doomed:
+            out.delete(doomed)
+            record = RunRecord(started_at=utc_now(), output=out.uri, config="", kind="gc")
+            record.warnings = [f"gc: removed run {r}" for r in report.removed_runs][:100] + (
+                [f"gc: removed {len(report.leftovers)} leftover object(s) in kept runs"] if report.leftovers else [])
+            record.ended_at = utc_now()
+            write_run_record(out, record)
+        return report
+    finally:
+        if lock is not None:
+            lock.release()

@@ -23,6 +23,7 @@ from .errors import EnvironmentFailure, NoCredentials, SafeMergeError
 # (infra/terraform) expires tagged objects after some days, so a crashed run's leftovers go away,
 # while the commit removes the tag before the run's manifest is written.
 STAGED_TAG = "safemerge-state=staged"
+TMP_PREFIX = ".tmp-"  # a local write in progress (or one a crash cut short: `gc` removes it)
 
 
 class ReadCounter:
@@ -69,6 +70,12 @@ class Dir(Protocol):
 
     def version_tag(self, name: str) -> str:
         """Something that changes when the object's content does (size+mtime locally, the ETag on S3)."""
+
+    def walk(self, under: str = "") -> builtins.list[str]:
+        """Every object name below `under` (a sub-path ending in '/', or '' for all), at any depth."""
+
+    def delete(self, names: builtins.list[str]) -> None:
+        """Remove these objects (missing ones are fine)."""
 
 
 class LocalDir:
@@ -130,9 +137,13 @@ class LocalDir:
     def write(self, name: str, data: bytes, staged: bool = False) -> None:
         target = self._file(name)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        tmp = target.parent / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}"  # short, whatever the target's name
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def unstage(self, name: str) -> None:
         pass  # locally a run's files are only ever reached through its manifest and pointers
@@ -140,6 +151,22 @@ class LocalDir:
     def version_tag(self, name: str) -> str:
         st = self._stat(name)
         return f"{st.st_size}:{st.st_mtime_ns}"
+
+    def walk(self, under: str = "") -> builtins.list[str]:
+        root = self.path / under
+        if not root.is_dir():
+            return []
+        return sorted(p.relative_to(self.path).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink())
+
+    def delete(self, names: builtins.list[str]) -> None:
+        parents = set()
+        for name in names:
+            self._file(name).unlink(missing_ok=True)
+            parents.add(self._file(name).parent)
+        for parent in sorted(parents, key=lambda p: -len(p.parts)):  # empty directories go too
+            while parent != self.path and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
 
 
 @dataclass(frozen=True)
@@ -296,6 +323,23 @@ class S3Dir:
 
     def unstage(self, name: str) -> None:
         self._call(f"{self.uri}{name}", self.client.delete_object_tagging, Key=self.prefix + name)
+
+    def walk(self, under: str = "") -> builtins.list[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = self._call(f"{self.uri}{under}", lambda **kw: list(paginator.paginate(**kw)),
+                           Prefix=self.prefix + under)
+        return sorted(obj["Key"][len(self.prefix):] for page in pages for obj in page.get("Contents", []))
+
+    def delete(self, names: builtins.list[str]) -> None:
+        for i in range(0, len(names), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": self.prefix + n} for n in names[i:i + 1000]]
+            resp = self._call(self.uri, self.client.delete_objects, Delete={"Objects": batch, "Quiet": True})
+            if resp.get("Errors"):
+                err = resp["Errors"][0]
+                raise EnvironmentFailure(f"S3 refused to delete {self.uri}{err['Key'][len(self.prefix):]}: "
+                                         f"{err.get('Code')} ({len(resp['Errors'])} object(s) not deleted)")
+        self._entries = self._dirs = None
+        self._children.clear()
 
 
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -170,3 +170,12 @@ def test_bytes_changed_in_the_bucket_are_found_and_redone(s3_fleet, s3_endpoint,
     again = run_fleet(config, progress=False)
     assert again.by_status("committed") == ["medqa"] and again.by_status("unchanged") == ["gsm8k", "legal"]
     assert main(["verify", output]) == EXIT_OK
+    # medqa's first copy is needed by no pointer now: gc removes that run's medqa objects with the run only
+    # when no other pointer needs the run; here gsm8k and legal still do, so the run stays, verified.
+    s3_client.put_object(Bucket="merged", Key=f"{out.prefix}runs/20200101T000000Z-dead00/gsm8k/x", Body=b"half")
+    assert main(["gc", output, "--keep", "0"]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "removed run 20200101T000000Z-dead00 (uncommitted)" in printed and "removed 1 object(s)" in printed
+    listing = s3_client.list_objects_v2(Bucket="merged", Prefix=f"{out.prefix}runs/")["Contents"]
+    assert not any("dead00" in o["Key"] for o in listing)
+    assert main(["verify", output]) == EXIT_OK

@@ -11,6 +11,7 @@ import torch
 import safemerge_ray.repair as repair
 import safemerge_ray.tensors as tensors
 from safemerge_ray.fleet import FleetWorker, ModuleJob, ScoreRequest
+from safemerge_ray.memory import ModuleCost
 from safemerge_ray.merge import MergeSettings
 from safemerge_ray.storage import S3Settings
 from safemerge_ray.subspace import alignment_delta, lora_rho, rho_reference
@@ -60,7 +61,9 @@ def _job(fx, worker):
     requests = tuple(ScoreRequest(n, str(fx / "finetuned" / n), MergeSettings(policy=p, tau=0.9))
                      for n, p in (("gsm8k", "safemerge"),) ) + (
         ScoreRequest("gsm8k-safelora", str(fx / "finetuned" / "gsm8k"), MergeSettings(policy="safelora", tau=0.9)),)
-    return ModuleJob(module, f"{module}.weight", False, plan_nbytes, requests)
+    out, inp = worker.aligned.info(f"{module}.weight").shape
+    cost = ModuleCost(module, out, inp, plan_nbytes, (4,) * len(requests), projected=1)
+    return ModuleJob(module, f"{module}.weight", False, plan_nbytes, requests, cost)
 
 
 def test_worker_on_cuda_reads_pinned_copies_async_and_matches_cpu(pair, monkeypatch):

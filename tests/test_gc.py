@@ -1,0 +1,76 @@
+"""`safemerge-ray gc`: what no pointer needs goes; what a pointer or a rollback may need stays."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from safemerge_ray.cli import main
+from safemerge_ray.config import load_config
+from safemerge_ray.fleet import EXIT_OK, run_fleet
+from safemerge_ray.output import EXIT_LOCKED, RunLock
+from safemerge_ray.storage import LocalDir
+
+
+def _runs(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "runs").iterdir())
+
+
+def _change(fleet: Path, name: str) -> None:
+    (fleet / "finetuned" / name / "adapter_model.safetensors").touch()
+
+
+def test_gc_removes_only_what_no_pointer_needs(local_fleet, ray_local, capsys):
+    config = load_config(local_fleet / "fleet.yaml")
+    out = local_fleet / "merged"
+    first = run_fleet(config, progress=False).run_id
+    _change(local_fleet, "gsm8k")
+    second = run_fleet(config, progress=False).run_id
+    _change(local_fleet, "gsm8k")
+    third = run_fleet(config, progress=False).run_id  # gsm8k now points here; `second` is needed by nobody
+    # Debris: a run that never committed, a failed attempt's object in a kept run, an interrupted write.
+    dead = out / "runs" / "20200101T000000Z-dead00" / "legal"
+    dead.mkdir(parents=True)
+    (dead / "adapter_model.safetensors").write_bytes(b"half")
+    (out / "runs" / third / "legal").mkdir()
+    (out / "runs" / third / "legal" / "adapter_config.json").write_text("{}")
+    (out / "latest" / ".tmp-0123456789ab").write_bytes(b"cut short")
+    capsys.readouterr()
+
+    assert main(["gc", str(out), "--keep", "1", "--dry-run"]) == EXIT_OK
+    assert "would remove run " + second + " (committed)" in capsys.readouterr().out
+    assert second in _runs(out) and dead.exists()  # a dry run removes nothing
+
+    assert main(["gc", str(out), "--keep", "1", "--older-than", "1d"]) == EXIT_OK  # everything is younger
+    assert second in _runs(out) and not (out / "latest" / ".tmp-0123456789ab").exists()
+
+    assert main(["gc", str(out), "--keep", "1"]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert f"removed run {second} (committed)" in printed
+    assert "removed run 20200101T000000Z-dead00 (uncommitted)" in printed
+    assert "removed 1 leftover object(s)" in printed
+    assert _runs(out) == sorted([first, third])  # first: medqa, legal, support point at it
+    assert not (out / "runs" / third / "legal").exists()
+    assert main(["verify", str(out)]) == EXIT_OK
+    history = [json.loads(p.read_text()) for p in (out / "status" / "history").glob("*.json")]
+    assert any(r["kind"] == "gc" and f"gc: removed run {second} (committed)" in r["warnings"] for r in history)
+    assert json.loads((out / "status" / "last_run.json").read_text())["kind"] == "fleet"
+    again = run_fleet(config, progress=False)  # nothing it needs is gone
+    assert again.exit_code == EXIT_OK and again.run_id is None
+
+
+def test_gc_waits_for_no_run(local_fleet, ray_local, capsys):
+    out = local_fleet / "merged"
+    assert run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False).exit_code == EXIT_OK
+    lock = RunLock(LocalDir(out), lease_s=60).acquire()
+    try:
+        assert main(["gc", str(out), "--keep", "0"]) == EXIT_LOCKED
+        assert "is locked by another run" in capsys.readouterr().err
+    finally:
+        lock.release()
+    with pytest.raises(SystemExit) as exc:  # argparse: usage line, exit 2
+        main(["gc", str(out), "--keep", "0", "--older-than", "soon"])
+    assert exc.value.code == 2
+    assert "expected an age like 7d" in capsys.readouterr().err
