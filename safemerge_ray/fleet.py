@@ -816,14 +816,27 @@ def _adapter_summary(st: AdapterState) -> dict:
     return entry
 
 
+MAX_FAILED_LINES = 100  # stdout stays readable (and small) when a config names 600k missing adapters
+
+
 def format_report(report: FleetReport) -> str:
     lines = [f"{'adapter':<20} {'status':<10} {'repaired':>9}  detail"]
+    failed = 0
     for st in report.adapters:
+        if st.status == "failed":
+            failed += 1
+            if failed > MAX_FAILED_LINES:
+                continue
         repaired = f"{st.counts['repaired']}/{st.counts['modules']}" if st.counts else "-"
         detail = st.reason if st.status == "failed" else (f"run {st.previous_run}" if st.status == "unchanged" else "")
         lines.append(f"{st.ref.name:<20} {st.status:<10} {repaired:>9}  {detail}")
-    for w in report.warnings:
+    if failed > MAX_FAILED_LINES:
+        where = f"{run_prefix(report.run_id)}summary.json" if report.run_id else "status/last_run.json (the first 100)"
+        lines.append(f"... and {failed - MAX_FAILED_LINES} more failed adapters: see {where}")
+    for w in report.warnings[:MAX_FAILED_LINES]:
         lines.append(f"warning: {w}")
+    if len(report.warnings) > MAX_FAILED_LINES:
+        lines.append(f"... and {len(report.warnings) - MAX_FAILED_LINES} more warnings")
     if report.run_id:
         lines.append(f"run {report.run_id}: {report.output.rstrip('/')}/{run_prefix(report.run_id)} "
                      f"({report.bytes_read / 1e6:.0f} MB read)")

@@ -144,3 +144,13 @@ def test_a_worker_killed_for_memory_is_named_as_such():
     assert "\n" not in line
     died = ray.exceptions.RayActorError()
     assert "could not be restarted" in _worker_lost(died, "assembling gsm8k") and "OOM" in _worker_lost(died, "x")
+
+
+def test_thousands_of_missing_adapters_give_a_bounded_report(local_fleet, capsys):
+    _set(local_fleet, finetuned=[f"finetuned/missing-{i:05d}" for i in range(3000)])
+    assert main(["fleet", "--config", str(local_fleet / "fleet.yaml"), "--quiet"]) == 4  # none usable, no Ray
+    out = capsys.readouterr().out
+    assert out.count("\n") < 120 and "... and 2900 more failed adapters: see status/last_run.json" in out
+    record = json.loads((local_fleet / "merged" / "status" / "last_run.json").read_text())
+    assert record["counts"]["failed"] == 3000 and len(record["failed"]) == 101
+    assert len(json.dumps(record)) < 64 * 1024

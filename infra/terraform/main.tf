@@ -185,3 +185,20 @@ resource "aws_iam_role_policy" "access" {
   role   = aws_iam_role.job.id
   policy = data.aws_iam_policy_document.access.json
 }
+
+# `safemerge-ray gc` deletes runs that no pointer needs and the leftovers of failed attempts, all under
+# runs/. The nightly job never needs this: attach the policy to the operator's (or a gc CronJob's) role.
+data "aws_iam_policy_document" "gc" {
+  source_policy_documents = [data.aws_iam_policy_document.access.json]
+  statement {
+    sid       = "DeleteOldRuns"
+    actions   = ["s3:DeleteObject"]
+    resources = ["${aws_s3_bucket.merged.arn}/*runs/*"]
+  }
+}
+
+resource "aws_iam_policy" "gc" {
+  name        = "${var.name}-gc"
+  description = "safemerge-ray gc: the job's access plus deleting unneeded runs under runs/"
+  policy      = data.aws_iam_policy_document.gc.json
+}

@@ -7,3 +7,8 @@ output "merged_bucket" {
   description = "The merged bucket: the fleet config's output is s3://<this>/<prefix>/"
   value       = aws_s3_bucket.merged.bucket
 }
+
+output "gc_policy_arn" {
+  description = "Attach to the role that runs `safemerge-ray gc` (never to the nightly job's role)"
+  value       = aws_iam_policy.gc.arn
+}
