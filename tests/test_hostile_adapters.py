@@ -123,3 +123,102 @@ def test_a_hostile_adapter_and_an_odd_directory_fail_alone_in_a_fleet(local_flee
     skipped = [w for w in record["warnings"] if w.startswith("finetuned: skipped")]
     assert len(skipped) == 2 and any("_staging" in w for w in skipped), record["warnings"]
     assert not (local_fleet / "merged" / "latest" / "medqa.json").exists()
+
+
+# --------------------------------------------------------------------------- the fleet path, table-driven
+# Each row: a copy of a good adapter, damaged one way, in one fleet with the untouched adapters. Every
+# damaged one fails alone with one line naming the cause; the others are committed; nothing is written
+# outside the output, and nothing read from a rejected file is echoed.
+
+
+def _rewrite_config(**fields):
+    def damage(adapter: Path, tmp: Path) -> None:
+        config = _config(adapter)
+        config.update(fields)
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+    return damage
+
+
+def _write(name: str, data: bytes):
+    def damage(adapter: Path, tmp: Path) -> None:
+        (adapter / name).write_bytes(data)
+    return damage
+
+
+def _link_out(name: str, target: str | None = None):
+    def damage(adapter: Path, tmp: Path) -> None:
+        outside = Path(target) if target else tmp / f"foreign-{name}"
+        if not target:
+            outside.write_text('{"secret_value": "do-not-echo"}')
+        (adapter / name).unlink()
+        (adapter / name).symlink_to(outside)
+    return damage
+
+
+def _retype(dtype=None, nan=False):
+    def damage(adapter: Path, tmp: Path) -> None:
+        path = adapter / "adapter_model.safetensors"
+        tensors = load_file(path)
+        key = next(k for k in tensors if "lora_B" in k)
+        tensors[key] = tensors[key].to(dtype) if dtype is not None else tensors[key].fill_(float("nan"))
+        save_file(tensors, path, metadata={"format": "pt"})
+    return damage
+
+
+def _truncate(adapter: Path, tmp: Path) -> None:
+    path = adapter / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-64])
+
+
+def _deep_header(adapter: Path, tmp: Path) -> None:
+    header = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    (adapter / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+
+
+HOSTILE = {  # adapter name -> (damage, what its one-line reason says)
+    "nested-config": (_write("adapter_config.json", b"[" * 200_000), "JSON nested deeper than 64"),
+    "nested-header": (_deep_header, "JSON nested deeper than 64"),
+    "bad-regex": (_rewrite_config(rank_pattern={"[": 4}), "is not a valid regular expression"),
+    "redos": (_rewrite_config(rank_pattern={"(a+)+b": 8}), "nests quantifiers"),
+    "alpha-redos": (_rewrite_config(alpha_pattern={"(\\w*)*$": 8}), "nests quantifiers"),
+    "targets-nothing": (_rewrite_config(target_modules=["no_such_proj"]), "PEFT could not load"),
+    "weights-to-passwd": (_link_out("adapter_model.safetensors", "/etc/passwd"), "outside the adapter's directory"),
+    "config-to-foreign": (_link_out("adapter_config.json"), "outside the adapter's directory"),
+    "int8-lora": (_retype(torch.int8), "not a float type"),
+    "bool-lora": (_retype(torch.bool), "not a float type"),
+    "nan-lora": (_retype(nan=True), "contains NaN or Inf"),
+    "truncated": (_truncate, "truncated"),
+    "no-config": (lambda a, t: (a / "adapter_config.json").unlink(), "no adapter_config.json"),
+}
+
+
+def _outside_output(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if "merged" not in p.relative_to(root).parts}
+
+
+def test_hostile_inputs_each_fail_alone_in_one_fleet(local_fleet, ray_local, tmp_path):
+    import shutil
+
+    good = local_fleet / "finetuned" / "gsm8k"
+    for name, (damage, _) in HOSTILE.items():
+        shutil.copytree(good, local_fleet / "finetuned" / name)
+        damage(local_fleet / "finetuned" / name, tmp_path)
+    (local_fleet / "finetuned" / "_staging").mkdir()
+    (local_fleet / "finetuned" / ("x" * 240)).mkdir()
+    before = _outside_output(local_fleet)
+
+    report = run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False)
+    assert report.exit_code == EXIT_PARTIAL
+    assert report.by_status("committed") == ["gsm8k", "legal", "medqa", "support"]
+    assert report.by_status("failed") == sorted(HOSTILE)
+    record = json.loads((local_fleet / "merged" / "status" / "last_run.json").read_text())
+    for name, (_, says) in HOSTILE.items():
+        reason = record["failed"][name]
+        assert says in reason and "\n" not in reason and len(reason) < 500, (name, reason)
+    text = (local_fleet / "merged" / "status" / "last_run.json").read_text()
+    assert "root:x" not in text and "do-not-echo" not in text  # nothing read from a rejected file
+    assert sum(w.startswith("finetuned: skipped") for w in record["warnings"]) == 2
+    assert _outside_output(local_fleet) == before  # nothing written outside the output
+    assert sorted(p.stem for p in (local_fleet / "merged" / "latest").glob("*.json")) == [
+        "gsm8k", "legal", "medqa", "support"]
