@@ -309,6 +309,10 @@ class RunLock:
         if self._create():
             return self._start_renewing()
         held, tag = self._read()
+        if held is not None and held.get("owner") == self.owner:
+            # Our create reached the store but its answer was lost, and botocore's retry found our own lock.
+            self._tag = tag
+            return self._start_renewing()
         expired = held is None or float(held.get("lease_until", 0)) < time.time()
         if (break_lock or expired) and self._take_over(tag):
             return self._start_renewing()
@@ -361,11 +365,13 @@ class RunLock:
         held, _ = self._read()
         if held is None or held.get("owner") != self.owner:
             raise LockHeld(f"the run lock on {self.out.uri} was taken over by another run")
-        if isinstance(self.out, S3Dir):
-            if not self._s3_put(IfMatch=self._tag):
-                raise LockHeld(f"the run lock on {self.out.uri} was taken over by another run")
-        else:
+        if not isinstance(self.out, S3Dir):
             self.out.write(LOCK, self._body())
+        elif not self._s3_put(IfMatch=self._tag):
+            held, tag = self._read()  # a lost answer to our own renewal changed the ETag under us
+            if held is None or held.get("owner") != self.owner:
+                raise LockHeld(f"the run lock on {self.out.uri} was taken over by another run")
+            self._tag = tag
 
     def _read(self) -> tuple[dict | None, str | None]:
         try:
@@ -376,7 +382,7 @@ class RunLock:
         except (FileNotFoundError, ValueError):
             return None, None
         except Exception as exc:  # botocore: NoSuchKey is absent; anything else is the environment
-            if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            if (getattr(exc, "response", None) or {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None, None
             raise EnvironmentFailure(f"cannot read the run lock {self.out.uri}{LOCK}: {exc}") from None
 
@@ -392,7 +398,7 @@ class RunLock:
             resp = self.out.client.put_object(Bucket=self.out.bucket, Key=self.out.prefix + LOCK, Body=self._body(),
                                               **condition)
         except Exception as exc:
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+            code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
                 return False
             raise EnvironmentFailure(f"cannot write the run lock {self.out.uri}{LOCK}: {exc}") from None
