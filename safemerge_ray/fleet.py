@@ -703,6 +703,8 @@ def _worker_lost(exc: BaseException, doing: str, cost: ModuleCost | None = None)
 
     need = f" (it needs about {fmt(cost.peak)} beyond the process)" if cost else ""
     text = str(exc)
+    if isinstance(exc, ray.exceptions.RayTaskError) and not isinstance(exc, ray.exceptions.RayActorError):
+        return f"{doing} failed: {_first_line(exc)}"  # not a lost worker: an error inside the task
     if isinstance(exc, ray.exceptions.OutOfMemoryError) or "low on memory" in text or "OutOfMemoryError" in text:
         return (f"a worker was killed for running out of memory while {doing}{need}; give workers more memory "
                 "(ray.memory_per_worker, larger nodes)")
@@ -710,77 +712,108 @@ def _worker_lost(exc: BaseException, doing: str, cost: ModuleCost | None = None)
             f"(OOM), give workers more memory: {_first_line(exc)}")
 
 
+# A task whose worker was lost goes to the next worker at once, then again after Ray has had time to
+# notice a dead node (its health checks take some seconds) and restart the worker elsewhere. Ray's own
+# task retries are not enough there: they are spent in milliseconds against an unreachable worker.
+RESUBMIT_WAITS_S = (0.0, 10.0, 30.0)
+
+
+def _gather(items: list, submit, deadline: Deadline):
+    """Run `submit(item, attempt) -> ObjectRef` for every item and yield (item, result, None) as results
+    come, resubmitting a lost worker's task per RESUBMIT_WAITS_S; yields (item, None, error) when it stays
+    lost, and (item, None, None) for what is unfinished at the deadline."""
+    import ray
+
+    lost_worker = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                   ray.exceptions.ObjectLostError)
+    running = {submit(item, 0): (item, 0) for item in items}
+    waiting: list[tuple[float, object, int]] = []  # (when, item, attempt): resubmissions not yet due
+    told: set[str] = set()
+    while running or waiting:
+        now = time.monotonic()
+        for entry in [w for w in waiting if w[0] <= now]:
+            waiting.remove(entry)
+            running[submit(entry[1], entry[2])] = (entry[1], entry[2])
+        if deadline.passed():
+            for item in [i for i, _ in running.values()] + [w[1] for w in waiting]:
+                yield item, None, None
+            return
+        if not running:
+            time.sleep(min(0.5, deadline.wait_s(0.5)))
+            continue
+        done, _ = ray.wait(list(running), num_returns=1, timeout=deadline.wait_s(2.0))
+        for ref in done:
+            item, attempt = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                if isinstance(exc, lost_worker) and attempt < len(RESUBMIT_WAITS_S):
+                    if _first_line(exc) not in told:  # once per lost worker, not once per task
+                        told.add(_first_line(exc))
+                        _log(f"a worker was lost ({_first_line(exc)[:160]}); resubmitting its tasks to others")
+                    waiting.append((time.monotonic() + RESUBMIT_WAITS_S[attempt], item, attempt + 1))
+                    continue
+                yield item, None, exc
+                continue
+            yield item, result, None
+
+
 def _score(workers: list, jobs: list[ModuleJob], pending: list[AdapterState], progress: bool,
            deadline: Deadline) -> None:
     """Score every pending adapter, module-major; past the deadline, what is unscored fails."""
-    import ray
-
     _log(f"scoring {len(jobs)} modules ({sum(j.nbytes for j in jobs) / 1e6:.0f} MB of model weights) "
          f"for {len(pending)} adapters")
-    futures = {worker.score.remote(job, shard[i + 1] if i + 1 < len(shard) else None): job
-               # strict=False: balance() drops empty shards when there are more workers than modules
-               for worker, shard in zip(workers, balance(jobs, len(workers)), strict=False)
-               for i, job in enumerate(shard)}
+    placed = {}  # module -> (worker index, the job after it on that worker: read ahead while it is scored)
+    for w, shard in enumerate(balance(jobs, len(workers))):
+        for i, job in enumerate(shard):
+            placed[job.module] = (w, shard[i + 1] if i + 1 < len(shard) else None)
+
+    def submit(job: ModuleJob, attempt: int):
+        w, next_job = placed[job.module]
+        return workers[(w + attempt) % len(workers)].score.remote(job, next_job if attempt == 0 else None)
+
     bar = Progress("score", len(jobs)) if progress else None
     by_name = {st.ref.name: st for st in pending}
-    remaining = list(futures)
-    while remaining:
-        if deadline.passed():
-            unscored = {req.adapter for ref in remaining for req in futures[ref].requests}
-            for name in sorted(unscored):
-                if by_name[name].status == "pending":
-                    by_name[name].fail(deadline.failure("scored"))
-            return
-        done, remaining = ray.wait(remaining, num_returns=1, timeout=deadline.wait_s(5.0))
-        for ref in done:
-            try:
-                result: ModuleResult = ray.get(ref)
-            except ray.exceptions.RayActorError as exc:  # restarts exhausted: a worker keeps dying
-                job = futures[ref]
-                lost = _worker_lost(exc, f"scoring module {job.module}", job.cost)
-                raise EnvironmentFailure(f"scoring failed: {lost}") from None
-            for name, score in result.scores.items():
-                by_name[name].scores[result.module] = score
-            for name, failure in result.errors.items():
-                if by_name[name].status == "pending":
-                    by_name[name].fail(failure)
-            if bar:
-                bar.advance(nbytes=result.nbytes)
+    for job, result, error in _gather(jobs, submit, deadline):
+        if error is not None:  # its worker stayed lost
+            raise EnvironmentFailure(_worker_lost(error, f"scoring module {job.module}", job.cost))
+        if result is None:  # the deadline
+            for req in job.requests:
+                if by_name[req.adapter].status == "pending":
+                    by_name[req.adapter].fail(deadline.failure("scored"))
+            continue
+        for name, score in result.scores.items():
+            by_name[name].scores[result.module] = score
+        for name, failure in result.errors.items():
+            if by_name[name].status == "pending":
+                by_name[name].fail(failure)
+        if bar:
+            bar.advance(nbytes=result.nbytes)
 
 
 def _assemble(config: FleetConfig, workers: list, out: Dir, run_id: str, pending: list[AdapterState],
               progress: bool, deadline: Deadline) -> None:
     """One assembly task per adapter, spread over the workers; past the deadline, what is unwritten fails."""
-    import ray
+    index = {st.ref.name: i for i, st in enumerate(pending)}
 
-    futures = {
-        workers[i % len(workers)].assemble.remote(
-            st.ref.name, st.ref.uri, config.safety_adapter, st.plans, st.scores, st.settings, out,
-            adapter_prefix(run_id, st.ref.name), config.s3): st
-        for i, st in enumerate(pending)
-    }
-    bar = Progress("assemble", len(futures), unit="adapters written") if progress else None
-    remaining = list(futures)
-    while remaining:
-        if deadline.passed():
-            for ref in remaining:
-                futures[ref].fail(deadline.failure("written"))
-            return
-        done, remaining = ray.wait(remaining, num_returns=1, timeout=deadline.wait_s(5.0))
-        for ref in done:
-            st = futures[ref]
-            try:
-                result: AssemblyResult = ray.get(ref)
-            except ray.exceptions.RayError as exc:  # the worker was lost and its retries are spent
-                result = AssemblyResult(st.ref.name, error=Failure(
-                    f"assembly failed: {_worker_lost(exc, f'assembling {st.ref.name}')}", True))
-            if result.error is not None:
-                st.fail(result.error)
-            else:
-                st.status, st.objects, st.decisions = "assembled", result.objects, result.decisions
-                st.counts = counts(result.decisions)
-            if bar:
-                bar.advance()
+    def submit(st: AdapterState, attempt: int):
+        worker = workers[(index[st.ref.name] + attempt) % len(workers)]
+        return worker.assemble.remote(st.ref.name, st.ref.uri, config.safety_adapter, st.plans, st.scores,
+                                      st.settings, out, adapter_prefix(run_id, st.ref.name), config.s3)
+
+    bar = Progress("assemble", len(pending), unit="adapters written") if progress else None
+    for st, result, error in _gather(pending, submit, deadline):
+        if error is not None:
+            st.fail(Failure(_worker_lost(error, f"assembling {st.ref.name}"), True))
+        elif result is None:
+            st.fail(deadline.failure("written"))
+        elif result.error is not None:
+            st.fail(result.error)
+        else:
+            st.status, st.objects, st.decisions = "assembled", result.objects, result.decisions
+            st.counts = counts(result.decisions)
+        if bar:
+            bar.advance()
 
 
 def _commit(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterState], fingerprints: dict,

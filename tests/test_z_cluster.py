@@ -19,12 +19,15 @@ import shutil
 import subprocess
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
 from conftest import upload_dir
+from faultproxy import FaultProxy
 from raycluster import BIN, RayCluster
 from safemerge_ray.storage import S3Dir, S3Settings
 from safemerge_ray.synthetic import SynthSpec, build_fixture
@@ -240,3 +243,95 @@ def test_readme_cluster_walkthrough_verbatim(ray_cluster_two_nodes, tmp_path):
         pointer = json.loads(p.read_text())
         assert pointer["run_id"] == records[2]["run_id"]
         assert (merged / pointer["path"] / "adapter_model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- a node lost mid-run
+
+
+def _node_of(pid: int, cluster: RayCluster) -> Path:
+    """The temp dir of the cluster node whose raylet is an ancestor of process `pid`."""
+    for parent in psutil.Process(pid).parents():
+        line = " ".join(parent.cmdline())
+        for temp in cluster.temp_dirs:
+            if str(temp) in line:
+                return temp
+    raise AssertionError(f"process {pid} belongs to no node of this cluster")
+
+
+def _kill_node(temp: Path) -> int:
+    """SIGKILL every process of one node (found by its temp dir in their command lines, and their children):
+    a machine that vanished. Returns how many were killed."""
+    procs: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if str(temp) in " ".join(p.info["cmdline"] or []):
+                procs[p.pid] = p
+                procs.update({c.pid: c for c in p.children(recursive=True)})
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in procs.values():
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(procs.values()), timeout=15)
+    return len(procs)
+
+
+def test_a_node_lost_mid_run(ray_cluster_two_nodes, s3_client, s3_endpoint, tmp_path):
+    """A second worker node joins; one worker node dies (every process SIGKILLed) while a worker on it is
+    scoring. Ray notices, restarts that worker on the surviving node and retries its task: the run
+    commits every adapter, byte for byte what an undisturbed run writes, and every pointer verifies."""
+    cluster = ray_cluster_two_nodes
+    cluster.add_node(num_cpus=2, env=_without_credentials(dict(os.environ)))
+    cluster.wait_for_nodes(3)
+    _, raw = _s3_fixture(s3_client, tmp_path, s3_endpoint)
+    raw["ray"] = {"actors": 2, "cpus_per_actor": 1}  # room for both on one surviving node
+    creds = ["--env", "AWS_ACCESS_KEY_ID", "--env", "AWS_SECRET_ACCESS_KEY", "--quiet"]
+    calm = tmp_path / "calm.yaml"
+    calm.write_text(yaml.safe_dump(dict(raw, output=raw["output"].replace("/merged/", "/calm/"))))
+    assert _submit(cluster, calm, tmp_path, *creds).returncode == 0
+
+    run_prefix = raw["unaligned_model"].rsplit("/", 2)[0][len("s3://models/"):]
+
+    def tensor_read(method, path, headers):  # a model weight's data, not its header: scoring
+        start = headers.get("range", "bytes=-1-").split("=", 1)[1].split("-", 1)[0]
+        return method == "GET" and path.startswith(f"/models/{run_prefix}/") and \
+            path.endswith(".safetensors") and start.isdigit() and int(start) > 8
+
+    with FaultProxy(s3_endpoint) as proxy:
+        faulty = tmp_path / "faulty.yaml"
+        faulty.write_text(yaml.safe_dump(dict(raw, s3={"endpoint_url": proxy.endpoint})))
+        gate = proxy.hold(tensor_read)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            job = pool.submit(_submit, cluster, faulty, tmp_path, *creds[:-1])  # with the job's log
+            try:
+                assert proxy.wait_for(tensor_read, timeout=120), proxy.seen[-10:]
+                peer = proxy.peer_of(tensor_read)
+                worker = next(p for p in psutil.process_iter() if _has_port(p, peer[1]))
+                assert _kill_node(_node_of(worker.pid, cluster)) > 3
+            finally:
+                gate.set()
+            done = job.result(timeout=300)
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text[-4000:]
+    assert 1 <= text.count("a worker was lost") <= 4 and "resubmitting its tasks to others" in text, text[-4000:]
+    settings = S3Settings(endpoint_url=s3_endpoint)
+    out, calm_out = S3Dir(raw["output"], settings), S3Dir(raw["output"].replace("/merged/", "/calm/"), settings)
+    record, calm_record = (json.loads(d.read("status/last_run.json")) for d in (out, calm_out))
+    assert record["counts"]["committed"] == 3 and record["exit_status"] == 0
+    ours = _objects(out, f"runs/{record['run_id']}/")
+    theirs = _objects(calm_out, f"runs/{calm_record['run_id']}/")
+    adapters = {k: v for k, v in ours.items() if k.count("/") == 1}
+    assert len(adapters) == 6 and adapters == {k: v for k, v in theirs.items() if k.count("/") == 1}
+    env = dict(os.environ, AWS_ENDPOINT_URL=s3_endpoint)
+    check = subprocess.run([str(BIN / "safemerge-ray"), "verify", raw["output"]], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert check.returncode == 0 and check.stdout.count("ok ") == 3, check.stdout + check.stderr
+
+
+def _has_port(p: psutil.Process, port: int) -> bool:
+    try:
+        return any(c.laddr and c.laddr.port == port for c in p.net_connections(kind="tcp"))
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
