@@ -126,13 +126,13 @@ def commit_files(out: Dir, files: dict[str, bytes], last: str = SUMMARY) -> None
 @contextlib.contextmanager
 def staged_dir(out: Path):
     """Yield a fresh staging directory beside `out`; on success it replaces `out` in one rename."""
-    stage = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    stage = out.parent / f".{out.name[:64]}.partial-{uuid.uuid4().hex[:8]}"  # short, whatever the name
     stage.mkdir()
     old = None
     try:
         yield stage
         if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            old = out.parent / f".{out.name[:64]}.old-{uuid.uuid4().hex[:8]}"
             out.rename(old)
         stage.rename(out)
         if old is not None:

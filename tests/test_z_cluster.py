@@ -278,6 +278,7 @@ def _kill_node(temp: Path) -> int:
     return len(procs)
 
 
+@pytest.mark.slow
 def test_a_node_lost_mid_run(ray_cluster_two_nodes, s3_client, s3_endpoint, tmp_path):
     """A second worker node joins; one worker node dies (every process SIGKILLed) while a worker on it is
     scoring. Ray notices, restarts that worker on the surviving node and retries its task: the run
