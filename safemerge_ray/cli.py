@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--runtime-env-json", metavar="JSON", default=None,
                    help="Ray runtime env for the workers, e.g. '{\"env_vars\": {...}}' (see README: credentials)")
 
+    f.add_argument("--dry-run", action="store_true",
+                   help="plan and print what would be redone and why; start no Ray, write nothing")
     f.add_argument("--break-lock", action="store_true",
                    help="take the output's run lock even if another run's lease is still valid (operators only)")
     f.add_argument("--record-line", action="store_true", help=argparse.SUPPRESS)  # for `submit`: see RECORD_LINE
@@ -146,6 +148,8 @@ def cmd_fleet(args) -> int:
     from .output import RunRecord, utc_now
 
     started = utc_now()
+    if args.dry_run:
+        return _dry_run(load_config(args.config))
 
     def failed(exc: BaseException, status: int) -> None:
         """The record the fleet job wrote, or (it never got that far) one saying why."""
@@ -169,6 +173,24 @@ def cmd_fleet(args) -> int:
     assert report.record is not None
     emit_record(report.record.to_dict(), args.summary_json, args.record_line)
     return report.exit_code
+
+
+def _dry_run(config) -> int:
+    from .fleet import plan_fleet
+    from .storage import open_dir
+
+    plan = plan_fleet(config, open_dir(config.output, what="output", s3=config.s3, must_exist=False))
+    print(f"{'adapter':<20} {'would be':<10} why")
+    for st in plan.states:
+        status = {"pending": "redone", "unchanged": "unchanged", "failed": "failed"}[st.status]
+        detail = "; ".join(st.why) if st.status == "pending" else (
+            st.reason if st.status == "failed" else f"run {st.previous_run}")
+        print(f"{st.ref.name:<20} {status:<10} {detail}")
+    for w in plan.warnings:
+        print(f"warning: {w}")
+    print(f"dry run: {len(plan.pending)} to redo, {sum(st.status == 'unchanged' for st in plan.states)} unchanged, "
+          f"{sum(st.status == 'failed' for st in plan.states)} invalid; nothing was started or written")
+    return EXIT_OK
 
 
 def json_arg(text: str | None, flag: str) -> dict | None:

@@ -44,6 +44,7 @@ from .output import (
     RunRecord,
     adapter_files,
     adapter_prefix,
+    cached_manifest,
     commit_run,
     json_bytes,
     published_damage,
@@ -342,6 +343,7 @@ class AdapterState:
     reason: str = ""
     environment: bool = False  # failed because of the store or a disk, not the adapter
     previous_run: str | None = None
+    why: list[str] = field(default_factory=list)  # why it is redone: "new", "adapter changed", ...
     scores: dict[str, ModuleScore] = field(default_factory=dict)
     objects: dict = field(default_factory=dict)  # written object -> {sha256, bytes}
     decisions: list[dict] = field(default_factory=list)
@@ -373,6 +375,32 @@ def run_key(fingerprints: dict, adapter_fp: str, settings: MergeSettings) -> str
     """What an adapter's output depends on; an equal key means the committed output is still right."""
     return sha256_of(json.dumps({"tool": __version__, "inputs": fingerprints, "adapter": adapter_fp,
                                  "settings": settings.to_dict()}, sort_keys=True).encode())
+
+
+def why_redo(pointer: dict | None, manifest: dict | None, name: str, fingerprints: dict, adapter_fp: str,
+             settings: MergeSettings) -> list[str]:
+    """Why an adapter is redone, against the run that published it: what a person reads in the summary."""
+    if pointer is None:
+        return ["new"]
+    manifest = manifest or {}
+    entry = manifest.get("adapters", {}).get(name)
+    if not entry:
+        return ["its published run's manifest is missing or does not list it"]
+    why = []
+    if manifest.get("version") != __version__:
+        why.append(f"tool version changed ({manifest.get('version')} -> {__version__})")
+    inputs = manifest.get("inputs", {})
+    for role, what in (("unaligned_model", "model changed"), ("aligned_model", "model changed"),
+                       ("safety_adapter", "safety adapter changed")):
+        if (inputs.get(role) or {}).get("fingerprint") != fingerprints[role] and what not in why:
+            why.append(what)
+    if entry.get("fingerprint") != adapter_fp:
+        why.append("adapter changed")
+    old, new = entry.get("settings") or {}, json.loads(json.dumps(settings.to_dict()))  # as the manifest has it
+    changed = [f"{k} {old.get(k)} -> {new[k]}" for k in sorted(new) if old.get(k) != new[k]]
+    if changed:
+        why.append(f"settings changed ({', '.join(changed)})")
+    return why or ["its pointer's run key differs"]
 
 
 def balance(jobs: list[ModuleJob], n: int) -> list[list[ModuleJob]]:
@@ -459,10 +487,23 @@ def exit_status(states: list[AdapterState]) -> int:
     return EXIT_ENVIRONMENT if all(st.environment for st in failed) else EXIT_FAILED
 
 
-def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_address: str | None,
-         runtime_env: dict | None, lock: RunLock) -> FleetReport:
-    driver_before = BYTES_READ.total
-    deadline = Deadline(config.max_run_seconds)
+@dataclass
+class FleetPlan:
+    """What a run will do, from headers, pointers and manifests only (no tensor is read, no Ray started)."""
+
+    states: list[AdapterState]
+    fingerprints: dict
+    warnings: list[str]
+
+    @property
+    def pending(self) -> list[AdapterState]:
+        return [st for st in self.states if st.status == "pending"]
+
+
+def plan_fleet(config: FleetConfig, out: Dir, deadline: Deadline | None = None) -> FleetPlan:
+    """Every adapter: unchanged (its published output is still right and intact), pending (and why), or
+    failed (unreadable or invalid, alone)."""
+    deadline = deadline or Deadline(None)
     s3 = config.s3
     refs, skipped = config.scan_adapters()
     if not refs:
@@ -496,11 +537,23 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
                     st.status = "unchanged"
                     continue
                 warnings.append(f"{st.ref.name}: {damage}; redoing it")
+                st.why = [f"published copy damaged: {damage}"]
+            else:
+                manifest = cached_manifest(out, str(pointer.get("manifest", "")), manifests) if pointer else None
+                st.why = why_redo(pointer, manifest, st.ref.name, fingerprints, adapter.fingerprint, st.settings)
             st.plans = plan_adapter(unaligned, aligned, adapter, safety)
         except SafeMergeError as exc:  # unreadable or invalid: this adapter fails alone
             st.fail(Failure.of(exc))
-    pending = [st for st in states if st.status == "pending"]
-    _log(f"{len(refs)} adapters: {len(pending)} to repair, "
+    return FleetPlan(states, fingerprints, warnings)
+
+
+def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_address: str | None,
+         runtime_env: dict | None, lock: RunLock) -> FleetReport:
+    driver_before = BYTES_READ.total
+    deadline = Deadline(config.max_run_seconds)
+    plan = plan_fleet(config, out, deadline)
+    states, fingerprints, warnings, pending = plan.states, plan.fingerprints, plan.warnings, plan.pending
+    _log(f"{len(states)} adapters: {len(pending)} to repair, "
          f"{sum(st.status == 'unchanged' for st in states)} unchanged, "
          f"{sum(st.status == 'failed' for st in states)} invalid")
     if not pending:
@@ -829,8 +882,8 @@ def _commit(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterStat
         ("unaligned_model", config.unaligned_model), ("aligned_model", config.aligned_model),
         ("safety_adapter", config.safety_adapter))}
     commit_run(out, run_id, inputs,
-               [Published(st.ref.name, st.ref.uri, st.fingerprint, st.run_key, st.settings.to_dict(), st.objects)
-                for st in assembled],
+               [Published(st.ref.name, st.ref.uri, st.fingerprint, st.run_key, st.settings.to_dict(), st.objects,
+                          st.why) for st in assembled],
                {DECISIONS: decisions_bytes([row for st in assembled for row in st.decisions]),
                 SUMMARY: json_bytes(summary)},
                {st.ref.name: st.reason for st in states if st.status == "failed"})
@@ -846,6 +899,8 @@ def _adapter_summary(st: AdapterState) -> dict:
         entry["counts"] = st.counts
     if st.status == "unchanged":
         entry["run_id"] = st.previous_run
+    if st.why:
+        entry["why"] = st.why
     return entry
 
 
@@ -861,7 +916,8 @@ def format_report(report: FleetReport) -> str:
             if failed > MAX_FAILED_LINES:
                 continue
         repaired = f"{st.counts['repaired']}/{st.counts['modules']}" if st.counts else "-"
-        detail = st.reason if st.status == "failed" else (f"run {st.previous_run}" if st.status == "unchanged" else "")
+        detail = st.reason if st.status == "failed" else (f"run {st.previous_run}" if st.status == "unchanged"
+                                                          else "; ".join(st.why))
         lines.append(f"{st.ref.name:<20} {st.status:<10} {repaired:>9}  {detail}")
     if failed > MAX_FAILED_LINES:
         where = f"{run_prefix(report.run_id)}summary.json" if report.run_id else "status/last_run.json (the first 100)"

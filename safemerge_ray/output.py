@@ -158,6 +158,7 @@ class Published:
     run_key: str
     settings: dict
     objects: dict[str, dict]
+    why: list[str] = field(default_factory=list)  # why this run redid it ("new", "adapter changed", ...)
 
 
 def commit_run(out: Dir, run_id: str, inputs: dict, adapters: list[Published], run_files: dict[str, bytes],
@@ -172,7 +173,7 @@ def commit_run(out: Dir, run_id: str, inputs: dict, adapters: list[Published], r
     manifest = {
         "tool": "safemerge-ray", "version": __version__, "run_id": run_id, "committed_at": now, "inputs": inputs,
         "adapters": {a.name: {"uri": a.uri, "fingerprint": a.fingerprint, "run_key": a.run_key,
-                              "settings": a.settings, "objects": a.objects} for a in adapters},
+                              "settings": a.settings, "objects": a.objects, "why": a.why} for a in adapters},
         "objects": run_objects,
         "failed": failed,
     }
@@ -439,13 +440,18 @@ def write_verified(out: Dir, key: str, data: bytes, staged: bool = False) -> dic
     return {"sha256": digest, "bytes": len(data), "version": out.version_tag(key)}
 
 
+def cached_manifest(out: Dir, key: str, manifests: dict[str, dict | None]) -> dict | None:
+    """A run's manifest by key, read once per run however many adapters point at it."""
+    if key not in manifests:
+        manifests[key] = read_json(out, key) if key else None
+    return manifests[key]
+
+
 def published_damage(out: Dir, adapter: str, pointer: dict, manifests: dict[str, dict | None]) -> str | None:
     """None if the adapter its pointer names is published intact (its manifest's objects, by version tag);
     `manifests` caches the runs' manifests across adapters."""
     key = str(pointer.get("manifest", ""))
-    if key not in manifests:
-        manifests[key] = read_json(out, key) if key else None
-    entry = (manifests[key] or {}).get("adapters", {}).get(adapter)
+    entry = (cached_manifest(out, key, manifests) or {}).get("adapters", {}).get(adapter)
     if not entry:
         return f"its published run's manifest ({key or 'none'}) is missing or does not list it"
     return published_intact(out, entry.get("objects", {}))
