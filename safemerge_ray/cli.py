@@ -89,6 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--adapter", default=None, help="only this adapter (default: every latest/ pointer)")
     v.add_argument("--run", default=None, help="every object of this run instead of the published adapters")
 
+    st = sub.add_parser("status", help="every adapter's current run, layers repaired, lowest rho; stale or "
+                                       "orphaned pointers")
+    st.add_argument("output", help="a fleet output (local dir or s3://; endpoint from AWS_ENDPOINT_URL)")
+    st.add_argument("--config", default=None,
+                    help="the fleet config: also say which adapters the next run would redo (and why) and which "
+                         "pointers are orphaned")
+    st.add_argument("--format", choices=("table", "json", "parquet"), default="table",
+                    help="table (default), json (one entry per adapter), or parquet (every current decision row)")
+    st.add_argument("--out", metavar="FILE", default=None, help="write to FILE instead of stdout (parquet needs it)")
+
+    r = sub.add_parser("runs", help="every run of an output: committed, nothing to do, or failed")
+    r.add_argument("output", help="a fleet output (local dir or s3://; endpoint from AWS_ENDPOINT_URL)")
+    r.add_argument("--format", choices=("table", "json"), default="table")
+
+    d = sub.add_parser("diff", help="which adapters and layers changed decision or rho between two runs, and why")
+    d.add_argument("output", help="a fleet output (local dir or s3://; endpoint from AWS_ENDPOINT_URL)")
+    d.add_argument("runs", nargs="*", metavar="RUN", help="RUN_A RUN_B (default with --adapter: its last two runs)")
+    d.add_argument("--adapter", default=None, help="only this adapter")
+
     g = sub.add_parser("gc", help="remove runs no pointer needs beyond the newest K, and failed attempts' leftovers")
     g.add_argument("output", help="a fleet output (local dir or s3://; endpoint from AWS_ENDPOINT_URL)")
     g.add_argument("--keep", type=int, required=True, metavar="K",
@@ -297,6 +316,66 @@ def cmd_gc(args) -> int:
     return EXIT_OK
 
 
+def _output(location: str, config=None):
+    from .storage import S3Settings, open_dir
+
+    return open_dir(location, what="output", s3=config.s3 if config is not None else S3Settings())
+
+
+def _write_text(text: str, path: str | None) -> None:
+    if path is None:
+        print(text)
+    else:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+
+def cmd_status(args) -> int:
+    from .config import load_config
+    from .history import decisions_table, fleet_status, format_status, status_json
+
+    config = load_config(args.config) if args.config else None
+    statuses, rows = fleet_status(_output(args.output, config), config)
+    if args.format == "parquet":
+        if not args.out:
+            raise SafeMergeError("status --format parquet needs --out FILE")
+        import pyarrow.parquet as pq
+
+        pq.write_table(decisions_table(rows), args.out)
+        print(f"{len(rows)} decision rows of {len(statuses)} adapters written to {args.out}")
+    else:
+        _write_text(format_status(statuses) if args.format == "table" else status_json(statuses), args.out)
+    return EXIT_OK
+
+
+def cmd_runs(args) -> int:
+    import json
+    from dataclasses import asdict
+
+    from .history import format_runs, list_runs
+
+    entries = list_runs(_output(args.output))
+    print(format_runs(entries) if args.format == "table" else json.dumps([asdict(e) for e in entries], indent=2))
+    return EXIT_OK
+
+
+def cmd_diff(args) -> int:
+    from .history import committed_runs_of, diff_runs, format_diff
+
+    out = _output(args.output)
+    if len(args.runs) == 2:
+        before, after = args.runs
+    elif not args.runs and args.adapter:
+        runs = committed_runs_of(out, args.adapter)
+        if not runs:
+            raise SafeMergeError(f"diff: no committed run published {args.adapter} in {out.uri}")
+        before, after = (runs[-2] if len(runs) > 1 else None), runs[-1]
+    else:
+        raise SafeMergeError("diff: give two runs (RUN_A RUN_B), or --adapter NAME for its last two runs")
+    print(format_diff(diff_runs(out, before, after, [args.adapter] if args.adapter else None)))
+    return EXIT_OK
+
+
 def cmd_synth(args) -> int:
     from .synthetic import SynthSpec, build_fixture
 
@@ -316,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"merge": cmd_merge, "fleet": cmd_fleet, "submit": cmd_submit, "verify": cmd_verify,
-                    "rollback": cmd_rollback, "gc": cmd_gc, "synth": cmd_synth}
+                    "rollback": cmd_rollback, "gc": cmd_gc, "status": cmd_status, "runs": cmd_runs, "diff": cmd_diff,
+                    "synth": cmd_synth}
         return commands[args.command](args)
     except SafeMergeError as exc:  # inputs (2) or environment (1): one line, no traceback
         print(f"safemerge-ray: error: {exc}", file=sys.stderr)

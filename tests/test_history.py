@@ -53,3 +53,63 @@ def test_each_redone_adapter_says_why_and_a_dry_run_says_it_first(local_fleet, r
     (local_fleet / "safety" / "adapter_model.safetensors").touch()
     third = run_fleet(load_config(config_path), progress=False)
     assert all(a["why"] == ["safety adapter changed"] for a in _summary(local_fleet, third.run_id)["adapters"].values())
+
+
+def _change_layer(adapter: Path, module: str) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = f"base_model.model.{module}.lora_B.weight"
+    tensors[key] = torch.randn(tensors[key].shape, generator=torch.Generator().manual_seed(7)) * 0.05
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_status_runs_and_diff_name_what_changed_and_why(local_fleet, ray_local, capsys, tmp_path):
+    import pyarrow.parquet as pq
+
+    config_path, out = local_fleet / "fleet.yaml", str(local_fleet / "merged")
+    first = run_fleet(load_config(config_path), progress=False).run_id
+    module = "model.layers.0.self_attn.q_proj"
+    _change_layer(local_fleet / "finetuned" / "gsm8k", module)
+    second = run_fleet(load_config(config_path), progress=False)
+    assert second.by_status("committed") == ["gsm8k"]
+    capsys.readouterr()
+
+    for argv in (["diff", out, first, second.run_id], ["diff", out, "--adapter", "gsm8k"]):
+        assert main(argv) == EXIT_OK
+        printed = capsys.readouterr().out
+        lines = printed.splitlines()
+        assert lines[0].startswith(f"gsm8k: {first} -> {second.run_id}: 1 layer(s) changed")
+        assert lines[0].endswith("why: adapter changed")
+        assert len(lines) == 2 and lines[1].split()[0] == module, printed  # exactly that layer
+        assert not any(name in printed for name in ("legal", "medqa", "support"))
+
+    assert main(["status", out]) == EXIT_OK
+    table = capsys.readouterr().out
+    assert f"gsm8k                published   {second.run_id}" in table
+    assert f"medqa                published   {first}" in table and "4 published" in table
+
+    # Against the config: medqa left the fleet (orphaned), legal's inputs changed (stale, and why).
+    (local_fleet / "finetuned" / "medqa").rename(tmp_path / "medqa")
+    (local_fleet / "finetuned" / "legal" / "adapter_model.safetensors").touch()
+    assert main(["status", out, "--config", str(config_path), "--format", "json"]) == EXIT_OK
+    states = {a["adapter"]: a for a in json.loads(capsys.readouterr().out)["adapters"]}
+    assert states["medqa"]["state"] == "orphaned" and states["legal"]["state"] == "stale"
+    assert states["legal"]["detail"] == "adapter changed"
+    assert states["gsm8k"]["state"] == "published" and states["gsm8k"]["run_id"] == second.run_id
+    assert states["gsm8k"]["modules"] == 14 and states["gsm8k"]["lowest_rho"] is not None
+
+    table_path = tmp_path / "decisions.parquet"
+    assert main(["status", out, "--format", "parquet", "--out", str(table_path)]) == EXIT_OK
+    assert f"{4 * 14} decision rows of 4 adapters written" in capsys.readouterr().out
+    rows = pq.read_table(table_path).to_pylist()
+    assert len(rows) == 4 * 14 and {r["run_id"] for r in rows if r["adapter"] == "gsm8k"} == {second.run_id}
+
+    assert main(["runs", out, "--format", "json"]) == EXIT_OK
+    runs = json.loads(capsys.readouterr().out)
+    assert [(r["run_id"], r["exit_status"], r["counts"]["committed"]) for r in runs] == [
+        (first, 0, 4), (second.run_id, 0, 1)]
+    assert set(runs[0]["inputs"]) == {"unaligned_model", "aligned_model", "safety_adapter"}
+    assert main(["diff", out]) == 2 and "give two runs" in capsys.readouterr().err
