@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--config", required=True, help="fleet config YAML")
     f.add_argument("--address", default=None,
                    help="Ray cluster to join (default: RAY_ADDRESS, a local `ray start`, or a new local Ray)")
-    f.add_argument("--quiet", action="store_true", help="no progress lines")
+    f.add_argument("--quiet", action="store_true", help="no progress lines, and none of Ray's own log lines")
+    f.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="json: one JSON object per line for every message, progress step and adapter outcome, "
+                        "with the run id (for log pipelines)")
     f.add_argument("--summary-json", metavar="FILE", default=None,
                    help="also write the run record (the same as OUTPUT/status/last_run.json) to FILE")
     f.add_argument("--runtime-env-json", metavar="JSON", default=None,
@@ -165,7 +168,9 @@ def cmd_fleet(args) -> int:
     from .config import load_config
     from .fleet import format_report, run_fleet
     from .output import RunRecord, utc_now
+    from .progress import configure
 
+    configure(args.log_format)
     started = utc_now()
     if args.dry_run:
         return _dry_run(load_config(args.config))
@@ -188,7 +193,10 @@ def cmd_fleet(args) -> int:
     except KeyboardInterrupt as exc:
         failed(exc, 130)
         raise
-    print(format_report(report))
+    if args.log_format == "json":
+        _log_outcomes(report)
+    else:
+        print(format_report(report))
     assert report.record is not None
     emit_record(report.record.to_dict(), args.summary_json, args.record_line)
     return report.exit_code
@@ -210,6 +218,25 @@ def _dry_run(config) -> int:
     print(f"dry run: {len(plan.pending)} to redo, {sum(st.status == 'unchanged' for st in plan.states)} unchanged, "
           f"{sum(st.status == 'failed' for st in plan.states)} invalid; nothing was started or written")
     return EXIT_OK
+
+
+def _log_outcomes(report) -> None:
+    """One JSON line per adapter (status, layers repaired, why it was redone or why it failed), then the run's."""
+    from .progress import log
+
+    for st in report.adapters:
+        fields = {"adapter": st.ref.name, "status": st.status}
+        if st.counts:
+            fields.update(repaired=st.counts["repaired"], modules=st.counts["modules"])
+        if st.why and st.status == "committed":
+            fields["why"] = st.why
+        if st.status == "failed":
+            fields["reason"] = st.reason
+        if st.status == "unchanged":
+            fields["published_run"] = st.previous_run
+        log("adapter", f"{st.ref.name}: {st.status}", **fields)
+    log("run", f"exit status {report.exit_code}", exit_status=report.exit_code, warnings=report.warnings[:100],
+        output=report.output)
 
 
 def json_arg(text: str | None, flag: str) -> dict | None:

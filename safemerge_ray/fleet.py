@@ -55,7 +55,7 @@ from .output import (
     write_verified,
 )
 from .plan import ModulePlan, plan_adapter
-from .progress import Progress
+from .progress import LOG, Progress, log
 from .repair import delta_from_pair, read_weight_pair, resolve_device, score_module
 from .report import counts, decisions_bytes
 from .storage import BYTES_READ, Dir, LocalDir, S3Settings, open_dir, sha256_of
@@ -414,8 +414,8 @@ def balance(jobs: list[ModuleJob], n: int) -> list[list[ModuleJob]]:
     return [sorted(s, key=lambda j: natural_key(j.module)) for s in shards if s]
 
 
-def _log(msg: str) -> None:
-    print(f"[fleet] {msg}", flush=True)
+def _log(msg: str, **fields) -> None:
+    log("fleet", msg, **fields)
 
 
 def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = None,
@@ -427,6 +427,7 @@ def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = N
     happens once the lock is held, a run record is written (`status/last_run.json`) and attached to
     the report, or to the error as `run_record`.
     """
+    LOG.run_id = None  # set once this run has an id
     out = open_dir(config.output, what="output", s3=config.s3, must_exist=False)
     record = RunRecord(started_at=utc_now(), output=out.uri, config=config.source)
     lock = RunLock(out).acquire(break_lock=break_lock)
@@ -562,8 +563,8 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
 
     import ray
 
-    run_id = run_id or new_run_id()
-    init_ray(ray_address, runtime_env)
+    run_id = LOG.run_id = run_id or new_run_id()
+    init_ray(ray_address, runtime_env, quiet=not progress)
     jobs = _plan_jobs(pending)
     workers = _start_workers(config, len(jobs), deadline.at)
     try:
@@ -937,13 +938,17 @@ def format_report(report: FleetReport) -> str:
     return "\n".join(lines)
 
 
-def init_ray(address: str | None = None, runtime_env: dict | None = None) -> None:
-    """Join the cluster named by `address` / RAY_ADDRESS / a local `ray start`, or start a local one."""
+def init_ray(address: str | None = None, runtime_env: dict | None = None, quiet: bool = False) -> None:
+    """Join the cluster named by `address` / RAY_ADDRESS / a local `ray start`, or start a local one.
+    `quiet`: Ray's own INFO lines and the workers' output stay out of this process's output."""
+    import logging
+
     import ray
 
     if not ray.is_initialized():
         try:
-            ray.init(address=address, runtime_env=runtime_env, ignore_reinit_error=True)
+            ray.init(address=address, runtime_env=runtime_env, ignore_reinit_error=True,
+                     logging_level=logging.WARNING if quiet else logging.INFO, log_to_driver=not quiet)
         except (ConnectionError, ray.exceptions.RayError, RuntimeError) as exc:  # unreachable, bad token, ...
             raise EnvironmentFailure(f"cannot start or join Ray (address {address or 'auto'}): "
                                      f"{_first_line(exc)}") from None

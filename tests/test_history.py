@@ -113,3 +113,40 @@ def test_status_runs_and_diff_name_what_changed_and_why(local_fleet, ray_local, 
         (first, 0, 4), (second.run_id, 0, 1)]
     assert set(runs[0]["inputs"]) == {"unaligned_model", "aligned_model", "safety_adapter"}
     assert main(["diff", out]) == 2 and "give two runs" in capsys.readouterr().err
+
+
+def test_json_logs_one_line_per_adapter_with_the_run_id(local_fleet, capfd):
+    from safemerge_ray.progress import configure
+
+    try:
+        code = main(["fleet", "--config", str(local_fleet / "fleet.yaml"), "--quiet", "--log-format", "json",
+                     "--address", "local"])
+    finally:
+        configure("text")  # the log format is process-wide, as a CLI process has it
+    assert code == EXIT_OK
+    captured = capfd.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
+    assert len(lines) == len(captured.out.splitlines()), captured.out  # nothing but JSON on stdout
+    adapters = [x for x in lines if x["event"] == "adapter"]
+    run_id = adapters[0]["run_id"]
+    assert [(x["adapter"], x["status"], x["why"]) for x in adapters] == [
+        (n, "committed", ["new"]) for n in ("gsm8k", "legal", "medqa", "support")]
+    assert all(x["run_id"] == run_id and x["modules"] == 14 for x in adapters)
+    assert lines[-1]["event"] == "run" and lines[-1]["exit_status"] == 0
+    assert "INFO" not in captured.err and "Started a local Ray instance" not in captured.err  # --quiet: Ray too
+
+
+def test_eta_ignores_start_up():
+    import io
+
+    from safemerge_ray.progress import Progress, configure
+
+    configure("text")
+    bar = Progress("score", 10, every_s=0.0, stream=io.StringIO())
+    bar.start -= 100.0  # 100 s of start-up before the first module finished
+    bar.advance()
+    assert "ETA ?" in bar.stream.getvalue().splitlines()[-1]
+    bar.first = (bar.first[0] - 1.0, 1)  # the second module took 1 s
+    bar.advance()
+    eta = float(bar.stream.getvalue().splitlines()[-1].rsplit("ETA ", 1)[1].rstrip("s"))
+    assert 7.9 <= eta <= 8.5  # 8 modules left at 1 s each, not 8 x 50 s
