@@ -9,15 +9,16 @@ import torch
 
 from .adapters import PREFIX, LoraAdapter
 from .errors import SafeMergeError
-from .merge import MergeSettings, decide, kept_layer, merged_layer, projected_layer
+from .merge import MergeSettings, kept_layer
 from .plan import ModulePlan
+from .policy import POLICIES, selected
 
 
 @dataclass(frozen=True)
 class ModuleScore:
     module: str
     rho: float
-    projected_b: torch.Tensor | None = None  # C B, only for SafeLoRA where it repairs the layer
+    projected_b: torch.Tensor | None = None  # C B, only for SafeLoRA where it may repair the layer
 
 
 @dataclass
@@ -33,25 +34,18 @@ def assemble_adapter(name: str, plans: list[ModulePlan], scores: dict[str, Modul
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     rows = []
-    w_ft, w_safe = settings.weights
+    chosen = selected(settings, {plan.module: scores[plan.module].rho for plan in plans})
+    policy = POLICIES[settings.policy]
     for plan in plans:
         lora = finetuned.read_lora(plan.module)
         rho = scores[plan.module].rho
-        repair = decide(settings.policy, rho, settings.tau)
-        weights = (1.0, 0.0)
-        if not repair:
-            action, (a, b) = "kept", kept_layer(lora, plan.lora.scaling)
-        elif settings.policy == "safelora":
-            projected_b = scores[plan.module].projected_b
-            assert projected_b is not None, "score_module projects B wherever SafeLoRA repairs"
-            action, (a, b) = "projected", projected_layer(lora, plan.lora.scaling, projected_b)
-        elif plan.safety is None:
-            action, (a, b) = "kept_no_safety_lora", kept_layer(lora, plan.lora.scaling)
+        if plan.module not in chosen:
+            action, weights, (a, b) = "kept", (1.0, 0.0), kept_layer(lora, plan.lora.scaling)
         else:
-            assert safety is not None, "a plan has a safety LoRA only when there is a safety adapter"
-            action, weights = "merged", (w_ft, w_safe)
-            a, b = merged_layer(settings, plan.module, [lora, safety.read_lora(plan.module)],
-                                [plan.lora.scaling, plan.safety.scaling])
+            safety_lora = safety.read_lora(plan.module) if safety is not None and plan.safety is not None else None
+            done = policy.repair(settings, plan.module, lora, plan.lora.scaling, safety_lora,
+                                 plan.safety.scaling if plan.safety else None, scores[plan.module].projected_b)
+            action, weights, (a, b) = done.action, done.weights, done.lora
         tensors[f"{PREFIX}{plan.module}.lora_A.weight"] = a.contiguous()
         tensors[f"{PREFIX}{plan.module}.lora_B.weight"] = b.contiguous()
         ranks[plan.module] = a.shape[0]

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--density", type=float, default=None, help="kept fraction for ties/dare/magnitude_prune")
     m.add_argument("--majority-sign-method", default="total", help="total | frequency (ties, dare_ties)")
     m.add_argument("--seed", type=int, default=0, help="seed for DARE's random drop (default 0)")
+    chosen = m.add_mutually_exclusive_group()
+    chosen.add_argument("--top-k", type=int, default=None, metavar="K",
+                        help="repair the K layers with the lowest rho instead of those below tau")
+    chosen.add_argument("--fraction", type=float, default=None, metavar="F",
+                        help="repair the ceil(F x layers) layers with the lowest rho instead of those below tau")
     m.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     m.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -150,6 +155,8 @@ def cmd_merge(args) -> int:
     settings = MergeSettings(
         policy=args.policy, tau=args.tau, weights=tuple(args.weights), method=args.method,
         density=args.density, majority_sign_method=args.majority_sign_method, seed=args.seed,
+        select="top_k" if args.top_k is not None else "fraction" if args.fraction is not None else "threshold",
+        select_value=args.top_k if args.top_k is not None else args.fraction,
     )
     summary = merge_to_dir(
         unaligned=args.unaligned, aligned=args.aligned, safety_adapter=args.safety_adapter,

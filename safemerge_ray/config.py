@@ -65,6 +65,7 @@ class MergeSection(_Strict):
     density: float | None = None
     majority_sign_method: str = "total"
     seed: int = 0
+    select: str | dict[str, float] | None = None  # {top_k: K} | {fraction: F} | threshold (the default: tau)
 
     @field_validator(*FIELD_CHECKS)
     @classmethod
@@ -81,6 +82,7 @@ class OverrideSection(_Strict):
     density: float | None = None
     majority_sign_method: str | None = None
     seed: int | None = None
+    select: str | dict[str, float] | None = None
 
     @field_validator(*FIELD_CHECKS)
     @classmethod
@@ -362,6 +364,15 @@ def _local_or_s3(location: str, base: Path) -> str:
 def _settings(base: MergeSettings, fields: dict, where: str, problems: list[str]) -> MergeSettings | None:
     if "weights" in fields and fields["weights"] is not None:
         fields["weights"] = tuple(fields["weights"])
+    select = fields.pop("select", None)
+    if isinstance(select, str):  # `select: threshold`
+        fields.update(select=select, select_value=None)
+    elif isinstance(select, dict):  # `select: {top_k: 3}`
+        if len(select) != 1:
+            problems.append(f"{where}.select: give one of {{top_k: K}}, {{fraction: F}} or threshold")
+            return None
+        ((mode, value),) = select.items()
+        fields.update(select=mode, select_value=value)
     try:
         return replace(base, **fields)
     except SafeMergeError as exc:

@@ -55,6 +55,7 @@ from .output import (
     write_verified,
 )
 from .plan import ModulePlan, plan_adapter
+from .policy import POLICIES
 from .progress import LOG, Progress, log
 from .repair import delta_from_pair, read_weight_pair, resolve_device, score_module
 from .report import counts, decisions_bytes
@@ -621,7 +622,7 @@ def _plan_jobs(pending: list[AdapterState]) -> list[ModuleJob]:
     for module, items in by_module.items():
         first = items[0][0]
         cost = ModuleCost(module, *first.shape, first.nbytes, tuple(p.lora.rank for p, _ in items),
-                          sum(req.settings.policy == "safelora" for _, req in items))
+                          sum(POLICIES[req.settings.policy].needs_projection for _, req in items))
         jobs.append(ModuleJob(module, first.weight_key, first.transpose, first.nbytes,
                               tuple(req for _, req in items), cost))
     return jobs

@@ -1,6 +1,6 @@
 """Merge decisions and per-layer merge arithmetic.
 
-Policies decide per module from `rho`; methods combine one module's fine-tune and safety LoRA
+Which layers are repaired and how is `policy.py`; methods combine one module's fine-tune and safety LoRA
 exactly as PEFT's `add_weighted_adapter` does for weights `[w_ft, w_safe]` on that layer (they call
 `peft.utils.merge_utils`, so the arithmetic is PEFT's own). Every output layer is expressed with
 scaling 1 (the output config has `r = lora_alpha` per module), as `add_weighted_adapter` does.
@@ -22,7 +22,6 @@ from .errors import SafeMergeError
 
 Lora = tuple[torch.Tensor, torch.Tensor]  # (A [r, in], B [out, r]), float32
 
-POLICIES = ("safemerge", "safelora")
 SIGN_METHODS = ("total", "frequency")
 
 
@@ -35,6 +34,8 @@ class MergeSettings:
     density: float | None = None
     majority_sign_method: str = "total"
     seed: int = 0
+    select: str = "threshold"  # which layers are repaired: threshold (tau) | top_k | fraction (policy.py)
+    select_value: float | None = None  # K for top_k, F for fraction
 
     def __post_init__(self):
         for name, check in FIELD_CHECKS.items():
@@ -46,9 +47,28 @@ class MergeSettings:
             raise SafeMergeError("weights must not both be 0: the merged layer would be empty")
         if self.method in DENSITY_METHODS and self.density is None:
             raise SafeMergeError(f"method {self.method} needs a density in (0, 1] (e.g. 0.5)")
+        _check_select(self.select, self.select_value)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings a run records; the default selection is left out, so outputs made before selections
+        existed keep their run keys."""
+        d = asdict(self)
+        if self.select == "threshold":
+            del d["select"], d["select_value"]
+        return d
+
+
+def _check_select(mode: str, value) -> None:
+    from .policy import SELECTIONS
+
+    if mode not in SELECTIONS:
+        raise SafeMergeError(f"select must be one of {', '.join(SELECTIONS)}; got {mode!r}")
+    if mode == "threshold" and value is not None:
+        raise SafeMergeError("select threshold uses tau and takes no value")
+    if mode == "top_k" and not (_number(value) and float(value).is_integer() and value >= 1):
+        raise SafeMergeError(f"select top_k needs a whole number of layers >= 1; got {value!r}")
+    if mode == "fraction" and not (_number(value) and 0 < value <= 1):
+        raise SafeMergeError(f"select fraction needs a number in (0, 1]; got {value!r}")
 
 
 def _number(v) -> bool:
@@ -84,8 +104,14 @@ def _check_seed(v):
 
 
 # Per-field checks, shared by MergeSettings and the fleet config's field-by-field validation.
+def _check_policy(v):
+    from .policy import POLICIES
+
+    _check_choice(tuple(POLICIES))(v)
+
+
 FIELD_CHECKS: dict[str, Callable] = {
-    "policy": _check_choice(POLICIES),
+    "policy": _check_policy,
     "tau": _check_tau,
     "weights": _check_weights,
     "method": lambda v: _check_choice(tuple(METHODS))(v),
@@ -93,11 +119,6 @@ FIELD_CHECKS: dict[str, Callable] = {
     "majority_sign_method": _check_choice(SIGN_METHODS),
     "seed": _check_seed,
 }
-
-
-def decide(policy: str, rho: float, tau: float) -> bool:
-    """True when the module is repaired: merged (safemerge) or projected (safelora)."""
-    return rho < tau if policy == "safemerge" else rho <= tau
 
 
 def _sqrt_weights(weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:

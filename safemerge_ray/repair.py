@@ -20,9 +20,10 @@ from .adapters import LoraAdapter, load_adapter
 from .assemble import AssembledAdapter, ModuleScore, assemble_adapter
 from .errors import SafeMergeError
 from .memory import ModuleCost, available_memory, check_fits, fmt
-from .merge import MergeSettings, decide
+from .merge import MergeSettings
 from .output import DECISIONS, SUMMARY, adapter_files, check_output_target, commit_files, json_bytes
 from .plan import ModulePlan, plan_adapter
+from .policy import POLICIES, needs_projection
 from .progress import Progress
 from .report import counts, decisions_bytes
 from .storage import S3Settings, open_dir
@@ -86,7 +87,7 @@ def score_module(module: str, v: torch.Tensor, loras: list[tuple[torch.Tensor, t
     rhos = lora_rho(v, [(a.to(dev), b.to(dev)) for a, b in loras]).tolist()
     scores = []
     for (_a, b), rho, s in zip(loras, rhos, settings, strict=True):
-        projected = project_lora_b(v, b) if s.policy == "safelora" and decide(s.policy, rho, s.tau) else None
+        projected = project_lora_b(v, b) if needs_projection(s, rho) else None
         scores.append(ModuleScore(module, rho, projected))
     return scores
 
@@ -126,8 +127,9 @@ def repair_adapter(name: str, inputs: Inputs, settings: MergeSettings, device: s
     plans = plan_adapter(inputs.unaligned, inputs.aligned, inputs.finetuned, inputs.safety)
     if plans:  # before any weight is read: a clear error, not an OOM kill
         free = available_memory()
-        worst = max((ModuleCost(p.module, *p.shape, p.nbytes, (p.lora.rank,), int(settings.policy == "safelora"))
-                     for p in plans), key=lambda c: c.peak)
+        projects = int(POLICIES[settings.policy].needs_projection)
+        worst = max((ModuleCost(p.module, *p.shape, p.nbytes, (p.lora.rank,), projects) for p in plans),
+                    key=lambda c: c.peak)
         check_fits(worst, free, f"this machine has {fmt(free)} available")
     bar = Progress("score", len(plans)) if progress else None
     scores: dict[str, ModuleScore] = {}
