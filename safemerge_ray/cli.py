@@ -31,6 +31,20 @@ def _duration(text: str) -> float:
     return value
 
 
+def _taus(text: str) -> list[float]:
+    try:
+        if ":" in text:
+            start, stop, step = (float(x) for x in text.split(":"))
+            if not step > 0 or stop < start:
+                raise ValueError
+            count = int(round((stop - start) / step)) + 1
+            return [round(start + i * step, 10) for i in range(count) if start + i * step <= stop + 1e-9]
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected START:STOP:STEP like 0.1:0.9:0.05, or 0.2,0.35; got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safemerge-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("output", help="a fleet output (local dir or s3://; endpoint from AWS_ENDPOINT_URL)")
     v.add_argument("--adapter", default=None, help="only this adapter (default: every latest/ pointer)")
     v.add_argument("--run", default=None, help="every object of this run instead of the published adapters")
+
+    w = sub.add_parser("sweep", help="score the fleet once and print how many layers each tau would repair "
+                                     "(and rho's quantiles); writes nothing")
+    w.add_argument("config", help="fleet config YAML")
+    w.add_argument("--tau", type=_taus, default=_taus("0.1:0.9:0.05"), metavar="START:STOP:STEP",
+                   help="the taus to try, START to STOP inclusive (default 0.1:0.9:0.05), or a list like 0.2,0.35,0.5")
+    w.add_argument("--address", default=None, help="Ray cluster to join (as for fleet)")
+    w.add_argument("--format", choices=("table", "json"), default="table")
+    w.add_argument("--quiet", action="store_true", help="no progress lines, and none of Ray's own log lines")
 
     st = sub.add_parser("status", help="every adapter's current run, layers repaired, lowest rho; stale or "
                                        "orphaned pointers")
@@ -410,6 +433,60 @@ def cmd_diff(args) -> int:
     return EXIT_OK
 
 
+def cmd_sweep(args) -> int:
+    import json
+    import statistics
+    from dataclasses import replace
+
+    from .config import load_config
+    from .fleet import score_fleet
+    from .policy import below_tau
+    from .progress import configure
+
+    config = load_config(args.config)
+    configure("text", stream=sys.stderr)  # stdout is the table (or the JSON)
+    try:
+        rhos, plan = score_fleet(config, progress=not args.quiet, ray_address=args.address)
+    finally:
+        configure("text")
+    failed = {st.ref.name: st.reason for st in plan.states if st.status == "failed"}
+    rows: dict[str, dict] = {}
+    for name, by_module in sorted(rhos.items()):
+        settings, values = config.settings_for(name), sorted(by_module.values())
+        rows[name] = {
+            "modules": len(values),
+            "repaired": {f"{t:g}": sum(below_tau(replace(settings, tau=t), r) for r in values) for t in args.tau},
+            "rho": {"min": values[0], "p10": _quantile(values, 0.1), "p50": statistics.median(values),
+                    "p90": _quantile(values, 0.9), "max": values[-1]},
+        }
+    total = {f"{t:g}": sum(r["repaired"][f"{t:g}"] for r in rows.values()) for t in args.tau}
+    if args.format == "json":
+        print(json.dumps({"adapters": rows, "total": {"modules": sum(r["modules"] for r in rows.values()),
+                                                      "repaired": total}, "failed": failed}, indent=2))
+        return EXIT_OK
+    taus = [f"{t:g}" for t in args.tau]
+    print("layers each tau would repair")
+    print(f"{'adapter':<20} {'layers':>6} " + " ".join(f"{t:>5}" for t in taus))
+    for name, r in rows.items():
+        print(f"{name:<20} {r['modules']:>6} " + " ".join(f"{r['repaired'][t]:>5}" for t in taus))
+    print(f"{'total':<20} {sum(r['modules'] for r in rows.values()):>6} " + " ".join(f"{total[t]:>5}" for t in taus))
+    print(f"\nrho per adapter\n{'adapter':<20} {'min':>7} {'p10':>7} {'p50':>7} {'p90':>7} {'max':>7}")
+    for name, r in rows.items():
+        q = r["rho"]
+        print(f"{name:<20} " + " ".join(f"{q[k]:>7.4f}" for k in ("min", "p10", "p50", "p90", "max")))
+    for name, reason in failed.items():
+        print(f"failed: {name}: {reason}")
+    return EXIT_OK
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
 def cmd_synth(args) -> int:
     from .synthetic import SynthSpec, build_fixture
 
@@ -430,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"merge": cmd_merge, "fleet": cmd_fleet, "submit": cmd_submit, "verify": cmd_verify,
                     "rollback": cmd_rollback, "gc": cmd_gc, "status": cmd_status, "runs": cmd_runs, "diff": cmd_diff,
-                    "synth": cmd_synth}
+                    "sweep": cmd_sweep, "synth": cmd_synth}
         return commands[args.command](args)
     except SafeMergeError as exc:  # inputs (2) or environment (1): one line, no traceback
         print(f"safemerge-ray: error: {exc}", file=sys.stderr)

@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -186,7 +186,7 @@ class FleetWorker:
             self.adapters[uri] = load_adapter(open_dir(uri, what=f"adapter {uri}", s3=self.s3), uri)
         return self.adapters[uri]
 
-    def preflight(self, adapters: list[str], safety: str | None, out: Dir,
+    def preflight(self, adapters: list[str], safety: str | None, out: Dir | None,
                   marker: tuple[str, str] | None) -> PreflightResult:
         """From this worker's node: open every input (headers only; kept for scoring) and check that the
         output can be written. `marker` is a file the driver put in a local output, to prove that this
@@ -215,7 +215,7 @@ class FleetWorker:
         items = [("model", w) for w in self.uris] + ([("safety", safety)] if safety else [])
         with ThreadPoolExecutor(max_workers=8) as pool:  # latency-bound on S3: overlap the small reads
             problems += [p for p in pool.map(check, items + [("adapter", u) for u in adapters]) if p]
-        problem = _check_output(node, node_id, out, marker)
+        problem = _check_output(node, node_id, out, marker) if out is not None else None  # None: writes nothing
         return PreflightResult(node, problems + ([problem] if problem else []), node_id, available_memory())
 
     def _read(self, job: ModuleJob) -> Future:
@@ -502,9 +502,9 @@ class FleetPlan:
         return [st for st in self.states if st.status == "pending"]
 
 
-def plan_fleet(config: FleetConfig, out: Dir, deadline: Deadline | None = None) -> FleetPlan:
+def plan_fleet(config: FleetConfig, out: Dir, deadline: Deadline | None = None, redo_all: bool = False) -> FleetPlan:
     """Every adapter: unchanged (its published output is still right and intact), pending (and why), or
-    failed (unreadable or invalid, alone)."""
+    failed (unreadable or invalid, alone). `redo_all`: every valid adapter is pending (a sweep)."""
     deadline = deadline or Deadline(None)
     s3 = config.s3
     refs, skipped = config.scan_adapters()
@@ -533,7 +533,7 @@ def plan_fleet(config: FleetConfig, out: Dir, deadline: Deadline | None = None) 
             st.run_key = run_key(fingerprints, adapter.fingerprint, st.settings)
             pointer = read_pointer(out, st.ref.name)  # damaged: the adapter is redone
             st.previous_run = pointer.get("run_id") if pointer else None
-            if pointer and pointer.get("run_key") == st.run_key:
+            if pointer and pointer.get("run_key") == st.run_key and not redo_all:
                 damage = published_damage(out, st.ref.name, pointer, manifests)
                 if damage is None:
                     st.status = "unchanged"
@@ -586,6 +586,32 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
     report.bytes_read = BYTES_READ.total - driver_before + worker_bytes
     report.exit_code = exit_status(states)
     return report
+
+
+def score_fleet(config: FleetConfig, progress: bool = True, ray_address: str | None = None,
+                runtime_env: dict | None = None) -> tuple[dict[str, dict[str, float]], FleetPlan]:
+    """Every valid adapter's rho per module, scored once on Ray whatever is published; writes nothing.
+    (SafeLoRA adapters are scored as SafeMERGE ones: rho is the same, and no projection is needed.)"""
+    out = open_dir(config.output, what="output", s3=config.s3, must_exist=False)
+    plan = plan_fleet(config, out, redo_all=True)
+    pending = plan.pending
+    if not pending:
+        return {}, plan
+    for st in pending:
+        st.settings = replace(st.settings, policy="safemerge")
+    init_ray(ray_address, runtime_env, quiet=not progress)
+    import ray
+
+    jobs = _plan_jobs(pending)
+    deadline = Deadline(config.max_run_seconds)
+    workers = _start_workers(config, len(jobs), deadline.at)
+    try:
+        check_memory(config, jobs, _preflight(config, None, workers, pending))
+        _score(workers, jobs, pending, progress, deadline)
+    finally:
+        for worker in workers:
+            ray.kill(worker)
+    return {st.ref.name: {m: s.rho for m, s in st.scores.items()} for st in pending if st.status == "pending"}, plan
 
 
 def _worker_bytes(workers: list) -> int:
@@ -686,7 +712,8 @@ def check_memory(config: FleetConfig, jobs: list[ModuleJob], results: list[Prefl
     check_fits(worst.cost, have, where)
 
 
-def _preflight(config: FleetConfig, out: Dir, workers: list, pending: list[AdapterState]) -> list[PreflightResult]:
+def _preflight(config: FleetConfig, out: Dir | None, workers: list,
+               pending: list[AdapterState]) -> list[PreflightResult]:
     """Every worker checks, from its own node, every input it will read and the output it will write.
 
     Waits at most `ray.start_timeout_s` for the workers to be placed (an autoscaling cluster may need
@@ -713,7 +740,7 @@ def _preflight(config: FleetConfig, out: Dir, workers: list, pending: list[Adapt
         except ray.exceptions.RaySystemError as exc:
             raise EnvironmentFailure(f"Ray failed while starting the workers: {_first_line(exc)}") from None
     finally:
-        if marker:
+        if marker and out is not None:
             (Path(out.uri) / marker[0]).unlink(missing_ok=True)
     problems = format_problems([p for r in results for p in r.problems])
     if problems:

@@ -12,26 +12,28 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from typing import TextIO
 
 
 @dataclass
 class LogSettings:
     format: str = "text"  # text | json
     run_id: str | None = None
+    stream: TextIO | None = None  # where log lines go (None: stdout)
 
 
 LOG = LogSettings()
 
 
-def configure(log_format: str) -> None:
+def configure(log_format: str, stream: TextIO | None = None) -> None:
     if log_format not in ("text", "json"):
         raise ValueError(f"log format must be text or json, not {log_format!r}")
-    LOG.format, LOG.run_id = log_format, None
+    LOG.format, LOG.run_id, LOG.stream = log_format, None, stream
 
 
 def log(event: str, message: str, stream=None, **fields) -> None:
     """One line: `[event] message`, or a JSON object with the time, the run id and `fields`."""
-    stream = stream or sys.stdout
+    stream = stream or LOG.stream or sys.stdout
     if LOG.format == "json":
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event, "message": message}
         if LOG.run_id:

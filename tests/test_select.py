@@ -72,3 +72,23 @@ def test_select_in_the_fleet_config(local_fleet, ray_local):
         path.write_text(yaml.safe_dump(raw))
         with pytest.raises(SafeMergeError, match=message.replace("(", r"\(").replace(")", r"\)")):
             load_config(path)
+
+
+def test_sweep_scores_once_and_counts_what_each_tau_would_repair(local_fleet, ray_local, capsys):
+    config = load_config(local_fleet / "fleet.yaml")
+    report = run_fleet(config, progress=False)  # the reference: what tau 0.35 repaired, per adapter
+    repaired = {st.ref.name: st.counts["repaired"] for st in report.adapters}
+    runs_before = sorted((local_fleet / "merged" / "runs").iterdir())
+    capsys.readouterr()
+    assert main(["sweep", str(local_fleet / "fleet.yaml"), "--tau", "0:1:0.35", "--format", "json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["adapters"]["gsm8k"]["repaired"]) == ["0", "0.35", "0.7"]
+    for name, counts in repaired.items():  # published adapters are scored too: a sweep ignores the output
+        row = result["adapters"][name]
+        assert row["repaired"]["0.35"] == counts and row["repaired"]["0"] == 0
+        assert row["rho"]["min"] <= row["rho"]["p50"] <= row["rho"]["max"]
+    assert result["total"]["repaired"]["0.35"] == sum(repaired.values())
+    assert sorted((local_fleet / "merged" / "runs").iterdir()) == runs_before  # nothing written
+    assert main(["sweep", str(local_fleet / "fleet.yaml"), "--tau", "0.2,0.35", "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "layers each tau would repair" in table and "total" in table and "rho per adapter" in table
