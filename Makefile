@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := build/demo
 
-.PHONY: setup demo lint test test-fast test-quick clean bench bench-quick
+.PHONY: setup browser demo lint test test-fast test-quick clean bench bench-quick
 
 setup: $(STAMP)
 
@@ -28,8 +28,13 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy safemerge_ray jobs
 
-# Everything: lint, then the whole suite (local Ray, SeaweedFS S3, `ray start` clusters, k8s manifests).
-test: setup lint
+# The report's page test opens it in a real headless browser: Chromium from Debian's packages.
+browser:
+	command -v chromium >/dev/null || apt-get install -y -qq chromium
+
+# Everything: lint, then the whole suite (local Ray, SeaweedFS S3, `ray start` clusters, k8s manifests,
+# the report in Chromium).
+test: setup browser lint
 	$(PY) -m pytest -q
 
 # The fast unit tests alone: no Ray, no S3 server, no cluster, no manifest linters (markers: tests/conftest.py).

@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="table (default), json (one entry per adapter), or parquet (every current decision row)")
     st.add_argument("--out", metavar="FILE", default=None, help="write to FILE instead of stdout (parquet needs it)")
 
+    rp = sub.add_parser("report", help="one self-contained report.html: rho heatmap, histogram, one row per adapter")
+    rp.add_argument("output", help="a fleet output (local dir or s3://; endpoint from AWS_ENDPOINT_URL)")
+    rp.add_argument("--run", default=None,
+                    help="that run's adapters, written to runs/RUN/report.html (default: the fleet's current "
+                         "state, written to OUTPUT/report.html)")
+    rp.add_argument("--out", metavar="FILE", default=None, help="write the page to FILE instead")
+
     r = sub.add_parser("runs", help="every run of an output: committed, nothing to do, or failed")
     r.add_argument("output", help="a fleet output (local dir or s3://; endpoint from AWS_ENDPOINT_URL)")
     r.add_argument("--format", choices=("table", "json"), default="table")
@@ -406,6 +413,40 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+def cmd_report(args) -> int:
+    import io
+
+    import pyarrow.parquet as pq
+
+    from .history import fleet_status
+    from .output import DECISIONS, REPORT, run_prefix
+    from .report_page import render
+
+    out = _output(args.output)
+    if args.run:
+        key = f"{run_prefix(args.run)}{DECISIONS}"
+        if not out.exists(key):
+            raise SafeMergeError(f"report: run {args.run} has no {DECISIONS} in {out.uri}")
+        rows = [dict(r, run_id=args.run) for r in pq.read_table(io.BytesIO(out.read(key))).to_pylist()]
+        title, target, states = f"safemerge-ray run {args.run}", f"{run_prefix(args.run)}{REPORT}", None
+    else:
+        statuses, rows = fleet_status(out)
+        title, target = f"safemerge-ray fleet {out.uri}", REPORT
+        states = {s.adapter: s.state for s in statuses}
+    if not rows:
+        raise SafeMergeError(f"report: no decisions to show in {out.uri}")
+    page, table, _ = render(rows, title, states)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(page)
+        where = args.out
+    else:
+        out.write(target, page.encode())
+        where = f"{out.uri.rstrip('/')}/{target}"
+    print(f"report of {len(table)} adapters, {len(rows)} layers: {where}")
+    return EXIT_OK
+
+
 def cmd_runs(args) -> int:
     import json
     from dataclasses import asdict
@@ -507,8 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"merge": cmd_merge, "fleet": cmd_fleet, "submit": cmd_submit, "verify": cmd_verify,
-                    "rollback": cmd_rollback, "gc": cmd_gc, "status": cmd_status, "runs": cmd_runs, "diff": cmd_diff,
-                    "sweep": cmd_sweep, "synth": cmd_synth}
+                    "rollback": cmd_rollback, "gc": cmd_gc, "status": cmd_status, "report": cmd_report,
+                    "runs": cmd_runs, "diff": cmd_diff, "sweep": cmd_sweep, "synth": cmd_synth}
         return commands[args.command](args)
     except SafeMergeError as exc:  # inputs (2) or environment (1): one line, no traceback
         print(f"safemerge-ray: error: {exc}", file=sys.stderr)

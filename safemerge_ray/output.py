@@ -40,6 +40,7 @@ from .storage import Dir, LocalDir, S3Dir, S3Settings, sha256_of
 SUMMARY = "summary.json"
 MANIFEST = "manifest.json"  # a run's commit point: written last; a run without it did not happen
 DECISIONS = "decisions.parquet"
+REPORT = "report.html"  # `safemerge-ray report` writes it beside a run (or at the output's top): not garbage
 
 
 def adapter_files(tensors: dict, config: dict) -> dict[str, bytes]:
@@ -567,7 +568,7 @@ def collect_garbage(out: Dir, keep: int, older_than_s: float | None = None, dry_
             manifest = committed.get(run_id)
             if manifest is None:
                 continue  # uncommitted but young (older_than) or pointed at: left alone
-            listed = {manifest_key(run_id), *manifest.get("objects", {})}
+            listed = {manifest_key(run_id), f"{run_prefix(run_id)}{REPORT}", *manifest.get("objects", {})}
             for entry in manifest.get("adapters", {}).values():
                 listed.update(entry.get("objects", {}))
             if old_enough(run_id):
