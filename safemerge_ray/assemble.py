@@ -19,6 +19,7 @@ class ModuleScore:
     module: str
     rho: float
     projected_b: torch.Tensor | None = None  # C B, only for SafeLoRA where it may repair the layer
+    rho_after: float | None = None  # rho of the layer as repaired, where it may be (computed where V is)
 
 
 @dataclass
@@ -51,6 +52,7 @@ def assemble_adapter(name: str, plans: list[ModulePlan], scores: dict[str, Modul
         ranks[plan.module] = a.shape[0]
         rows.append({
             "adapter": name, "module": plan.module, "rho": rho, "tau": settings.tau,
+            "rho_after": scores[plan.module].rho_after if action in ("merged", "projected") else None,
             "merged": action in ("merged", "projected"), "action": action,
             "policy": settings.policy, "method": settings.method,
             "weight_finetuned": weights[0], "weight_safety": weights[1],

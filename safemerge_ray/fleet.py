@@ -57,7 +57,7 @@ from .output import (
 from .plan import ModulePlan, plan_adapter
 from .policy import POLICIES
 from .progress import LOG, Progress, log
-from .repair import delta_from_pair, read_weight_pair, resolve_device, score_module
+from .repair import RepairInputs, delta_from_pair, read_weight_pair, resolve_device, score_module
 from .report import counts, decisions_bytes
 from .storage import BYTES_READ, Dir, LocalDir, S3Settings, open_dir, sha256_of
 from .tensors import Checkpoint, natural_key, release_freed_buffers
@@ -82,6 +82,7 @@ class ModuleJob:
     nbytes: int
     requests: tuple[ScoreRequest, ...]
     cost: ModuleCost
+    safety: str | None = None  # the safety adapter's URI: its layer is needed to score the repair's effect
 
 
 # A module's weights are read again after botocore's own retries have given up (a longer outage),
@@ -181,6 +182,11 @@ class FleetWorker:
     def aligned(self) -> Checkpoint:
         return self._model("aligned model")
 
+    def _safety(self, uri: str) -> LoraAdapter:
+        if uri not in self.adapters:
+            self.adapters[uri] = load_adapter(open_dir(uri, what="safety adapter", s3=self.s3), "safety adapter")
+        return self.adapters[uri]
+
     def _adapter(self, uri: str) -> LoraAdapter:
         if uri not in self.adapters:
             self.adapters[uri] = load_adapter(open_dir(uri, what=f"adapter {uri}", s3=self.s3), uri)
@@ -246,15 +252,25 @@ class FleetWorker:
         except SafeMergeError as exc:  # a bad or unreadable (after retries) weight fails every adapter needing it
             result.errors = {r.adapter: Failure.of(exc) for r in job.requests}
             return result
-        ready, loras = [], []
+        ready, loras, repairs = [], [], []
+        try:
+            safety = self._safety(job.safety) if job.safety else None
+            has_layer = safety is not None and job.module in safety.modules
+            safety_lora = self._retrying(safety.read_lora, job.module) if safety is not None and has_layer else None
+            safety_scaling = safety.modules[job.module].scaling if safety is not None and has_layer else None
+        except SafeMergeError as exc:  # shared by every adapter of this module
+            result.errors = {r.adapter: Failure.of(exc) for r in job.requests}
+            return result
         for req in job.requests:
             try:
-                loras.append(self._retrying(self._adapter(req.uri).read_lora, job.module))
+                adapter = self._adapter(req.uri)
+                loras.append(self._retrying(adapter.read_lora, job.module))
+                repairs.append(RepairInputs(adapter.modules[job.module].scaling, safety_lora, safety_scaling))
                 ready.append(req)
             except SafeMergeError as exc:
                 result.errors[req.adapter] = Failure.of(exc)
         if ready:
-            scores = score_module(job.module, v, loras, [r.settings for r in ready])
+            scores = score_module(job.module, v, loras, [r.settings for r in ready], repairs)
             result.scores = {req.adapter: s for req, s in zip(ready, scores, strict=True)}
         return result
 
@@ -566,7 +582,7 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
 
     run_id = LOG.run_id = run_id or new_run_id()
     init_ray(ray_address, runtime_env, quiet=not progress)
-    jobs = _plan_jobs(pending)
+    jobs = _plan_jobs(pending, config.safety_adapter)
     workers = _start_workers(config, len(jobs), deadline.at)
     try:
         check_memory(config, jobs, _preflight(config, out, workers, pending))
@@ -602,7 +618,7 @@ def score_fleet(config: FleetConfig, progress: bool = True, ray_address: str | N
     init_ray(ray_address, runtime_env, quiet=not progress)
     import ray
 
-    jobs = _plan_jobs(pending)
+    jobs = _plan_jobs(pending)  # no safety adapter: rho alone, not the repairs' effect
     deadline = Deadline(config.max_run_seconds)
     workers = _start_workers(config, len(jobs), deadline.at)
     try:
@@ -638,7 +654,7 @@ def _check_output_outlives_job(out: LocalDir) -> None:
         )
 
 
-def _plan_jobs(pending: list[AdapterState]) -> list[ModuleJob]:
+def _plan_jobs(pending: list[AdapterState], safety: str | None = None) -> list[ModuleJob]:
     """One job per target module, naming every pending adapter that needs it."""
     by_module: dict[str, list[tuple[ModulePlan, ScoreRequest]]] = {}
     for st in pending:
@@ -650,7 +666,7 @@ def _plan_jobs(pending: list[AdapterState]) -> list[ModuleJob]:
         cost = ModuleCost(module, *first.shape, first.nbytes, tuple(p.lora.rank for p, _ in items),
                           sum(POLICIES[req.settings.policy].needs_projection for _, req in items))
         jobs.append(ModuleJob(module, first.weight_key, first.transpose, first.nbytes,
-                              tuple(req for _, req in items), cost))
+                              tuple(req for _, req in items), cost, safety))
     return jobs
 
 

@@ -61,6 +61,7 @@ class AdapterStatus:
     repaired: int | None = None
     modules: int | None = None
     lowest_rho: float | None = None
+    repaired_rho: tuple[float, float] | None = None  # mean rho of the repaired layers, before and after repair
     detail: str = ""  # why damaged / stale / orphaned / failed
 
 
@@ -89,7 +90,7 @@ def fleet_status(out: Dir, config=None) -> tuple[list[AdapterStatus], list[dict]
         rows += [dict(r, run_id=run_id) for r in mine]
         status = AdapterStatus(name, "published", run_id, pointer.get("committed_at"),
                                sum(r["merged"] for r in mine) if mine else None, len(mine) or None,
-                               min((r["rho"] for r in mine), default=None))
+                               min((r["rho"] for r in mine), default=None), repaired_rho(mine))
         damage = published_damage(out, name, pointer, manifests)
         if damage:
             status.state, status.detail = "damaged", damage
@@ -105,12 +106,22 @@ def fleet_status(out: Dir, config=None) -> tuple[list[AdapterStatus], list[dict]
     return statuses, rows
 
 
+def repaired_rho(rows: list[dict]) -> tuple[float, float] | None:
+    """Mean rho of the repaired layers before and after their repair (runs that recorded it)."""
+    done = [r for r in rows if r["merged"] and r.get("rho_after") is not None]
+    if not done:
+        return None
+    return sum(r["rho"] for r in done) / len(done), sum(r["rho_after"] for r in done) / len(done)
+
+
 def format_status(statuses: list[AdapterStatus]) -> str:
-    lines = [f"{'adapter':<20} {'state':<11} {'run':<26} {'repaired':>9} {'min rho':>8}  detail"]
+    lines = [f"{'adapter':<20} {'state':<11} {'run':<26} {'repaired':>9} {'min rho':>8} {'repaired rho':>15}  detail"]
     for s in statuses:
         repaired = f"{s.repaired}/{s.modules}" if s.modules else "-"
         rho = f"{s.lowest_rho:.4f}" if s.lowest_rho is not None else "-"
-        lines.append(f"{s.adapter:<20} {s.state:<11} {s.run_id or '-':<26} {repaired:>9} {rho:>8}  {s.detail}")
+        moved = f"{s.repaired_rho[0]:.3f} -> {s.repaired_rho[1]:.3f}" if s.repaired_rho else "-"
+        lines.append(f"{s.adapter:<20} {s.state:<11} {s.run_id or '-':<26} {repaired:>9} {rho:>8} {moved:>15}  "
+                     f"{s.detail}")
     counts: dict[str, int] = {}
     for s in statuses:
         counts[s.state] = counts.get(s.state, 0) + 1

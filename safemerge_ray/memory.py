@@ -1,7 +1,8 @@
 """Memory known before it is spent: a worker's peak from the plan, and the memory there is.
 
 Scoring one module holds, above the process itself: the two model weights as stored (and the next
-module's, read ahead), V in float32, every adapter's (A, B) in float32, and `lora_rho`'s batch,
+module's, read ahead), V in float32, every adapter's (A, B) in float32 (twice: as read, and as repaired
+for the repair's rho), and `lora_rho`'s batch,
 `4 N r_max (2 in + 3 out)` bytes (a_all and V^T B of width `in`; b_all, b_wide and P of width `out`);
 SafeLoRA keeps each repaired layer's projected B (`4 out r`). The baseline (torch, Ray's worker) is
 counted apart.
@@ -35,7 +36,7 @@ class ModuleCost:
         out, inp = self.out_features, self.in_features
         weights = 2 * self.nbytes  # this module's pair, and the next one's being read
         v = 4 * out * inp
-        factors = 4 * sum(r * (inp + out) for r in self.ranks)
+        factors = 2 * 4 * sum(r * (inp + out) for r in self.ranks)  # as read, and as repaired (rho after)
         batch = 4 * n * r_max * (2 * inp + 3 * out)
         return int(OVERHEAD * (weights + v + factors + batch + 4 * out * r_max * self.projected))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -23,7 +23,7 @@ from .memory import ModuleCost, available_memory, check_fits, fmt
 from .merge import MergeSettings
 from .output import DECISIONS, SUMMARY, adapter_files, check_output_target, commit_files, json_bytes
 from .plan import ModulePlan, plan_adapter
-from .policy import POLICIES, needs_projection
+from .policy import POLICIES, may_be_selected, needs_projection
 from .progress import Progress
 from .report import counts, decisions_bytes
 from .storage import S3Settings, open_dir
@@ -80,15 +80,35 @@ def prefetched(items: list, read) -> Iterator[tuple]:
             yield item, current.result()
 
 
+@dataclass(frozen=True)
+class RepairInputs:
+    """What repairing one adapter's layer needs besides its own factors: its LoRA scaling, and the safety
+    adapter's factors and scaling for that layer (None where the safety adapter lacks it)."""
+
+    scaling: float
+    safety: tuple[torch.Tensor, torch.Tensor] | None = None
+    safety_scaling: float | None = None
+
+
 def score_module(module: str, v: torch.Tensor, loras: list[tuple[torch.Tensor, torch.Tensor]],
-                 settings: list[MergeSettings]) -> list[ModuleScore]:
-    """Score every adapter's LoRA for one module against its V in one batch."""
+                 settings: list[MergeSettings], repairs: list[RepairInputs] | None = None) -> list[ModuleScore]:
+    """Score every adapter's LoRA for one module against its V in one batch. With `repairs`, also the rho
+    of each layer as it would be repaired (where it may be), in a second batch: the repair's effect."""
     dev = v.device
     rhos = lora_rho(v, [(a.to(dev), b.to(dev)) for a, b in loras]).tolist()
-    scores = []
-    for (_a, b), rho, s in zip(loras, rhos, settings, strict=True):
+    scores, repaired = [], []
+    for i, ((a, b), rho, s) in enumerate(zip(loras, rhos, settings, strict=True)):
         projected = project_lora_b(v, b) if needs_projection(s, rho) else None
         scores.append(ModuleScore(module, rho, projected))
+        if repairs is not None and may_be_selected(s, rho):
+            r = repairs[i]
+            done = POLICIES[s.policy].repair(s, module, (a, b), r.scaling, r.safety, r.safety_scaling, projected)
+            if done.action != "kept_no_safety_lora":
+                repaired.append((i, done.lora))
+    if repaired:
+        after = lora_rho(v, [(a.to(dev), b.to(dev)) for _, (a, b) in repaired]).tolist()
+        for (i, _), rho_after in zip(repaired, after, strict=True):
+            scores[i] = replace(scores[i], rho_after=rho_after)
     return scores
 
 
@@ -139,7 +159,10 @@ def repair_adapter(name: str, inputs: Inputs, settings: MergeSettings, device: s
 
     for plan, pair in prefetched(plans, read):
         v = delta_from_pair(plan, pair, device)
-        (scores[plan.module],) = score_module(plan.module, v, [inputs.finetuned.read_lora(plan.module)], [settings])
+        safety = inputs.safety.read_lora(plan.module) if inputs.safety is not None and plan.safety else None
+        repair = RepairInputs(plan.lora.scaling, safety, plan.safety.scaling if plan.safety else None)
+        (scores[plan.module],) = score_module(plan.module, v, [inputs.finetuned.read_lora(plan.module)], [settings],
+                                              [repair])
         del v, pair
         if bar:
             bar.advance(nbytes=plan.nbytes)

@@ -9,6 +9,7 @@ DECISION_SCHEMA = pa.schema([
     ("adapter", pa.string()),
     ("module", pa.string()),
     ("rho", pa.float64()),
+    ("rho_after", pa.float64()),  # rho of the repaired layer (null where kept): the repair's effect
     ("tau", pa.float64()),
     ("merged", pa.bool_()),
     ("action", pa.string()),

@@ -24,6 +24,7 @@ class AdapterRow:
     lowest_rho: float
     tau: float
     state: str = "published"
+    repaired_rho: tuple[float, float] | None = None  # mean rho of repaired layers, before and after
 
 
 def _module_order(modules: set[str]) -> list[str]:
@@ -90,14 +91,19 @@ def render(rows: list[dict], title: str,
     histogram = _png(fig)
     plt.close(fig)
 
+    from .history import repaired_rho
+
     table = []
     for a in adapters:
         mine = [r for r in rows if r["adapter"] == a]
         table.append(AdapterRow(a, mine[0]["run_id"], sum(r["merged"] for r in mine), len(mine),
-                                min(r["rho"] for r in mine), mine[0]["tau"], (states or {}).get(a, "published")))
+                                min(r["rho"] for r in mine), mine[0]["tau"], (states or {}).get(a, "published"),
+                                repaired_rho(mine)))
     body = "\n".join(
         f"<tr><td>{html.escape(t.adapter)}</td><td>{html.escape(t.state)}</td><td>{html.escape(t.run_id)}</td>"
-        f"<td>{t.repaired}/{t.modules}</td><td>{t.lowest_rho:.4f}</td><td>{t.tau:g}</td></tr>" for t in table)
+        f"<td>{t.repaired}/{t.modules}</td><td>{t.lowest_rho:.4f}</td><td>{t.tau:g}</td>"
+        f"<td>{f'{t.repaired_rho[0]:.3f} &rarr; {t.repaired_rho[1]:.3f}' if t.repaired_rho else '-'}</td></tr>"
+        for t in table)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -110,7 +116,7 @@ img {{ max-width: 100%; display: block; margin: 1em 0; }}
 <img id="heatmap" alt="rho per adapter and layer" src="data:image/png;base64,{heatmap}">
 <img id="histogram" alt="histogram of rho against tau" src="data:image/png;base64,{histogram}">
 <table id="adapters"><thead><tr><th>adapter</th><th>state</th><th>run</th><th>repaired</th><th>lowest rho</th>
-<th>tau</th></tr></thead><tbody>
+<th>tau</th><th>repaired layers' mean rho: before &rarr; after repair</th></tr></thead><tbody>
 {body}
 </tbody></table>
 </body></html>

@@ -100,6 +100,11 @@ def test_status_runs_and_diff_name_what_changed_and_why(local_fleet, ray_local, 
     assert states["legal"]["detail"] == "adapter changed"
     assert states["gsm8k"]["state"] == "published" and states["gsm8k"]["run_id"] == second.run_id
     assert states["gsm8k"]["modules"] == 14 and states["gsm8k"]["lowest_rho"] is not None
+    for st in states.values():  # the repair's effect: mean rho of the repaired layers, before and after
+        assert (st["repaired_rho"] is None) == (st["repaired"] == 0)
+        if st["repaired_rho"]:
+            before, after = st["repaired_rho"]
+            assert before < 0.35 and 0 <= after <= 1 and before != after
 
     table_path = tmp_path / "decisions.parquet"
     assert main(["status", out, "--format", "parquet", "--out", str(table_path)]) == EXIT_OK
