@@ -59,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--weights", type=_weights, default=(0.8, 0.2),
                    help="fine-tune,safety weights for merged layers (default 0.8,0.2)")
     m.add_argument("--method", default="linear",
-                   help="linear | cat | ties | dare_linear | dare_ties | magnitude_prune (default linear)")
+                   help="linear | cat | ties | dare_linear | dare_ties | magnitude_prune | svd | ties_svd | "
+                        "dare_linear_svd | dare_ties_svd | magnitude_prune_svd (default linear; README: methods)")
+    m.add_argument("--svd-rank", type=int, default=None, metavar="R",
+                   help="rank of a *_svd method's merged layers (default: the larger of the two LoRA ranks)")
     m.add_argument("--policy", default="safemerge", help="safemerge (merge) | safelora (project) (default safemerge)")
     m.add_argument("--density", type=float, default=None, help="kept fraction for ties/dare/magnitude_prune")
     m.add_argument("--majority-sign-method", default="total", help="total | frequency (ties, dare_ties)")
@@ -186,6 +189,7 @@ def cmd_merge(args) -> int:
     settings = MergeSettings(
         policy=args.policy, tau=args.tau, weights=tuple(args.weights), method=args.method,
         density=args.density, majority_sign_method=args.majority_sign_method, seed=args.seed,
+        svd_rank=args.svd_rank,
         select="top_k" if args.top_k is not None else "fraction" if args.fraction is not None else "threshold",
         select_value=args.top_k if args.top_k is not None else args.fraction,
     )

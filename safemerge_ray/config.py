@@ -66,6 +66,7 @@ class MergeSection(_Strict):
     majority_sign_method: str = "total"
     seed: int = 0
     select: str | dict[str, float] | None = None  # {top_k: K} | {fraction: F} | threshold (the default: tau)
+    svd_rank: int | None = None  # the *_svd methods' rank (default: the larger LoRA rank, as PEFT)
 
     @field_validator(*FIELD_CHECKS)
     @classmethod
@@ -83,6 +84,7 @@ class OverrideSection(_Strict):
     majority_sign_method: str | None = None
     seed: int | None = None
     select: str | dict[str, float] | None = None
+    svd_rank: int | None = None
 
     @field_validator(*FIELD_CHECKS)
     @classmethod

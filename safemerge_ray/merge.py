@@ -36,6 +36,7 @@ class MergeSettings:
     seed: int = 0
     select: str = "threshold"  # which layers are repaired: threshold (tau) | top_k | fraction (policy.py)
     select_value: float | None = None  # K for top_k, F for fraction
+    svd_rank: int | None = None  # the *_svd methods' rank (None: the larger of the two LoRAs' ranks, as PEFT)
 
     def __post_init__(self):
         for name, check in FIELD_CHECKS.items():
@@ -48,13 +49,17 @@ class MergeSettings:
         if self.method in DENSITY_METHODS and self.density is None:
             raise SafeMergeError(f"method {self.method} needs a density in (0, 1] (e.g. 0.5)")
         _check_select(self.select, self.select_value)
+        if self.svd_rank is not None and self.method not in SVD_METHODS:
+            raise SafeMergeError(f"svd_rank applies to the svd methods ({', '.join(SVD_METHODS)}), not {self.method}")
 
     def to_dict(self) -> dict:
-        """The settings a run records; the default selection is left out, so outputs made before selections
-        existed keep their run keys."""
+        """The settings a run records; settings added later are left out at their defaults, so outputs made
+        before they existed keep their run keys."""
         d = asdict(self)
         if self.select == "threshold":
             del d["select"], d["select_value"]
+        if self.svd_rank is None:
+            del d["svd_rank"]
         return d
 
 
@@ -98,6 +103,11 @@ def _check_density(v):
         raise ValueError(f"must be in (0, 1]; got {v!r}")
 
 
+def _check_svd_rank(v):
+    if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        raise ValueError(f"must be a whole number >= 1; got {v!r}")
+
+
 def _check_seed(v):
     if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
         raise ValueError(f"must be a non-negative integer; got {v!r}")
@@ -118,6 +128,7 @@ FIELD_CHECKS: dict[str, Callable] = {
     "density": _check_density,
     "majority_sign_method": _check_choice(SIGN_METHODS),
     "seed": _check_seed,
+    "svd_rank": _check_svd_rank,
 }
 
 
@@ -135,7 +146,7 @@ def kept_layer(lora: Lora, scaling: float) -> Lora:
 
 
 def _task_arithmetic_method(combine: Callable) -> Callable:
-    def method(loras: list[Lora], weighted: list[float], density, sign_method) -> Lora:
+    def method(loras: list[Lora], weighted: list[float], density, sign_method, rank) -> Lora:
         ranks = {a.shape[0] for a, _ in loras}
         if len(ranks) != 1:
             raise SafeMergeError(
@@ -149,7 +160,7 @@ def _task_arithmetic_method(combine: Callable) -> Callable:
     return method
 
 
-def _cat(loras: list[Lora], weighted: list[float], density, sign_method) -> Lora:
+def _cat(loras: list[Lora], weighted: list[float], density, sign_method, rank) -> Lora:
     # PEFT's cat: weight and scaling on A, ranks stacked; exact, whatever the ranks.
     return (torch.cat([a * w for (a, _), w in zip(loras, weighted, strict=True)], dim=0),
             torch.cat([b for _, b in loras], dim=1))
@@ -182,6 +193,32 @@ def _peft(name: str) -> Callable:
     return call
 
 
+def _svd(loras: list[Lora], weighted: list[float], density, sign_method, rank) -> Lora:
+    """PEFT's `svd`: the weighted sum of the updates, truncated to `rank` by SVD, as (A = Vh, B = U S).
+
+    The sum is B_cat A_cat (cat's exact factors, rank R = r_ft + r_safe), so its SVD comes from two QRs and
+    the SVD of an R x R core: O((out + in) R^2), never the dense [out, in] update.
+    """
+    a_cat, b_cat = _cat(loras, weighted, density, sign_method, rank)
+    q_b, r_b = torch.linalg.qr(b_cat.double())  # [out, R], [R, R]
+    q_a, r_a = torch.linalg.qr(a_cat.double().T)  # [in, R], [R, R]
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    k = min(rank, s.numel())
+    return (vh[:k] @ q_a.T).float(), (q_b @ u[:, :k] * s[:k]).float()
+
+
+def _dense_svd_method(combine: Callable) -> Callable:
+    """PEFT's ties_svd, dare_*_svd, magnitude_prune_svd: they prune or drop entries of the dense updates,
+    so those are formed; then the same truncated SVD."""
+    def method(loras: list[Lora], weighted: list[float], density, sign_method, rank) -> Lora:
+        deltas = [b @ a for a, b in loras]
+        merged = combine(deltas, torch.tensor(weighted), density, sign_method)
+        u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+        return vh[:rank], u[:, :rank] * s[:rank]
+
+    return method
+
+
 METHODS: dict[str, Callable] = {
     "linear": _task_arithmetic_method(lambda t, w, d, s: _peft("task_arithmetic")(t, w)),
     "cat": _cat,
@@ -189,8 +226,15 @@ METHODS: dict[str, Callable] = {
     "dare_linear": _task_arithmetic_method(lambda t, w, d, s: _peft("dare_linear")(t, w, d)),
     "dare_ties": _task_arithmetic_method(lambda t, w, d, s: _peft("dare_ties")(t, w, d, s)),
     "magnitude_prune": _task_arithmetic_method(lambda t, w, d, s: _peft("magnitude_prune")(t, w, d)),
+    "svd": _svd,
+    "ties_svd": _dense_svd_method(lambda t, w, d, s: _peft("ties")(t, w, d, s)),
+    "dare_linear_svd": _dense_svd_method(lambda t, w, d, s: _peft("dare_linear")(t, w, d)),
+    "dare_ties_svd": _dense_svd_method(lambda t, w, d, s: _peft("dare_ties")(t, w, d, s)),
+    "magnitude_prune_svd": _dense_svd_method(lambda t, w, d, s: _peft("magnitude_prune")(t, w, d)),
 }
-DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd", "dare_linear_svd",
+                   "dare_ties_svd", "magnitude_prune_svd")
+SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 
 
 def module_seed(seed: int, module: str) -> int:
@@ -206,7 +250,8 @@ def merged_layer(settings: MergeSettings, module: str, loras: list[Lora], scalin
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(module_seed(settings.seed, module))
         try:
-            return METHODS[settings.method](loras, weighted, settings.density, settings.majority_sign_method)
+            rank = settings.svd_rank or max(a.shape[0] for a, _ in loras)  # PEFT's default: the largest rank
+            return METHODS[settings.method](loras, weighted, settings.density, settings.majority_sign_method, rank)
         except SafeMergeError as exc:
             raise SafeMergeError(f"module {module}: {exc}") from None
 

@@ -220,7 +220,7 @@ CASES = [
     ("weights_above_one", no_damage, {"--weights": "1.2,0.2"}, [], "weights must be two numbers"),
     ("weights_not_numbers", no_damage, {"--weights": "a,b"}, [], "expected two comma-separated numbers"),
     ("weights_both_zero", no_damage, {"--weights": "0,0"}, [], "must not both be 0"),
-    ("method_svd", no_damage, {"--method": "svd"}, [], "method must be one of"),
+    ("method_unknown", no_damage, {"--method": "svd_ties"}, [], "method must be one of"),
     ("policy_unknown", no_damage, {"--policy": "yolo"}, [], "policy must be one of"),
     ("ties_without_density", no_damage, {"--method": "ties"}, [], "method ties needs a density"),
     ("density_zero", no_damage, {"--method": "ties", "--density": "0"}, [], "density must be in (0, 1]"),

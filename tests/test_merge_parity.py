@@ -190,3 +190,45 @@ def test_module_missing_from_safety_adapter_keeps_finetune(tmp_path):
     assert rows[dropped]["action"] == "kept_no_safety_lora" and not rows[dropped]["safety_lora_present"]
     assert rows[dropped]["weight_safety"] == 0.0
     assert summary["counts"]["actions"]["merged"] == 6
+
+
+SVD_METHODS = ["svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd"]
+
+
+@pytest.mark.parametrize("method", SVD_METHODS)
+@pytest.mark.parametrize("svd_rank", [None, 3])
+def test_svd_methods_match_peft_on_the_product(pair, tmp_path, method, svd_rank):
+    """PEFT's SVD family: factors are unique only up to rotation, so the layer's update B A is compared."""
+    density = None if method == "svd" else 0.5
+    _merge(pair, tmp_path / "out", method=method, weights=WEIGHTS, density=density, seed=11, svd_rank=svd_rank,
+           tau=0.6)
+    ours = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    rows = [r for r in read_decisions(tmp_path / "out" / "decisions.parquet") if r["action"] == "merged"]
+    assert rows
+    model = _peft_pair(pair)
+    for row in rows:
+        module = row["module"]
+        target = model.base_model.model.get_submodule(module)
+        rank = svd_rank or max(target.r["ft"], target.r["safe"])
+        with torch.random.fork_rng(devices=[]):  # DARE: seeded per module, as ours is
+            torch.manual_seed(module_seed(11, module))
+            ref_a, ref_b = model.base_model._svd_generalized_task_arithmetic_weighted_adapter(
+                method, ["ft", "safe"], list(WEIGHTS), rank, target, None, None, density, "total")
+        a, b = _lora(ours, module)
+        assert a.shape == ref_a.shape and b.shape == ref_b.shape
+        assert row["rank"] == rank and config["rank_pattern"].get(module, config["r"]) == rank
+        expected = ref_b @ ref_a
+        assert torch.linalg.matrix_norm(b @ a - expected) <= 1e-5 * torch.linalg.matrix_norm(expected), module
+
+
+def test_svd_at_full_rank_is_the_exact_weighted_sum(pair, tmp_path):
+    """At rank r_ft + r_safe nothing is truncated: the layer is w_ft dW_ft + w_safe dW_safe (as cat's is)."""
+    _merge(pair, tmp_path / "svd", method="svd", weights=WEIGHTS, svd_rank=8, tau=0.6)
+    _merge(pair, tmp_path / "cat", method="cat", weights=WEIGHTS, tau=0.6)
+    svd, cat = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("svd", "cat"))
+    rows = [r for r in read_decisions(tmp_path / "svd" / "decisions.parquet") if r["action"] == "merged"]
+    for row in rows:
+        (a, b), (ca, cb) = _lora(svd, row["module"]), _lora(cat, row["module"])
+        exact = cb @ ca
+        assert torch.linalg.matrix_norm(b @ a - exact) <= 1e-5 * torch.linalg.matrix_norm(exact)
