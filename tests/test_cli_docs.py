@@ -39,3 +39,41 @@ def test_readme_command_lines_use_real_flags():
                 if flag not in commands[cmd]:
                     wrong.append(f"{cmd} {flag}: {line.strip()[:100]}")
     assert not wrong, "README uses flags a command does not have:\n" + "\n".join(wrong)
+
+
+def _schema_keys():
+    from pydantic import BaseModel
+
+    from safemerge_ray.config import FleetSchema
+
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            if isinstance(field.default, BaseModel):
+                yield from walk(type(field.default), f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}", field
+    return dict(walk(FleetSchema))
+
+
+def test_the_config_reference_matches_the_schema():
+    import yaml
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([\w.]+)` \| [^|]+ \| ([^|]+) \|", doc, re.M)}
+    keys = _schema_keys()
+    assert set(rows) == set(keys), f"docs/config.md differs from the schema: {set(rows) ^ set(keys)}"
+    for key, field in keys.items():
+        documented = rows[key].strip()
+        if field.is_required():
+            assert documented == "required", key
+            continue
+        shown = re.match(r"`([^`]*)`", documented)
+        assert shown, (key, documented)
+        default = list(field.default) if isinstance(field.default, tuple) else field.default
+        assert yaml.safe_load(shown.group(1)) == default, (key, documented, field.default)
+    # And the example parses.
+    from safemerge_ray.config import parse_config
+
+    example = re.search(r"```yaml\n(.*?)```", doc, re.S).group(1)
+    config = parse_config(yaml.safe_load(example))
+    assert config.memory_per_worker == 24 * 2**30 and config.settings_for("legal").select == "top_k"
