@@ -80,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--address", default=None,
                    help="Ray cluster to join (default: RAY_ADDRESS, a local `ray start`, or a new local Ray)")
     f.add_argument("--quiet", action="store_true", help="no progress lines, and none of Ray's own log lines")
-    f.add_argument("--log-format", choices=("text", "json"), default="text",
+    f.add_argument("--log-format", choices=("auto", "text", "json"), default="auto",
                    help="json: one JSON object per line for every message, progress step and adapter outcome, "
-                        "with the run id (for log pipelines)")
+                        "with the run id (for log pipelines); text: lines and a table for people; auto (default): "
+                        "text on a terminal, json otherwise")
     f.add_argument("--summary-json", metavar="FILE", default=None,
                    help="also write the run record (the same as OUTPUT/status/last_run.json) to FILE")
     f.add_argument("--runtime-env-json", metavar="JSON", default=None,
@@ -212,6 +213,8 @@ def cmd_fleet(args) -> int:
     from .output import RunRecord, utc_now
     from .progress import configure
 
+    if args.log_format == "auto":
+        args.log_format = "text" if sys.stdout.isatty() else "json"
     configure(args.log_format)
     started = utc_now()
     if args.dry_run:
@@ -264,9 +267,15 @@ def _dry_run(config) -> int:
 
 def _log_outcomes(report) -> None:
     """One JSON line per adapter (status, layers repaired, why it was redone or why it failed), then the run's."""
+    from .fleet import MAX_FAILED_LINES
     from .progress import log
 
+    failed = 0
     for st in report.adapters:
+        if st.status == "failed":
+            failed += 1
+            if failed > MAX_FAILED_LINES:  # bounded as the table is: all of them are in the run's summary
+                continue
         fields = {"adapter": st.ref.name, "status": st.status}
         if st.counts:
             fields.update(repaired=st.counts["repaired"], modules=st.counts["modules"])
@@ -278,7 +287,8 @@ def _log_outcomes(report) -> None:
             fields["published_run"] = st.previous_run
         log("adapter", f"{st.ref.name}: {st.status}", **fields)
     log("run", f"exit status {report.exit_code}", exit_status=report.exit_code, warnings=report.warnings[:100],
-        output=report.output)
+        output=report.output, counts=report.record.counts if report.record else None,
+        failed_not_listed=max(0, failed - MAX_FAILED_LINES))
 
 
 def json_arg(text: str | None, flag: str) -> dict | None:

@@ -110,8 +110,10 @@ def _submit(client, address: str, submission_id: str, runtime_env: dict, break_l
     deadline = time.monotonic() + patience_s
     while True:
         try:
-            client.submit_job(entrypoint="python -m safemerge_ray fleet --config fleet.yaml --record-line"
-                              + (" --break-lock" if break_lock else ""),
+            # The job's log is streamed here: text for a person at a terminal, JSON lines for a log pipeline.
+            log_format = "text" if sys.stdout.isatty() else "json"
+            client.submit_job(entrypoint="python -m safemerge_ray fleet --config fleet.yaml --record-line "
+                              f"--log-format {log_format}" + (" --break-lock" if break_lock else ""),
                               runtime_env=runtime_env, submission_id=submission_id)
             return
         except Exception as exc:

@@ -170,7 +170,7 @@ def test_fleet_cli_exit_status_and_summary(fleet, capsys):
     from safemerge_ray.cli import main
 
     (fleet / "finetuned" / "support" / "adapter_config.json").write_text("{not json")
-    code = main(["fleet", "--config", str(fleet / "fleet.yaml"), "--quiet"])
+    code = main(["fleet", "--config", str(fleet / "fleet.yaml"), "--quiet", "--log-format", "text"])  # the table
     out = capsys.readouterr().out
     assert code == EXIT_PARTIAL
     assert "support" in out and "failed" in out and "corrupt adapter_config.json" in out

@@ -148,9 +148,13 @@ def test_a_worker_killed_for_memory_is_named_as_such():
 
 def test_thousands_of_missing_adapters_give_a_bounded_report(local_fleet, capsys):
     _set(local_fleet, finetuned=[f"finetuned/missing-{i:05d}" for i in range(3000)])
-    assert main(["fleet", "--config", str(local_fleet / "fleet.yaml"), "--quiet"]) == 4  # none usable, no Ray
+    config = str(local_fleet / "fleet.yaml")
+    assert main(["fleet", "--config", config, "--quiet", "--log-format", "text"]) == 4  # none usable, no Ray
     out = capsys.readouterr().out
     assert out.count("\n") < 120 and "... and 2900 more failed adapters: see status/last_run.json" in out
+    assert main(["fleet", "--config", config, "--quiet", "--log-format", "json"]) == 4
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) < 120 and lines[-1]["failed_not_listed"] == 2900 and lines[-1]["counts"]["failed"] == 3000
     record = json.loads((local_fleet / "merged" / "status" / "last_run.json").read_text())
     assert record["counts"]["failed"] == 3000 and len(record["failed"]) == 101
     assert len(json.dumps(record)) < 64 * 1024
