@@ -83,6 +83,7 @@ class ModuleJob:
     requests: tuple[ScoreRequest, ...]
     cost: ModuleCost
     safety: str | None = None  # the safety adapter's URI: its layer is needed to score the repair's effect
+    budget: int | None = None  # bytes a worker may use for this module's tensors: adapters are scored in chunks
 
 
 # A module's weights are read again after botocore's own retries have given up (a longer outage),
@@ -108,6 +109,7 @@ class ModuleResult:
     nbytes: int
     scores: dict[str, ModuleScore] = field(default_factory=dict)
     errors: dict[str, Failure] = field(default_factory=dict)
+    batches: int = 0  # scoring batches (one per rank, more when the budget splits them)
 
 
 @dataclass(frozen=True)
@@ -252,7 +254,6 @@ class FleetWorker:
         except SafeMergeError as exc:  # a bad or unreadable (after retries) weight fails every adapter needing it
             result.errors = {r.adapter: Failure.of(exc) for r in job.requests}
             return result
-        ready, loras, repairs = [], [], []
         try:
             safety = self._safety(job.safety) if job.safety else None
             has_layer = safety is not None and job.module in safety.modules
@@ -261,17 +262,32 @@ class FleetWorker:
         except SafeMergeError as exc:  # shared by every adapter of this module
             result.errors = {r.adapter: Failure.of(exc) for r in job.requests}
             return result
+        # Adapters are scored grouped by rank (no zero-padding to the largest), in chunks that keep this
+        # worker under its budget; V serves every chunk, and each chunk's factors are read just before it.
+        by_rank: dict[int, list[ScoreRequest]] = {}
         for req in job.requests:
-            try:
-                adapter = self._adapter(req.uri)
-                loras.append(self._retrying(adapter.read_lora, job.module))
-                repairs.append(RepairInputs(adapter.modules[job.module].scaling, safety_lora, safety_scaling))
-                ready.append(req)
+            try:  # headers only (kept since preflight, unless this worker was restarted)
+                by_rank.setdefault(self._adapter(req.uri).modules[job.module].rank, []).append(req)
             except SafeMergeError as exc:
                 result.errors[req.adapter] = Failure.of(exc)
-        if ready:
-            scores = score_module(job.module, v, loras, [r.settings for r in ready], repairs)
-            result.scores = {req.adapter: s for req, s in zip(ready, scores, strict=True)}
+        for rank in sorted(by_rank):
+            group = by_rank[rank]
+            size = job.cost.chunk(rank, job.budget) or len(group)
+            for start in range(0, len(group), size):
+                ready, loras, repairs = [], [], []
+                for req in group[start:start + size]:
+                    try:
+                        adapter = self._adapter(req.uri)
+                        loras.append(self._retrying(adapter.read_lora, job.module))
+                        repairs.append(RepairInputs(adapter.modules[job.module].scaling, safety_lora, safety_scaling))
+                        ready.append(req)
+                    except SafeMergeError as exc:
+                        result.errors[req.adapter] = Failure.of(exc)
+                if ready:
+                    scores = score_module(job.module, v, loras, [r.settings for r in ready], repairs)
+                    result.scores.update({req.adapter: s for req, s in zip(ready, scores, strict=True)})
+                    result.batches += 1
+                del loras, repairs
         return result
 
     def assemble(self, *args) -> AssemblyResult:
@@ -585,7 +601,7 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
     jobs = _plan_jobs(pending, config.safety_adapter)
     workers = _start_workers(config, len(jobs), deadline.at)
     try:
-        check_memory(config, jobs, _preflight(config, out, workers, pending))
+        jobs = check_memory(config, jobs, _preflight(config, out, workers, pending))
         _score(workers, jobs, pending, progress, deadline)
         _assemble(config, workers, out, run_id, [st for st in pending if st.status == "pending"], progress, deadline)
         worker_bytes = 0 if deadline.passed() else _worker_bytes(workers)  # late workers may still be busy
@@ -622,7 +638,7 @@ def score_fleet(config: FleetConfig, progress: bool = True, ray_address: str | N
     deadline = Deadline(config.max_run_seconds)
     workers = _start_workers(config, len(jobs), deadline.at)
     try:
-        check_memory(config, jobs, _preflight(config, None, workers, pending))
+        jobs = check_memory(config, jobs, _preflight(config, None, workers, pending))
         _score(workers, jobs, pending, progress, deadline)
     finally:
         for worker in workers:
@@ -709,12 +725,13 @@ def _start_workers(config: FleetConfig, n_jobs: int, deadline: float | None) -> 
             for _ in range(n_actors)]
 
 
-def check_memory(config: FleetConfig, jobs: list[ModuleJob], results: list[PreflightResult]) -> None:
-    """Before scoring: the module with the largest peak must fit in a worker's memory, which is the
-    configured `ray.memory_per_worker`, or else the memory its node has left shared by the workers there."""
+def check_memory(config: FleetConfig, jobs: list[ModuleJob], results: list[PreflightResult]) -> list[ModuleJob]:
+    """Before scoring: a worker's memory is the configured `ray.memory_per_worker`, or else the memory its
+    node has left shared by the workers there. Every module must fit with one adapter at a time; the jobs
+    come back with that budget, so that workers score adapters in chunks that stay under it."""
     if not jobs:
-        return
-    worst = max(jobs, key=lambda j: j.cost.peak)
+        return jobs
+    worst = max(jobs, key=lambda j: j.cost.least)
     if config.memory_per_worker:
         have = config.memory_per_worker - PROCESS_BASELINE
         where = f"ray.memory_per_worker is {fmt(config.memory_per_worker)}"
@@ -726,6 +743,7 @@ def check_memory(config: FleetConfig, jobs: list[ModuleJob], results: list[Prefl
         free = min(r.memory_available for r in here)
         have, where = free // len(here), f"worker node {here[0].node} has {fmt(free)} free for {len(here)} worker(s)"
     check_fits(worst.cost, have, where)
+    return [replace(job, budget=have) for job in jobs]
 
 
 def _preflight(config: FleetConfig, out: Dir | None, workers: list,
@@ -872,6 +890,7 @@ def _score(workers: list, jobs: list[ModuleJob], pending: list[AdapterState], pr
 
     bar = Progress("score", len(jobs)) if progress else None
     by_name = {st.ref.name: st for st in pending}
+    batches = 0
     for job, result, error in _gather(jobs, submit, deadline):
         if error is not None:  # its worker stayed lost
             raise EnvironmentFailure(_worker_lost(error, f"scoring module {job.module}", job.cost))
@@ -880,6 +899,7 @@ def _score(workers: list, jobs: list[ModuleJob], pending: list[AdapterState], pr
                 if by_name[req.adapter].status == "pending":
                     by_name[req.adapter].fail(deadline.failure("scored"))
             continue
+        batches += result.batches
         for name, score in result.scores.items():
             by_name[name].scores[result.module] = score
         for name, failure in result.errors.items():
@@ -887,6 +907,9 @@ def _score(workers: list, jobs: list[ModuleJob], pending: list[AdapterState], pr
                 by_name[name].fail(failure)
         if bar:
             bar.advance(nbytes=result.nbytes)
+    if batches > len(jobs):
+        _log(f"{batches} scoring batches for {len(jobs)} modules: adapters grouped by rank and chunked to stay "
+             f"within each worker's memory budget ({fmt(jobs[0].budget or 0)} for tensors)", batches=batches)
 
 
 def _assemble(config: FleetConfig, workers: list, out: Dir, run_id: str, pending: list[AdapterState],

@@ -30,26 +30,45 @@ class ModuleCost:
     projected: int = 0  # adapters whose repaired layer keeps a projected B (SafeLoRA)
 
     @property
-    def peak(self) -> int:
-        """Bytes above the process baseline while this module is scored (with the next one read ahead)."""
-        n, r_max = len(self.ranks), max(self.ranks, default=0)
+    def fixed(self) -> int:
+        """What scoring the module holds whatever the adapters: this module's weight pair and the next
+        one's being read, and V in float32."""
+        return 2 * self.nbytes + 4 * self.out_features * self.in_features
+
+    def per_adapter(self, rank: int) -> int:
+        """What each adapter of rank `rank` adds while its chunk is scored: its factors as read and as
+        repaired, its share of the batched GEMM, and (SafeLoRA) its projected B."""
         out, inp = self.out_features, self.in_features
-        weights = 2 * self.nbytes  # this module's pair, and the next one's being read
-        v = 4 * out * inp
-        factors = 2 * 4 * sum(r * (inp + out) for r in self.ranks)  # as read, and as repaired (rho after)
-        batch = 4 * n * r_max * (2 * inp + 3 * out)
-        return int(OVERHEAD * (weights + v + factors + batch + 4 * out * r_max * self.projected))
+        projected = 4 * out * rank if self.projected else 0
+        return 2 * 4 * rank * (inp + out) + 4 * rank * (2 * inp + 3 * out) + projected
+
+    @property
+    def peak(self) -> int:
+        """Bytes above the process baseline when every adapter is scored in one batch (no budget)."""
+        return int(OVERHEAD * (self.fixed + sum(self.per_adapter(r) for r in self.ranks)))
+
+    @property
+    def least(self) -> int:
+        """Bytes above the process baseline with one adapter (the largest rank) at a time: below this,
+        the module cannot be scored at all."""
+        return int(OVERHEAD * (self.fixed + self.per_adapter(max(self.ranks, default=0))))
+
+    def chunk(self, rank: int, budget: int | None) -> int | None:
+        """How many adapters of `rank` to score at once under `budget` bytes (None: all at once)."""
+        if budget is None:
+            return None
+        return max(1, int((budget / OVERHEAD - self.fixed) // max(1, self.per_adapter(rank))))
 
 
 def check_fits(cost: ModuleCost, have: int, where: str) -> None:
-    """Raise, naming the module and both numbers, when scoring `cost` needs more than `have` bytes."""
+    """Raise, naming the module and both numbers, when even one adapter at a time needs more than `have`."""
     from .errors import EnvironmentFailure
 
-    if cost.peak > have:
+    if cost.least > have:
         raise EnvironmentFailure(
-            f"not enough memory: scoring module {cost.module} ({len(cost.ranks)} adapter(s), rank up to "
-            f"{max(cost.ranks)}, {fmt(cost.nbytes)} of model weights) needs about {fmt(cost.peak)} beyond the process "
-            f"itself, but {where}; give it more memory (larger nodes, ray.memory_per_worker) or fewer adapters per run")
+            f"not enough memory: scoring module {cost.module} (rank up to {max(cost.ranks)}, {fmt(cost.nbytes)} of "
+            f"model weights) needs about {fmt(cost.least)} beyond the process itself even one adapter at a time, "
+            f"but {where}; give it more memory (larger nodes, ray.memory_per_worker)")
 
 
 def fmt(n: int) -> str:

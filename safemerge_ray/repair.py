@@ -102,7 +102,10 @@ def score_module(module: str, v: torch.Tensor, loras: list[tuple[torch.Tensor, t
         scores.append(ModuleScore(module, rho, projected))
         if repairs is not None and may_be_selected(s, rho):
             r = repairs[i]
-            done = POLICIES[s.policy].repair(s, module, (a, b), r.scaling, r.safety, r.safety_scaling, projected)
+            try:
+                done = POLICIES[s.policy].repair(s, module, (a, b), r.scaling, r.safety, r.safety_scaling, projected)
+            except SafeMergeError:  # e.g. ranks a method cannot combine: assembly fails this adapter alone
+                continue
             if done.action != "kept_no_safety_lora":
                 repaired.append((i, done.lora))
     if repaired:

@@ -32,6 +32,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(name)
 
 
+@pytest.fixture(autouse=True)
+def _text_logs():
+    """The log format is process-wide (as in a CLI process); each test starts with the default's text."""
+    from safemerge_ray.progress import configure
+
+    configure("text")
+    yield
+
+
 @pytest.fixture(scope="session")
 def fixtures_root(tmp_path_factory):
     return tmp_path_factory.mktemp("fixtures")

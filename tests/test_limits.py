@@ -158,3 +158,77 @@ def test_thousands_of_missing_adapters_give_a_bounded_report(local_fleet, capsys
     record = json.loads((local_fleet / "merged" / "status" / "last_run.json").read_text())
     assert record["counts"]["failed"] == 3000 and len(record["failed"]) == 101
     assert len(json.dumps(record)) < 64 * 1024
+
+
+def test_a_small_budget_scores_in_chunks_with_the_same_results(local_fleet, ray_local, capsys, tmp_path):
+    """With room for one adapter at a time on the largest module, adapters are scored in chunks: the
+    adapters' bytes and every decision equal an unchunked run's, rho to 1e-6 (other GEMM shapes)."""
+    import shutil
+
+    from safemerge_ray.fleet import _plan_jobs, plan_fleet
+    from safemerge_ray.memory import OVERHEAD, PROCESS_BASELINE
+    from safemerge_ray.report import read_decisions
+    from safemerge_ray.storage import LocalDir
+
+    other = tmp_path / "unchunked"
+    shutil.copytree(local_fleet, other)
+    whole = run_fleet(load_config(other / "fleet.yaml"), progress=False)
+    config = load_config(local_fleet / "fleet.yaml")
+    jobs = _plan_jobs(plan_fleet(config, LocalDir(local_fleet / "merged")).pending)
+    budget = max(int(OVERHEAD * (j.cost.fixed + j.cost.per_adapter(4))) + 1 for j in jobs)
+    assert any(j.cost.chunk(4, budget) < len(j.requests) for j in jobs)  # the budget does split them
+    _set(local_fleet, ray__memory_per_worker=PROCESS_BASELINE + budget)
+    capsys.readouterr()
+    chunked = run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False)
+    assert chunked.exit_code == EXIT_OK
+    assert "scoring batches for 14 modules: adapters grouped by rank and chunked" in capsys.readouterr().out
+    ours = {r["adapter"] + r["module"]: r
+            for r in read_decisions(local_fleet / "merged" / "runs" / chunked.run_id / "decisions.parquet")}
+    theirs = {r["adapter"] + r["module"]: r
+              for r in read_decisions(other / "merged" / "runs" / whole.run_id / "decisions.parquet")}
+    assert ours.keys() == theirs.keys()
+    for key, row in ours.items():
+        assert row["merged"] == theirs[key]["merged"] and abs(row["rho"] - theirs[key]["rho"]) <= 1e-6, key
+    for name in ("gsm8k", "legal", "medqa", "support"):
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            assert (local_fleet / "merged" / "runs" / chunked.run_id / name / f).read_bytes() == \
+                (other / "merged" / "runs" / whole.run_id / name / f).read_bytes()
+
+
+def test_adapters_of_different_ranks_are_scored_by_rank_and_equal_merge_alone(local_fleet, ray_local, tmp_path):
+    """A rank-8 adapter among rank-4 ones: scored in its own batch (no zero-padding), and its output is
+    byte for byte what `merge` makes of it alone."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from safemerge_ray.merge import MergeSettings
+    from safemerge_ray.repair import merge_to_dir
+
+    wide = local_fleet / "finetuned" / "wide"
+    shutil.copytree(local_fleet / "finetuned" / "gsm8k", wide)
+    tensors, gen = load_file(wide / "adapter_model.safetensors"), torch.Generator().manual_seed(5)
+    for key in list(tensors):
+        t = tensors[key]
+        extra = torch.randn((4, t.shape[1]) if "lora_A" in key else (t.shape[0], 4), generator=gen) * 0.02
+        tensors[key] = torch.cat([t, extra], dim=0 if "lora_A" in key else 1).contiguous()
+    save_file(tensors, wide / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((wide / "adapter_config.json").read_text())
+    config.update(r=8, lora_alpha=2 * config["lora_alpha"])
+    (wide / "adapter_config.json").write_text(json.dumps(config))
+
+    # linear cannot combine a rank-8 layer with the rank-4 safety LoRA: that adapter alone fails, as in merge
+    report = run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False)
+    assert report.by_status("failed") == ["wide"] and "ranks [4, 8] cannot be combined" in report.adapters[-1].reason
+    assert report.by_status("committed") == ["gsm8k", "legal", "medqa", "support"]
+    _set(local_fleet, overrides={"wide": {"method": "cat"}})
+    report = run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False)
+    assert report.exit_code == EXIT_OK and report.by_status("committed") == ["wide"]
+    alone = tmp_path / "alone"
+    merge_to_dir(unaligned=str(local_fleet / "unaligned"), aligned=str(local_fleet / "aligned"),
+                 safety_adapter=str(local_fleet / "safety"), finetuned=str(wide), out=str(alone),
+                 settings=MergeSettings(method="cat"), progress=False)
+    run_dir = local_fleet / "merged" / "runs" / report.run_id / "wide"
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (run_dir / f).read_bytes() == (alone / f).read_bytes()
