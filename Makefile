@@ -22,6 +22,8 @@ demo: setup
 	rm -rf $(DEMO)
 	$(VENV)/bin/safemerge-ray synth --out $(DEMO) --layers 4 --hidden 128 --finetunes 8 --write-config
 	$(VENV)/bin/safemerge-ray fleet --config $(DEMO)/fleet.yaml
+	$(VENV)/bin/safemerge-ray status $(DEMO)/merged
+	$(VENV)/bin/safemerge-ray report $(DEMO)/merged
 
 # ruff (pyflakes, pycodestyle, isort, pyupgrade, bugbear) and mypy, configured in pyproject.toml.
 lint: setup
