@@ -11,6 +11,7 @@ from .errors import SafeMergeError
 # 2 bad input or config, nothing done; 3 (fleet) some adapters failed, the rest are committed or unchanged;
 # 4 (fleet) no adapter is usable; 130 interrupted.
 EXIT_OK, EXIT_USAGE = 0, 2
+OUTPUT_HELP = "a fleet output (local dir or s3://; endpoint from AWS_ENDPOINT_URL)"
 
 
 def _weights(text: str) -> tuple[float, ...]:
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--break-lock", action="store_true", help="passed to the job: see `fleet --break-lock`")
 
     v = sub.add_parser("verify", help="re-read published adapters and check them against their manifests")
-    v.add_argument("output", help="a fleet output (local dir or s3://; endpoint from AWS_ENDPOINT_URL)")
+    v.add_argument("output", help=OUTPUT_HELP)
     v.add_argument("--adapter", default=None, help="only this adapter (default: every latest/ pointer)")
     v.add_argument("--run", default=None, help="every object of this run instead of the published adapters")
 
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="every adapter's current run, layers repaired, lowest rho; stale or "
                                        "orphaned pointers")
-    st.add_argument("output", help="a fleet output (local dir or s3://; endpoint from AWS_ENDPOINT_URL)")
+    st.add_argument("output", help=OUTPUT_HELP)
     st.add_argument("--config", default=None,
                     help="the fleet config: also say which adapters the next run would redo (and why) and which "
                          "pointers are orphaned")
@@ -135,23 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", metavar="FILE", default=None, help="write to FILE instead of stdout (parquet needs it)")
 
     rp = sub.add_parser("report", help="one self-contained report.html: rho heatmap, histogram, one row per adapter")
-    rp.add_argument("output", help="a fleet output (local dir or s3://; endpoint from AWS_ENDPOINT_URL)")
+    rp.add_argument("output", help=OUTPUT_HELP)
     rp.add_argument("--run", default=None,
                     help="that run's adapters, written to runs/RUN/report.html (default: the fleet's current "
                          "state, written to OUTPUT/report.html)")
     rp.add_argument("--out", metavar="FILE", default=None, help="write the page to FILE instead")
 
     r = sub.add_parser("runs", help="every run of an output: committed, nothing to do, or failed")
-    r.add_argument("output", help="a fleet output (local dir or s3://; endpoint from AWS_ENDPOINT_URL)")
+    r.add_argument("output", help=OUTPUT_HELP)
     r.add_argument("--format", choices=("table", "json"), default="table")
 
     d = sub.add_parser("diff", help="which adapters and layers changed decision or rho between two runs, and why")
-    d.add_argument("output", help="a fleet output (local dir or s3://; endpoint from AWS_ENDPOINT_URL)")
+    d.add_argument("output", help=OUTPUT_HELP)
     d.add_argument("runs", nargs="*", metavar="RUN", help="RUN_A RUN_B (default with --adapter: its last two runs)")
     d.add_argument("--adapter", default=None, help="only this adapter")
 
     g = sub.add_parser("gc", help="remove runs no pointer needs beyond the newest K, and failed attempts' leftovers")
-    g.add_argument("output", help="a fleet output (local dir or s3://; endpoint from AWS_ENDPOINT_URL)")
+    g.add_argument("output", help=OUTPUT_HELP)
     g.add_argument("--keep", type=int, required=True, metavar="K",
                    help="keep the newest K committed runs besides every run a pointer names (rollback targets)")
     g.add_argument("--older-than", type=_duration, default=None, metavar="AGE",
@@ -160,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--break-lock", action="store_true", help="take the run lock even if a run holds it")
 
     b = sub.add_parser("rollback", help="point an adapter back at its output from an earlier committed run")
-    b.add_argument("output", help="a fleet output (local dir or s3://; endpoint from AWS_ENDPOINT_URL)")
+    b.add_argument("output", help=OUTPUT_HELP)
     b.add_argument("adapter", help="the adapter's name")
     b.add_argument("--to", required=True, metavar="RUN", help="the run id (see OUTPUT/runs/ or status/history/)")
     b.add_argument("--break-lock", action="store_true", help="take the output's run lock even if held")

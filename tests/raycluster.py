@@ -99,16 +99,7 @@ class RayCluster:
 
     def stop(self) -> None:
         """End this cluster's processes (found by their temp dirs) and their children, by PID."""
-        marks = [str(t) for t in self.temp_dirs]
-        procs: dict[int, psutil.Process] = {}
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                line = " ".join(p.info["cmdline"] or [])
-                if any(m in line for m in marks):
-                    procs[p.pid] = p
-                    procs.update({c.pid: c for c in p.children(recursive=True)})
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
+        procs = _processes_of(self.temp_dirs)
         for p in procs.values():
             try:
                 p.terminate()
@@ -121,3 +112,30 @@ class RayCluster:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(alive, timeout=10)
+
+    def kill_node(self, temp: Path) -> int:
+        """SIGKILL every process of the node whose temp dir is `temp` (and their children): a machine that
+        vanished. Returns how many processes were killed."""
+        procs = _processes_of([temp])
+        for p in procs.values():
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(list(procs.values()), timeout=15)
+        return len(procs)
+
+
+def _processes_of(temp_dirs: list[Path]) -> dict[int, psutil.Process]:
+    """The processes whose command line names one of these node temp dirs, and their children."""
+    marks = [str(t) for t in temp_dirs]
+    procs: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            line = " ".join(p.info["cmdline"] or [])
+            if any(m in line for m in marks):
+                procs[p.pid] = p
+                procs.update({c.pid: c for c in p.children(recursive=True)})
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return procs

@@ -258,26 +258,6 @@ def _node_of(pid: int, cluster: RayCluster) -> Path:
     raise AssertionError(f"process {pid} belongs to no node of this cluster")
 
 
-def _kill_node(temp: Path) -> int:
-    """SIGKILL every process of one node (found by its temp dir in their command lines, and their children):
-    a machine that vanished. Returns how many were killed."""
-    procs: dict[int, psutil.Process] = {}
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if str(temp) in " ".join(p.info["cmdline"] or []):
-                procs[p.pid] = p
-                procs.update({c.pid: c for c in p.children(recursive=True)})
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for p in procs.values():
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(list(procs.values()), timeout=15)
-    return len(procs)
-
-
 @pytest.mark.slow
 def test_a_node_lost_mid_run(ray_cluster_two_nodes, s3_client, s3_endpoint, tmp_path):
     """A second worker node joins; one worker node dies (every process SIGKILLed) while a worker on it is
@@ -310,7 +290,7 @@ def test_a_node_lost_mid_run(ray_cluster_two_nodes, s3_client, s3_endpoint, tmp_
                 assert proxy.wait_for(tensor_read, timeout=120), proxy.seen[-10:]
                 peer = proxy.peer_of(tensor_read)
                 worker = next(p for p in psutil.process_iter() if _has_port(p, peer[1]))
-                assert _kill_node(_node_of(worker.pid, cluster)) > 3
+                assert cluster.kill_node(_node_of(worker.pid, cluster)) > 3
             finally:
                 gate.set()
             done = job.result(timeout=300)
