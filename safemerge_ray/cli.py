@@ -268,15 +268,10 @@ def _dry_run(config) -> int:
 
 def _log_outcomes(report) -> None:
     """One JSON line per adapter (status, layers repaired, why it was redone or why it failed), then the run's."""
-    from .fleet import MAX_FAILED_LINES
     from .progress import log
 
-    failed = 0
-    for st in report.adapters:
-        if st.status == "failed":
-            failed += 1
-            if failed > MAX_FAILED_LINES:  # bounded as the table is: all of them are in the run's summary
-                continue
+    shown, left_out = report.listed()  # bounded as the table is: all of them are in the run's summary
+    for st in shown:
         fields = {"adapter": st.ref.name, "status": st.status}
         if st.counts:
             fields.update(repaired=st.counts["repaired"], modules=st.counts["modules"])
@@ -289,7 +284,7 @@ def _log_outcomes(report) -> None:
         log("adapter", f"{st.ref.name}: {st.status}", **fields)
     log("run", f"exit status {report.exit_code}", exit_status=report.exit_code, warnings=report.warnings[:100],
         output=report.output, counts=report.record.counts if report.record else None,
-        failed_not_listed=max(0, failed - MAX_FAILED_LINES))
+        failed_not_listed=left_out)
 
 
 def json_arg(text: str | None, flag: str) -> dict | None:

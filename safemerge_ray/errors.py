@@ -15,5 +15,12 @@ class EnvironmentFailure(SafeMergeError):
     exit_code = 1
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line (a Ray task error's own cause, without its colored task header)."""
+    cause = getattr(exc, "cause", None)
+    text = str(cause if isinstance(cause, BaseException) else exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 class NoCredentials(EnvironmentFailure):
     """boto3's standard chain found no AWS credentials in this process."""

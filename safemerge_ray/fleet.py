@@ -16,6 +16,7 @@ nothing to do or one stopped by an error, leaves a run record (`status/last_run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -33,7 +34,7 @@ from . import __version__
 from .adapters import LoraAdapter, load_adapter
 from .assemble import ModuleScore, assemble_adapter
 from .config import AdapterRef, FleetConfig
-from .errors import EnvironmentFailure, NoCredentials, SafeMergeError
+from .errors import EnvironmentFailure, NoCredentials, SafeMergeError, first_line
 from .memory import PROCESS_BASELINE, ModuleCost, available_memory, check_fits, fmt
 from .merge import MergeSettings
 from .output import (
@@ -184,14 +185,10 @@ class FleetWorker:
     def aligned(self) -> Checkpoint:
         return self._model("aligned model")
 
-    def _safety(self, uri: str) -> LoraAdapter:
+    def _adapter(self, uri: str, what: str | None = None) -> LoraAdapter:
+        """An adapter's config and header, read once per worker (the safety adapter's too)."""
         if uri not in self.adapters:
-            self.adapters[uri] = load_adapter(open_dir(uri, what="safety adapter", s3=self.s3), "safety adapter")
-        return self.adapters[uri]
-
-    def _adapter(self, uri: str) -> LoraAdapter:
-        if uri not in self.adapters:
-            self.adapters[uri] = load_adapter(open_dir(uri, what=f"adapter {uri}", s3=self.s3), uri)
+            self.adapters[uri] = load_adapter(open_dir(uri, what=what or f"adapter {uri}", s3=self.s3), what or uri)
         return self.adapters[uri]
 
     def preflight(self, adapters: list[str], safety: str | None, out: Dir | None,
@@ -212,10 +209,8 @@ class FleetWorker:
             try:
                 if kind == "model":
                     self._model(key)
-                elif kind == "safety":
-                    load_adapter(open_dir(key, what="safety adapter", s3=self.s3), "safety adapter")
                 else:
-                    self._adapter(key)
+                    self._adapter(key, "safety adapter" if kind == "safety" else None)
             except (SafeMergeError, OSError) as exc:  # OSError: e.g. files owned by another uid on that node
                 return _cannot_read(node, location, exc)
             return None
@@ -255,7 +250,7 @@ class FleetWorker:
             result.errors = {r.adapter: Failure.of(exc) for r in job.requests}
             return result
         try:
-            safety = self._safety(job.safety) if job.safety else None
+            safety = self._adapter(job.safety, "safety adapter") if job.safety else None
             has_layer = safety is not None and job.module in safety.modules
             safety_lora = self._retrying(safety.read_lora, job.module) if safety is not None and has_layer else None
             safety_scaling = safety.modules[job.module].scaling if safety is not None and has_layer else None
@@ -386,6 +381,9 @@ class AdapterState:
         self.status, self.reason, self.environment = "failed", failure.reason, failure.environment
 
 
+MAX_FAILED_LINES = 100  # stdout stays readable (and small) when a config names 600k missing adapters
+
+
 @dataclass
 class FleetReport:
     run_id: str | None
@@ -398,6 +396,16 @@ class FleetReport:
 
     def by_status(self, status: str) -> list[str]:
         return [a.ref.name for a in self.adapters if a.status == status]
+
+    def listed(self) -> tuple[list[AdapterState], int]:
+        """The adapters a report lists (every one but failed ones past MAX_FAILED_LINES), and how many
+        failed ones it leaves out: output stays small when a config names 600k missing adapters."""
+        shown, failed = [], 0
+        for st in self.adapters:
+            failed += st.status == "failed"
+            if st.status != "failed" or failed <= MAX_FAILED_LINES:
+                shown.append(st)
+        return shown, max(0, failed - MAX_FAILED_LINES)
 
 
 def new_run_id() -> str:
@@ -484,7 +492,7 @@ def _run_locked(config: FleetConfig, out: Dir, record: RunRecord, lock: RunLock,
         _save_record(out, record)
         raise
     except Exception as exc:  # a bug or an unexpected Ray error: keep its traceback, but say so in the record
-        record.exit_status, record.error = 1, f"{type(exc).__name__}: {_first_line(exc)}"
+        record.exit_status, record.error = 1, f"{type(exc).__name__}: {first_line(exc)}"
         _save_record(out, record)
         raise
     record.run_id, record.exit_status = report.run_id, report.exit_code
@@ -594,20 +602,11 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
         warnings += deadline.warnings()
         return FleetReport(None, out.uri, states, exit_status(states), warnings, BYTES_READ.total - driver_before)
 
-    import ray
-
     run_id = LOG.run_id = run_id or new_run_id()
     init_ray(ray_address, runtime_env, quiet=not progress)
-    jobs = _plan_jobs(pending, config.safety_adapter)
-    workers = _start_workers(config, len(jobs), deadline.at)
-    try:
-        jobs = check_memory(config, jobs, _preflight(config, out, workers, pending))
-        _score(workers, jobs, pending, progress, deadline)
+    with _scored(config, out, pending, _plan_jobs(pending, config.safety_adapter), progress, deadline) as workers:
         _assemble(config, workers, out, run_id, [st for st in pending if st.status == "pending"], progress, deadline)
         worker_bytes = 0 if deadline.passed() else _worker_bytes(workers)  # late workers may still be busy
-    finally:
-        for worker in workers:
-            ray.kill(worker)
     warnings += deadline.warnings()
     report = FleetReport(run_id if any(st.status == "assembled" for st in states) else None,
                          out.uri, states, EXIT_OK, warnings)
@@ -632,18 +631,27 @@ def score_fleet(config: FleetConfig, progress: bool = True, ray_address: str | N
     for st in pending:
         st.settings = replace(st.settings, policy="safemerge")
     init_ray(ray_address, runtime_env, quiet=not progress)
+    # No safety adapter and no output: rho alone, not the repairs' effect, and nothing written.
+    with _scored(config, None, pending, _plan_jobs(pending), progress, Deadline(config.max_run_seconds)):
+        pass
+    return {st.ref.name: {m: s.rho for m, s in st.scores.items()} for st in pending if st.status == "pending"}, plan
+
+
+@contextlib.contextmanager
+def _scored(config: FleetConfig, out: Dir | None, pending: list[AdapterState], jobs: list[ModuleJob],
+            progress: bool, deadline: Deadline):
+    """Start the workers, check them (preflight, memory), score every pending adapter, and yield the warm
+    workers for what follows; they are killed on the way out, whatever happens."""
     import ray
 
-    jobs = _plan_jobs(pending)  # no safety adapter: rho alone, not the repairs' effect
-    deadline = Deadline(config.max_run_seconds)
     workers = _start_workers(config, len(jobs), deadline.at)
     try:
-        jobs = check_memory(config, jobs, _preflight(config, None, workers, pending))
+        jobs = check_memory(config, jobs, _preflight(config, out, workers, pending))
         _score(workers, jobs, pending, progress, deadline)
+        yield workers
     finally:
         for worker in workers:
             ray.kill(worker)
-    return {st.ref.name: {m: s.rho for m, s in st.scores.items()} for st in pending if st.status == "pending"}, plan
 
 
 def _worker_bytes(workers: list) -> int:
@@ -770,9 +778,9 @@ def _preflight(config: FleetConfig, out: Dir | None, workers: list,
                 "no room for them (see `ray status`); raise ray.start_timeout_s if nodes are still being added"
             ) from None
         except ray.exceptions.RayActorError as exc:
-            raise EnvironmentFailure(f"a worker died while starting: {_first_line(exc)}") from None
+            raise EnvironmentFailure(f"a worker died while starting: {first_line(exc)}") from None
         except ray.exceptions.RaySystemError as exc:
-            raise EnvironmentFailure(f"Ray failed while starting the workers: {_first_line(exc)}") from None
+            raise EnvironmentFailure(f"Ray failed while starting the workers: {first_line(exc)}") from None
     finally:
         if marker and out is not None:
             (Path(out.uri) / marker[0]).unlink(missing_ok=True)
@@ -782,12 +790,6 @@ def _preflight(config: FleetConfig, out: Dir | None, workers: list,
     nodes = sorted({r.node for r in results})
     _log(f"preflight passed: {len(workers)} worker(s) on {len(nodes)} node(s): {', '.join(nodes)}")
     return results
-
-
-def _first_line(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None)  # a RayTaskError's own text starts with a colored task header
-    text = str(cause if isinstance(cause, BaseException) else exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 class Deadline:
@@ -820,12 +822,12 @@ def _worker_lost(exc: BaseException, doing: str, cost: ModuleCost | None = None)
     need = f" (it needs about {fmt(cost.peak)} beyond the process)" if cost else ""
     text = str(exc)
     if isinstance(exc, ray.exceptions.RayTaskError) and not isinstance(exc, ray.exceptions.RayActorError):
-        return f"{doing} failed: {_first_line(exc)}"  # not a lost worker: an error inside the task
+        return f"{doing} failed: {first_line(exc)}"  # not a lost worker: an error inside the task
     if isinstance(exc, ray.exceptions.OutOfMemoryError) or "low on memory" in text or "OutOfMemoryError" in text:
         return (f"a worker was killed for running out of memory while {doing}{need}; give workers more memory "
                 "(ray.memory_per_worker, larger nodes)")
     return (f"a worker died while {doing} and could not be restarted{need}; if its node killed it for memory "
-            f"(OOM), give workers more memory: {_first_line(exc)}")
+            f"(OOM), give workers more memory: {first_line(exc)}")
 
 
 # A task whose worker was lost goes to the next worker at once, then again after Ray has had time to
@@ -864,9 +866,9 @@ def _gather(items: list, submit, deadline: Deadline):
                 result = ray.get(ref)
             except ray.exceptions.RayError as exc:
                 if isinstance(exc, lost_worker) and attempt < len(RESUBMIT_WAITS_S):
-                    if _first_line(exc) not in told:  # once per lost worker, not once per task
-                        told.add(_first_line(exc))
-                        _log(f"a worker was lost ({_first_line(exc)[:160]}); resubmitting its tasks to others")
+                    if first_line(exc) not in told:  # once per lost worker, not once per task
+                        told.add(first_line(exc))
+                        _log(f"a worker was lost ({first_line(exc)[:160]}); resubmitting its tasks to others")
                     waiting.append((time.monotonic() + RESUBMIT_WAITS_S[attempt], item, attempt + 1))
                     continue
                 yield item, None, exc
@@ -972,24 +974,17 @@ def _adapter_summary(st: AdapterState) -> dict:
     return entry
 
 
-MAX_FAILED_LINES = 100  # stdout stays readable (and small) when a config names 600k missing adapters
-
-
 def format_report(report: FleetReport) -> str:
     lines = [f"{'adapter':<20} {'status':<10} {'repaired':>9}  detail"]
-    failed = 0
-    for st in report.adapters:
-        if st.status == "failed":
-            failed += 1
-            if failed > MAX_FAILED_LINES:
-                continue
+    shown, left_out = report.listed()
+    for st in shown:
         repaired = f"{st.counts['repaired']}/{st.counts['modules']}" if st.counts else "-"
         detail = st.reason if st.status == "failed" else (f"run {st.previous_run}" if st.status == "unchanged"
                                                           else "; ".join(st.why))
         lines.append(f"{st.ref.name:<20} {st.status:<10} {repaired:>9}  {detail}")
-    if failed > MAX_FAILED_LINES:
+    if left_out:
         where = f"{run_prefix(report.run_id)}summary.json" if report.run_id else "status/last_run.json (the first 100)"
-        lines.append(f"... and {failed - MAX_FAILED_LINES} more failed adapters: see {where}")
+        lines.append(f"... and {left_out} more failed adapters: see {where}")
     for w in report.warnings[:MAX_FAILED_LINES]:
         lines.append(f"warning: {w}")
     if len(report.warnings) > MAX_FAILED_LINES:
@@ -1018,7 +1013,7 @@ def init_ray(address: str | None = None, runtime_env: dict | None = None, quiet:
                      logging_level=logging.WARNING if quiet else logging.INFO, log_to_driver=not quiet)
         except (ConnectionError, ray.exceptions.RayError, RuntimeError) as exc:  # unreachable, bad token, ...
             raise EnvironmentFailure(f"cannot start or join Ray (address {address or 'auto'}): "
-                                     f"{_first_line(exc)}") from None
+                                     f"{first_line(exc)}") from None
         if threading.current_thread() is threading.main_thread():
             # Ray's own handler aborts the process; SIGTERM (`ray job stop`, an evicted pod) should end a
             # run as Ctrl-C does, with its run record written.

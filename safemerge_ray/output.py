@@ -34,7 +34,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from . import __version__
 from .adapters import CONFIG, WEIGHTS
-from .errors import EnvironmentFailure, SafeMergeError
+from .errors import EnvironmentFailure, SafeMergeError, first_line
 from .storage import Dir, LocalDir, S3Dir, S3Settings, sha256_of
 
 SUMMARY = "summary.json"
@@ -271,11 +271,6 @@ def rollback(out: Dir, adapter: str, run_id: str, break_lock: bool = False) -> R
         lock.release()
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
 # --------------------------------------------------------------------------- the run lock
 # One run per output at a time. The lock is an object created only if absent (S3 `If-None-Match: *`;
 # locally O_CREAT|O_EXCL). It names its owner and carries a lease that the running job renews; a lock
@@ -334,7 +329,7 @@ class RunLock:
             if held is not None and held.get("owner") == self.owner:
                 self._delete()
         except Exception as exc:  # noqa: BLE001  # botocore's errors included
-            print(f"warning: could not release the run lock {self.out.uri}{LOCK} ({_one_line(exc)}); it expires "
+            print(f"warning: could not release the run lock {self.out.uri}{LOCK} ({first_line(exc)}); it expires "
                   f"by itself within {self.lease_s:.0f} s", file=sys.stderr, flush=True)
 
     # -- storage-specific parts

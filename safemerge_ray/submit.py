@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .cli import RECORD_LINE
 from .config import portable_config
-from .errors import EnvironmentFailure, SafeMergeError
+from .errors import EnvironmentFailure, SafeMergeError, first_line
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -52,8 +52,7 @@ def _client(address: str):
     try:
         return JobSubmissionClient(address)
     except Exception as exc:  # unreachable, wrong token, not a Ray dashboard: all environment
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise EnvironmentFailure(f"cannot reach the Ray job API at {address}: {text}") from None
+        raise EnvironmentFailure(f"cannot reach the Ray job API at {address}: {first_line(exc)}") from None
 
 
 def submit_fleet(config_path: str, *, address: str | None, runtime_env: dict | None, timeout: float | None,
@@ -141,9 +140,8 @@ def _wait(client, submission_id: str, timeout: float | None, quiet: bool, poll_s
             last_contact = time.monotonic()
         except Exception as exc:  # connection refused, 5xx, ...: the cluster, not the user
             if time.monotonic() - last_contact > patience_s:
-                text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
                 raise EnvironmentFailure(f"lost contact with the Ray job API for {patience_s:.0f} s while following "
-                                         f"{submission_id}: {text}") from None
+                                         f"{submission_id}: {first_line(exc, 200)}") from None
             time.sleep(poll_s)
             continue
         if not quiet and len(logs) > shown:

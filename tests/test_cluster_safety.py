@@ -119,7 +119,8 @@ def test_preflight_names_the_node_and_the_cause(fleet, ray_local):
     out.write(".preflight-x", b"token")
     worker = FleetWorker(str(fleet / "unaligned"), str(fleet / "aligned"), S3Settings(), "cpu")
     ok = worker.preflight([str(fleet / "finetuned" / "gsm8k")], str(fleet / "safety"), out, (".preflight-x", "token"))
-    assert ok.problems == [] and len(worker.models) == 2 and len(worker.adapters) == 1
+    # (the safety adapter's header too: scoring reads its layers for the repair's effect)
+    assert ok.problems == [] and len(worker.models) == 2 and len(worker.adapters) == 2
 
 
 def test_worker_constructor_never_touches_inputs(tmp_path):
