@@ -424,20 +424,16 @@ def cmd_status(args) -> int:
 
 
 def cmd_report(args) -> int:
-    import io
-
-    import pyarrow.parquet as pq
-
-    from .history import fleet_status
+    from .history import Decisions, fleet_status
     from .output import DECISIONS, REPORT, run_prefix
     from .report_page import render
 
     out = _output(args.output)
     if args.run:
-        key = f"{run_prefix(args.run)}{DECISIONS}"
-        if not out.exists(key):
-            raise SafeMergeError(f"report: run {args.run} has no {DECISIONS} in {out.uri}")
-        rows = [dict(r, run_id=args.run) for r in pq.read_table(io.BytesIO(out.read(key))).to_pylist()]
+        run_rows = Decisions(out).all(args.run)
+        if run_rows is None:
+            raise SafeMergeError(f"report: run {args.run} has no readable {DECISIONS} in {out.uri}")
+        rows = [dict(r, run_id=args.run) for r in run_rows]
         title, target, states = f"safemerge-ray run {args.run}", f"{run_prefix(args.run)}{REPORT}", None
     else:
         statuses, rows = fleet_status(out)

@@ -30,23 +30,33 @@ RHO_CHANGED = 1e-6  # a rho that moves less than this is float noise (batched GE
 
 
 class Decisions:
-    """Runs' decision tables, each read once."""
+    """Runs' decision tables, each read once and grouped by adapter once."""
 
     def __init__(self, out: Dir):
         self.out = out
-        self._tables: dict[str, pa.Table | None] = {}
+        self._by_adapter: dict[str, dict[str, list[dict]] | None] = {}
+
+    def _load(self, run_id: str) -> dict[str, list[dict]] | None:
+        if run_id not in self._by_adapter:
+            key = f"{run_prefix(run_id)}{DECISIONS}"
+            grouped: dict[str, list[dict]] | None = None
+            try:
+                if self.out.exists(key):
+                    grouped = {}
+                    for row in pq.read_table(io.BytesIO(self.out.read(key))).to_pylist():
+                        grouped.setdefault(row["adapter"], []).append(row)
+            except (SafeMergeError, pa.ArrowInvalid):
+                grouped = None
+            self._by_adapter[run_id] = grouped
+        return self._by_adapter[run_id]
 
     def rows(self, run_id: str, adapter: str) -> list[dict]:
-        if run_id not in self._tables:
-            key = f"{run_prefix(run_id)}{DECISIONS}"
-            try:
-                self._tables[run_id] = pq.read_table(io.BytesIO(self.out.read(key))) if self.out.exists(key) else None
-            except (SafeMergeError, pa.ArrowInvalid):
-                self._tables[run_id] = None
-        table = self._tables[run_id]
-        if table is None:
-            return []
-        return [r for r in table.to_pylist() if r["adapter"] == adapter]
+        return (self._load(run_id) or {}).get(adapter, [])
+
+    def all(self, run_id: str) -> list[dict] | None:
+        """Every row of a run, or None when the run has no readable decision table."""
+        grouped = self._load(run_id)
+        return None if grouped is None else [row for rows in grouped.values() for row in rows]
 
 
 # --------------------------------------------------------------------------- status
