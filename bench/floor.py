@@ -1,4 +1,5 @@
-"""The floor: read each target module's two weights once and do the batched GEMMs for all adapters.
+"""The floor: read each target module's two weights once, each adapter's file once, and do the batched
+GEMMs for all adapters.
 
 Nothing else: no decisions, no merging, no output. This is the irreducible work of a fleet run.
 
@@ -13,9 +14,12 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load
 
 from safemerge_ray.storage import BYTES_READ, LocalDir
-from safemerge_ray.tensors import Checkpoint, SafetensorsFile
+from safemerge_ray.tensors import Checkpoint
+
+PREFIX, B_SUFFIX = "base_model.model.", ".lora_B.weight"
 
 
 def run(fixture: Path, adapters: list[str], repeats: int = 1) -> dict:
@@ -31,13 +35,17 @@ def run(fixture: Path, adapters: list[str], repeats: int = 1) -> dict:
 def once(fixture: Path, adapters: list[str]) -> None:
     unaligned = Checkpoint(LocalDir(fixture / "unaligned"), "unaligned")
     aligned = Checkpoint(LocalDir(fixture / "aligned"), "aligned")
-    files = [SafetensorsFile(LocalDir(fixture / "finetuned" / name), "adapter_model.safetensors") for name in adapters]
-    prefix = "base_model.model."
-    modules = sorted({k[len(prefix):-len(".lora_B.weight")] for k in files[0].tensors if k.endswith(".lora_B.weight")})
-    for module in modules:
+    # One read per adapter file; only the B factors are kept (the GEMMs need nothing else).
+    bs: dict[str, list[torch.Tensor]] = {}
+    for name in adapters:
+        data = (fixture / "finetuned" / name / "adapter_model.safetensors").read_bytes()
+        BYTES_READ.add(len(data))
+        for key, t in load(data).items():
+            if key.endswith(B_SUFFIX):
+                bs.setdefault(key[len(PREFIX):-len(B_SUFFIX)], []).append(t.float())
+    for module, b in bs.items():
         v = aligned.read(f"{module}.weight").float() - unaligned.read(f"{module}.weight").float()
-        b_wide = torch.cat([f.read(f"{prefix}{module}.lora_B.weight").float() for f in files], dim=1)
-        v @ (v.T @ b_wide)
+        v @ (v.T @ torch.cat(b, dim=1))
 
 
 if __name__ == "__main__":

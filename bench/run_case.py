@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 
-def fleet(fixture: Path, adapters: list[str], out: Path, repeats: int) -> dict:
+def fleet(fixture: Path, adapters: list[str], out: Path, repeats: int, policy: str = "safemerge") -> dict:
     """Start a local Ray once, then run the fleet job `repeats` times, each into a fresh output."""
     import ray
 
@@ -30,7 +30,7 @@ def fleet(fixture: Path, adapters: list[str], out: Path, repeats: int) -> dict:
         config_path.write_text(yaml.safe_dump({
             "unaligned_model": str(fixture / "unaligned"), "aligned_model": str(fixture / "aligned"),
             "safety_adapter": str(fixture / "safety"), "output": f"{out}-{i}",
-            "finetuned": [str(fixture / "finetuned" / a) for a in adapters],
+            "finetuned": [str(fixture / "finetuned" / a) for a in adapters], "merge": {"policy": policy},
         }))
         t = time.perf_counter()
         report = run_fleet(load_config(config_path), progress=False)
@@ -42,7 +42,7 @@ def fleet(fixture: Path, adapters: list[str], out: Path, repeats: int) -> dict:
     return {"work_s": work, "ray_start_s": ray_start, "bytes_read": bytes_read[0], "run_dirs": run_dirs}
 
 
-def merge(fixture: Path, adapters: list[str], out: Path, repeats: int = 1) -> dict:
+def merge(fixture: Path, adapters: list[str], out: Path, repeats: int = 1, policy: str = "safemerge") -> dict:
     from safemerge_ray.merge import MergeSettings
     from safemerge_ray.repair import merge_to_dir
     from safemerge_ray.storage import BYTES_READ
@@ -51,7 +51,7 @@ def merge(fixture: Path, adapters: list[str], out: Path, repeats: int = 1) -> di
     start = time.perf_counter()
     merge_to_dir(unaligned=str(fixture / "unaligned"), aligned=str(fixture / "aligned"),
                  safety_adapter=str(fixture / "safety"), finetuned=str(fixture / "finetuned" / name),
-                 out=str(out), settings=MergeSettings(), progress=False)
+                 out=str(out), settings=MergeSettings(policy=policy), progress=False)
     return {"work_s": [time.perf_counter() - start], "bytes_read": BYTES_READ.total}
 
 
@@ -62,7 +62,8 @@ if __name__ == "__main__":
     ap.add_argument("--adapters", required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--policy", default="safemerge")
     args = ap.parse_args()
     result = {"fleet": fleet, "merge": merge}[args.mode](args.fixture, args.adapters.split(","), args.out,
-                                                        args.repeats)
+                                                        args.repeats, args.policy)
     print(json.dumps(result))

@@ -14,7 +14,7 @@ from .plan import ModulePlan
 from .policy import POLICIES, selected
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a fleet's driver holds one per (adapter, module): no __dict__
 class ModuleScore:
     module: str
     rho: float
@@ -37,13 +37,11 @@ def assemble_adapter(name: str, plans: list[ModulePlan], scores: dict[str, Modul
     rows = []
     chosen = selected(settings, {plan.module: scores[plan.module].rho for plan in plans})
     policy = POLICIES[settings.policy]
-    for plan in plans:
-        lora = finetuned.read_lora(plan.module)
+    for plan, lora, safety_lora in _factors(plans, chosen, finetuned, safety):
         rho = scores[plan.module].rho
         if plan.module not in chosen:
             action, weights, (a, b) = "kept", (1.0, 0.0), kept_layer(lora, plan.lora.scaling)
         else:
-            safety_lora = safety.read_lora(plan.module) if safety is not None and plan.safety is not None else None
             done = policy.repair(settings, plan.module, lora, plan.lora.scaling, safety_lora,
                                  plan.safety.scaling if plan.safety else None, scores[plan.module].projected_b)
             action, weights, (a, b) = done.action, done.weights, done.lora
@@ -60,10 +58,55 @@ def assemble_adapter(name: str, plans: list[ModulePlan], scores: dict[str, Modul
         })
     for key, t in finetuned.read_extra().items():  # modules_to_save copies pass through untouched
         tensors[key] = t
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise SafeMergeError(f"adapter {name}: merged tensor {bad[0]} is not finite")
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise SafeMergeError(f"adapter {name}: merged tensor {bad} is not finite")
     return AssembledAdapter(tensors, output_config(finetuned.config, ranks), rows)
+
+
+READ_SPAN = 64 * 2**20  # factor bytes read at once: few reads for many small modules, bounded for large ones
+
+
+def _factors(plans: list[ModulePlan], chosen: set[str], finetuned: LoraAdapter, safety: LoraAdapter | None):
+    """(plan, its fine-tune's (A, B), the safety adapter's (A, B) where the layer is repaired and it has one),
+    read a span of modules at a time."""
+    start = 0
+    while start < len(plans):
+        end, size = start, 0
+        while end < len(plans) and (end == start or size + _nbytes(plans[end]) <= READ_SPAN):
+            size += _nbytes(plans[end])
+            end += 1
+        batch = plans[start:end]
+        loras = finetuned.read_loras([p.module for p in batch])
+        repaired = [p.module for p in batch if p.module in chosen and p.safety is not None]
+        safety_loras = safety.read_loras(repaired) if safety is not None and repaired else {}
+        for p in batch:
+            yield p, loras[p.module], safety_loras.get(p.module)
+        start = end
+
+
+def _nbytes(plan: ModulePlan) -> int:
+    return 4 * plan.lora.rank * sum(plan.shape)
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor], span: int = 16 * 2**20) -> str | None:
+    """The first float tensor holding NaN or Inf, or None. Tensors are checked a span of elements at a time
+    (one sum over many small layers, not a check per tensor); the culprit is looked up only when the sum is
+    not finite."""
+    batch: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    items = [(k, t) for k, t in tensors.items() if t.is_floating_point()]
+    for i, (key, t) in enumerate(items):
+        batch.append((key, t))
+        size += t.numel()
+        if size >= span or i == len(items) - 1:
+            flat = torch.cat([x.reshape(-1).float() for _, x in batch]) if len(batch) > 1 else batch[0][1]
+            if not bool(torch.isfinite(flat.sum(dtype=torch.float64))):  # NaN/Inf poison the sum
+                bad = [k for k, x in batch if not bool(torch.isfinite(x).all())]
+                if bad:
+                    return bad[0]
+            batch, size = [], 0
+    return None
 
 
 def output_config(finetuned_config: dict, ranks: dict[str, int]) -> dict:

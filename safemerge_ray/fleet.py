@@ -27,7 +27,9 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import pyarrow as pa
 import torch
 
 from . import __version__
@@ -59,9 +61,12 @@ from .plan import ModulePlan, plan_adapter
 from .policy import POLICIES
 from .progress import LOG, Progress, log
 from .repair import RepairInputs, delta_from_pair, read_weight_pair, resolve_device, score_module
-from .report import counts, decisions_bytes
+from .report import counts, decisions_bytes, decisions_table
 from .storage import BYTES_READ, Dir, LocalDir, S3Settings, open_dir, sha256_of
 from .tensors import Checkpoint, natural_key, release_freed_buffers
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
 
 # 0: every adapter committed or unchanged; 3: some failed, the rest are usable; 4: none is usable.
 # (2: bad config or shared input, 1: environment, 130: interrupted; both raised, not returned.)
@@ -86,6 +91,31 @@ class ModuleJob:
     safety: str | None = None  # the safety adapter's URI: its layer is needed to score the repair's effect
     budget: int | None = None  # bytes a worker may use for this module's tensors: adapters are scored in chunks
 
+    @property
+    def factor_bytes(self) -> int:
+        """Every request's (A, B) in float32."""
+        return sum(4 * r * (self.cost.out_features + self.cost.in_features) for r in self.cost.ranks)
+
+
+@dataclass(frozen=True)
+class ScoreTask:
+    """What one worker call scores: one large module, or neighbouring small ones whose factors each adapter
+    reads in one go (a fleet of many small modules would otherwise pay a read per adapter and module)."""
+
+    jobs: tuple[ModuleJob, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(j.nbytes for j in self.jobs)
+
+    @property
+    def name(self) -> str:
+        return self.jobs[0].module if len(self.jobs) == 1 else f"{self.jobs[0].module} .. {self.jobs[-1].module}"
+
+
+# Neighbouring modules share a task while their weights and all adapters' factors stay under this.
+TASK_BYTES = 64 * 2**20
+
 
 # A module's weights are read again after botocore's own retries have given up (a longer outage),
 # before the adapters that need them fail: waits of 5, 15, 45 s, never past the run's deadline.
@@ -108,9 +138,22 @@ class Failure:
 class ModuleResult:
     module: str
     nbytes: int
-    scores: dict[str, ModuleScore] = field(default_factory=dict)
+    scores: dict[str, ModuleScore] = field(default_factory=dict)  # their projected B, if any, moved to:
+    projected: dict[str, ObjectRef] = field(default_factory=dict)  # adapter -> SafeLoRA's projected B in Ray's store
     errors: dict[str, Failure] = field(default_factory=dict)
     batches: int = 0  # scoring batches (one per rank, more when the budget splits them)
+
+    def stash_projected(self) -> None:
+        """Move projected Bs into Ray's object store (this worker owns them): the driver gets references, and
+        the assembly that needs one fetches it. Outside Ray (tests call a worker directly) they stay inline."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        for adapter, score in list(self.scores.items()):
+            if score.projected_b is not None:
+                self.projected[adapter] = ray.put(score.projected_b)
+                self.scores[adapter] = replace(score, projected_b=None)
 
 
 @dataclass(frozen=True)
@@ -169,6 +212,7 @@ class FleetWorker:
         self.uris = {"unaligned model": unaligned, "aligned model": aligned}
         self.models: dict[str, Checkpoint] = {}
         self.adapters: dict[str, LoraAdapter] = {}
+        self._plans: dict[str, list[ModulePlan]] = {}  # by adapter layout
         self._reader = ThreadPoolExecutor(max_workers=1)
         self._prefetched: dict[str, Future] = {}
 
@@ -239,7 +283,34 @@ class FleetWorker:
         """Everything this worker process has read (preflight headers, weights, adapters)."""
         return BYTES_READ.total
 
-    def score(self, job: ModuleJob, next_job: ModuleJob | None = None) -> ModuleResult:
+    def score(self, task: ScoreTask, next_task: ScoreTask | None = None) -> list[ModuleResult]:
+        """Score a task's modules in order; each module's weights are read while the one before is scored
+        (the next task's first one too)."""
+        jobs = task.jobs
+        nexts = [*jobs[1:], next_task.jobs[0] if next_task is not None else None]
+        factors, failed = self._factors(task) if len(jobs) > 1 else ({}, {})
+        results = [self._score_job(job, after, factors, failed) for job, after in zip(jobs, nexts, strict=True)]
+        for result in results:
+            result.stash_projected()
+        return results
+
+    def _factors(self, task: ScoreTask) -> tuple[dict, dict[str, Failure]]:
+        """Every adapter's (A, B) for all of a small-module task's modules: one read per adapter."""
+        wanted: dict[str, list[str]] = {}
+        for job in task.jobs:
+            for req in job.requests:
+                wanted.setdefault(req.uri, []).append(job.module)
+        factors, failed = {}, {}
+        for uri, modules in wanted.items():
+            try:
+                for module, pair in self._retrying(self._adapter(uri).read_loras, modules).items():
+                    factors[(uri, module)] = pair
+            except SafeMergeError as exc:
+                failed[uri] = Failure.of(exc)
+        return factors, failed
+
+    def _score_job(self, job: ModuleJob, next_job: ModuleJob | None, factors: dict,
+                   failed: dict[str, Failure]) -> ModuleResult:
         result = ModuleResult(job.module, job.nbytes)
         try:
             pending_read = self._prefetched.pop(job.module, None) or self._read(job)
@@ -262,18 +333,21 @@ class FleetWorker:
         by_rank: dict[int, list[ScoreRequest]] = {}
         for req in job.requests:
             try:  # headers only (kept since preflight, unless this worker was restarted)
+                if req.uri in failed:
+                    raise SafeMergeError(failed[req.uri].reason)
                 by_rank.setdefault(self._adapter(req.uri).modules[job.module].rank, []).append(req)
             except SafeMergeError as exc:
-                result.errors[req.adapter] = Failure.of(exc)
+                result.errors[req.adapter] = failed.get(req.uri) or Failure.of(exc)
         for rank in sorted(by_rank):
             group = by_rank[rank]
-            size = job.cost.chunk(rank, job.budget) or len(group)
+            size = job.cost.chunk(rank, job.budget)
             for start in range(0, len(group), size):
                 ready, loras, repairs = [], [], []
                 for req in group[start:start + size]:
                     try:
                         adapter = self._adapter(req.uri)
-                        loras.append(self._retrying(adapter.read_lora, job.module))
+                        loras.append(factors.pop((req.uri, job.module), None)
+                                     or self._retrying(adapter.read_lora, job.module))
                         repairs.append(RepairInputs(adapter.modules[job.module].scaling, safety_lora, safety_scaling))
                         ready.append(req)
                     except SafeMergeError as exc:
@@ -285,8 +359,31 @@ class FleetWorker:
                 del loras, repairs
         return result
 
-    def assemble(self, *args) -> AssemblyResult:
-        return assemble_and_write(*args)
+    def assemble(self, name: str, uri: str, fingerprint: str, safety_uri: str | None, scores: dict[str, ModuleScore],
+                 projected: dict[str, ObjectRef], settings: MergeSettings, out: Dir, prefix: str) -> AssemblyResult:
+        """Decide, merge and write one adapter under `prefix` (staged until the commit). Its plan is made again
+        here, from the headers this worker holds (the adapter's must be the one the driver planned)."""
+        try:
+            if projected:
+                import ray
+
+                fetched = ray.get(list(projected.values()))
+                scores = {**scores, **{m: replace(scores[m], projected_b=b)
+                                       for m, b in zip(projected, fetched, strict=True)}}
+            finetuned = self._adapter(uri, f"adapter {name}")
+            if finetuned.fingerprint != fingerprint:
+                raise SafeMergeError(f"adapter {name} changed while this run repaired it; the next run repairs it")
+            safety = self._adapter(safety_uri, "safety adapter") if safety_uri else None
+            if finetuned.layout not in self._plans:  # adapters of one layout share a plan
+                self._plans[finetuned.layout] = plan_adapter(self.unaligned, self.aligned, finetuned, safety)
+            plans = self._plans[finetuned.layout]
+            result = assemble_adapter(name, plans, scores, finetuned, safety, settings)
+            objects = {f"{prefix}{fname}": write_verified(out, f"{prefix}{fname}", data, staged=True)
+                       for fname, data in adapter_files(result.tensors, result.config).items()}
+        except (SafeMergeError, OSError) as exc:  # OSError: the output's disk (full, permissions)
+            return AssemblyResult(name, error=Failure.of(exc))
+        return AssemblyResult(name, objects=objects, decisions=decisions_table(result.decisions),
+                              counts=counts(result.decisions))
 
 
 @dataclass
@@ -294,24 +391,8 @@ class AssemblyResult:
     adapter: str
     error: Failure | None = None
     objects: dict[str, dict] = field(default_factory=dict)  # written object -> {sha256, bytes}
-    decisions: list[dict] = field(default_factory=list)
-
-
-def assemble_and_write(name: str, uri: str, safety_uri: str | None, plans: list[ModulePlan],
-                       scores: dict[str, ModuleScore], settings: MergeSettings, out: Dir, prefix: str,
-                       s3: S3Settings) -> AssemblyResult:
-    """Decide, merge and write one adapter under `prefix` (staged until the commit)."""
-    objects = {}
-    try:
-        finetuned = load_adapter(open_dir(uri, what=f"adapter {name}", s3=s3), f"adapter {name}")
-        safety = (load_adapter(open_dir(safety_uri, what="safety adapter", s3=s3), "safety adapter")
-                  if safety_uri else None)
-        result = assemble_adapter(name, plans, scores, finetuned, safety, settings)
-        for fname, data in adapter_files(result.tensors, result.config).items():
-            objects[f"{prefix}{fname}"] = write_verified(out, f"{prefix}{fname}", data, staged=True)
-    except (SafeMergeError, OSError) as exc:  # OSError: the output's disk (full, permissions)
-        return AssemblyResult(name, error=Failure.of(exc))
-    return AssemblyResult(name, objects=objects, decisions=result.decisions)
+    decisions: pa.Table | None = None
+    counts: dict = field(default_factory=dict)
 
 
 def _node() -> tuple[str, str]:
@@ -373,8 +454,9 @@ class AdapterState:
     previous_run: str | None = None
     why: list[str] = field(default_factory=list)  # why it is redone: "new", "adapter changed", ...
     scores: dict[str, ModuleScore] = field(default_factory=dict)
+    projected: dict[str, ObjectRef] = field(default_factory=dict)  # module -> SafeLoRA's projected B (Ray's store)
     objects: dict = field(default_factory=dict)  # written object -> {sha256, bytes}
-    decisions: list[dict] = field(default_factory=list)
+    decisions: pa.Table | None = None  # columnar: a few bytes per module, not a dict per row
     counts: dict = field(default_factory=dict)
 
     def fail(self, failure: Failure) -> None:
@@ -444,15 +526,15 @@ def why_redo(pointer: dict | None, manifest: dict | None, name: str, fingerprint
     return why or ["its pointer's run key differs"]
 
 
-def balance(jobs: list[ModuleJob], n: int) -> list[list[ModuleJob]]:
-    """Split jobs into n shards of about equal bytes (largest first onto the lightest shard)."""
-    shards: list[list[ModuleJob]] = [[] for _ in range(n)]
+def balance(tasks: list[ScoreTask], n: int) -> list[list[ScoreTask]]:
+    """Split tasks into n shards of about equal bytes (largest first onto the lightest shard)."""
+    shards: list[list[ScoreTask]] = [[] for _ in range(n)]
     loads = [0] * n
-    for job in sorted(jobs, key=lambda j: (-j.nbytes, natural_key(j.module))):
+    for task in sorted(tasks, key=lambda t: (-t.nbytes, natural_key(t.jobs[0].module))):
         i = loads.index(min(loads))
-        shards[i].append(job)
-        loads[i] += job.nbytes
-    return [sorted(s, key=lambda j: natural_key(j.module)) for s in shards if s]
+        shards[i].append(task)
+        loads[i] += task.nbytes
+    return [sorted(s, key=lambda t: natural_key(t.jobs[0].module)) for s in shards if s]
 
 
 def _log(msg: str, **fields) -> None:
@@ -563,6 +645,7 @@ def plan_fleet(config: FleetConfig, out: Dir, deadline: Deadline | None = None, 
 
     states = [AdapterState(ref, config.settings_for(ref.name)) for ref in refs]
     manifests: dict[str, dict | None] = {}  # committed runs' manifests, read once each
+    layouts: dict[str, list[ModulePlan]] = {}  # adapters of one layout share their plan (read-only)
     for st in states:
         if deadline.passed():  # a slow store: what is not planned by now is not done tonight
             st.fail(deadline.failure("planned"))
@@ -583,7 +666,9 @@ def plan_fleet(config: FleetConfig, out: Dir, deadline: Deadline | None = None, 
             else:
                 manifest = cached_manifest(out, str(pointer.get("manifest", "")), manifests) if pointer else None
                 st.why = why_redo(pointer, manifest, st.ref.name, fingerprints, adapter.fingerprint, st.settings)
-            st.plans = plan_adapter(unaligned, aligned, adapter, safety)
+            if adapter.layout not in layouts:
+                layouts[adapter.layout] = plan_adapter(unaligned, aligned, adapter, safety)
+            st.plans = layouts[adapter.layout]
         except SafeMergeError as exc:  # unreadable or invalid: this adapter fails alone
             st.fail(Failure.of(exc))
     return FleetPlan(states, fingerprints, warnings)
@@ -604,7 +689,10 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
 
     run_id = LOG.run_id = run_id or new_run_id()
     init_ray(ray_address, runtime_env, quiet=not progress)
-    with _scored(config, out, pending, _plan_jobs(pending, config.safety_adapter), progress, deadline) as workers:
+    jobs = _plan_jobs(pending, config.safety_adapter)
+    for st in pending:
+        st.plans = []  # the worker that assembles an adapter plans it again from the headers it holds
+    with _scored(config, out, pending, jobs, progress, deadline) as workers:
         _assemble(config, workers, out, run_id, [st for st in pending if st.status == "pending"], progress, deadline)
         worker_bytes = 0 if deadline.passed() else _worker_bytes(workers)  # late workers may still be busy
     warnings += deadline.warnings()
@@ -682,8 +770,9 @@ def _plan_jobs(pending: list[AdapterState], safety: str | None = None) -> list[M
     """One job per target module, naming every pending adapter that needs it."""
     by_module: dict[str, list[tuple[ModulePlan, ScoreRequest]]] = {}
     for st in pending:
+        request = ScoreRequest(st.ref.name, st.ref.uri, st.settings)  # one per adapter, shared by its modules
         for plan in st.plans:
-            by_module.setdefault(plan.module, []).append((plan, ScoreRequest(st.ref.name, st.ref.uri, st.settings)))
+            by_module.setdefault(plan.module, []).append((plan, request))
     jobs = []
     for module, items in by_module.items():
         first = items[0][0]
@@ -876,53 +965,78 @@ def _gather(items: list, submit, deadline: Deadline):
             yield item, result, None
 
 
+def score_tasks(jobs: list[ModuleJob]) -> list[ScoreTask]:
+    """Jobs in module order, neighbours joined into one task while the task's weights and factors stay
+    under TASK_BYTES (a large module is a task of its own)."""
+    tasks: list[ScoreTask] = []
+    current: list[ModuleJob] = []
+    size = 0
+    for job in sorted(jobs, key=lambda j: natural_key(j.module)):
+        cost = job.nbytes + job.factor_bytes
+        if current and size + cost > TASK_BYTES:
+            tasks.append(ScoreTask(tuple(current)))
+            current, size = [], 0
+        current.append(job)
+        size += cost
+    return tasks + ([ScoreTask(tuple(current))] if current else [])
+
+
 def _score(workers: list, jobs: list[ModuleJob], pending: list[AdapterState], progress: bool,
            deadline: Deadline) -> None:
     """Score every pending adapter, module-major; past the deadline, what is unscored fails."""
     _log(f"scoring {len(jobs)} modules ({sum(j.nbytes for j in jobs) / 1e6:.0f} MB of model weights) "
          f"for {len(pending)} adapters")
-    placed = {}  # module -> (worker index, the job after it on that worker: read ahead while it is scored)
-    for w, shard in enumerate(balance(jobs, len(workers))):
-        for i, job in enumerate(shard):
-            placed[job.module] = (w, shard[i + 1] if i + 1 < len(shard) else None)
+    tasks = score_tasks(jobs)
+    placed = {}  # task -> (worker index, the task after it on that worker: read ahead while it is scored)
+    for w, shard in enumerate(balance(tasks, len(workers))):
+        for i, task in enumerate(shard):
+            placed[task.name] = (w, shard[i + 1] if i + 1 < len(shard) else None)
 
-    def submit(job: ModuleJob, attempt: int):
-        w, next_job = placed[job.module]
-        return workers[(w + attempt) % len(workers)].score.remote(job, next_job if attempt == 0 else None)
+    def submit(task: ScoreTask, attempt: int):
+        w, next_task = placed[task.name]
+        return workers[(w + attempt) % len(workers)].score.remote(task, next_task if attempt == 0 else None)
 
     bar = Progress("score", len(jobs)) if progress else None
     by_name = {st.ref.name: st for st in pending}
     batches = 0
-    for job, result, error in _gather(jobs, submit, deadline):
+    for task, results, error in _gather(tasks, submit, deadline):
         if error is not None:  # its worker stayed lost
-            raise EnvironmentFailure(_worker_lost(error, f"scoring module {job.module}", job.cost))
-        if result is None:  # the deadline
-            for req in job.requests:
-                if by_name[req.adapter].status == "pending":
-                    by_name[req.adapter].fail(deadline.failure("scored"))
+            worst = max(task.jobs, key=lambda j: j.cost.peak)
+            raise EnvironmentFailure(_worker_lost(error, f"scoring module {worst.module}", worst.cost))
+        if results is None:  # the deadline
+            for job in task.jobs:
+                for req in job.requests:
+                    if by_name[req.adapter].status == "pending":
+                        by_name[req.adapter].fail(deadline.failure("scored"))
             continue
-        batches += result.batches
-        for name, score in result.scores.items():
-            by_name[name].scores[result.module] = score
-        for name, failure in result.errors.items():
-            if by_name[name].status == "pending":
-                by_name[name].fail(failure)
-        if bar:
-            bar.advance(nbytes=result.nbytes)
+        for result in results:
+            batches += result.batches
+            for name, score in result.scores.items():
+                by_name[name].scores[result.module] = score
+            for name, ref in result.projected.items():
+                by_name[name].projected[result.module] = ref
+            for name, failure in result.errors.items():
+                if by_name[name].status == "pending":
+                    by_name[name].fail(failure)
+            if bar:
+                bar.advance(nbytes=result.nbytes)
     if batches > len(jobs):
         _log(f"{batches} scoring batches for {len(jobs)} modules: adapters grouped by rank and chunked to stay "
-             f"within each worker's memory budget ({fmt(jobs[0].budget or 0)} for tensors)", batches=batches)
+             f"within each worker's batch cap and memory budget ({fmt(jobs[0].budget or 0)} for tensors)",
+             batches=batches)
 
 
 def _assemble(config: FleetConfig, workers: list, out: Dir, run_id: str, pending: list[AdapterState],
               progress: bool, deadline: Deadline) -> None:
-    """One assembly task per adapter, spread over the workers; past the deadline, what is unwritten fails."""
+    """One assembly task per adapter, spread over the workers; past the deadline, what is unwritten fails.
+    Only scalars and references travel: each worker plans the adapter again from the headers it holds, and
+    fetches SafeLoRA's projected Bs from Ray's object store itself."""
     index = {st.ref.name: i for i, st in enumerate(pending)}
 
     def submit(st: AdapterState, attempt: int):
         worker = workers[(index[st.ref.name] + attempt) % len(workers)]
-        return worker.assemble.remote(st.ref.name, st.ref.uri, config.safety_adapter, st.plans, st.scores,
-                                      st.settings, out, adapter_prefix(run_id, st.ref.name), config.s3)
+        return worker.assemble.remote(st.ref.name, st.ref.uri, st.fingerprint, config.safety_adapter, st.scores,
+                                      st.projected, st.settings, out, adapter_prefix(run_id, st.ref.name))
 
     bar = Progress("assemble", len(pending), unit="adapters written") if progress else None
     for st, result, error in _gather(pending, submit, deadline):
@@ -933,8 +1047,9 @@ def _assemble(config: FleetConfig, workers: list, out: Dir, run_id: str, pending
         elif result.error is not None:
             st.fail(result.error)
         else:
-            st.status, st.objects, st.decisions = "assembled", result.objects, result.decisions
-            st.counts = counts(result.decisions)
+            st.status, st.objects, st.decisions, st.counts = "assembled", result.objects, result.decisions, \
+                result.counts
+        st.scores, st.projected = {}, {}  # done with: the projected Bs leave the object store
         if bar:
             bar.advance()
 
@@ -951,10 +1066,11 @@ def _commit(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterStat
     inputs = {role: {"uri": uri, "fingerprint": fingerprints[role]} for role, uri in (
         ("unaligned_model", config.unaligned_model), ("aligned_model", config.aligned_model),
         ("safety_adapter", config.safety_adapter))}
+    decisions = pa.concat_tables([st.decisions for st in assembled if st.decisions is not None])
     commit_run(out, run_id, inputs,
                [Published(st.ref.name, st.ref.uri, st.fingerprint, st.run_key, st.settings.to_dict(), st.objects,
                           st.why) for st in assembled],
-               {DECISIONS: decisions_bytes([row for st in assembled for row in st.decisions]),
+               {DECISIONS: decisions_bytes(decisions),
                 SUMMARY: json_bytes(summary)},
                {st.ref.name: st.reason for st in states if st.status == "failed"})
     for st in assembled:

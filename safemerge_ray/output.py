@@ -30,7 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from safetensors.torch import save as safetensors_bytes
+import torch
+from safetensors.numpy import save as safetensors_numpy_bytes
+from safetensors.torch import save as safetensors_torch_bytes
 
 from . import __version__
 from .adapters import CONFIG, WEIGHTS
@@ -45,8 +47,20 @@ REPORT = "report.html"  # `safemerge-ray report` writes it beside a run (or at t
 
 def adapter_files(tensors: dict, config: dict) -> dict[str, bytes]:
     """A PEFT adapter directory as bytes: the same inputs always give the same bytes."""
-    weights = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
-    return {CONFIG: json_bytes(config), WEIGHTS: weights}
+    return {CONFIG: json_bytes(config), WEIGHTS: safetensors_bytes(tensors, {"format": "pt"})}
+
+
+_NUMPY_DTYPES = (torch.float32, torch.float16, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8,
+                 torch.uint8, torch.bool)
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors' own serialisation. Through its numpy API where numpy has every dtype (the same bytes, a
+    third of the time: an adapter of many small layers spent most of its assembly in the torch API's
+    per-tensor checks); bf16 and others through its torch API."""
+    if all(t.dtype in _NUMPY_DTYPES and t.device.type == "cpu" for t in tensors.values()):
+        return safetensors_numpy_bytes({k: t.contiguous().numpy() for k, t in tensors.items()}, metadata=metadata)
+    return safetensors_torch_bytes({k: t.contiguous() for k, t in tensors.items()}, metadata=metadata)
 
 
 def json_bytes(data) -> bytes:

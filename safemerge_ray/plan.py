@@ -13,7 +13,7 @@ from .subspace import check_same_shape
 from .tensors import Checkpoint
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a fleet plans one per (adapter, module): no __dict__
 class ModulePlan:
     module: str
     weight_key: str  # the module's weight in both model checkpoints

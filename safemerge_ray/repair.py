@@ -20,14 +20,14 @@ from .adapters import LoraAdapter, load_adapter
 from .assemble import AssembledAdapter, ModuleScore, assemble_adapter
 from .errors import SafeMergeError
 from .memory import ModuleCost, available_memory, check_fits, fmt
-from .merge import MergeSettings
+from .merge import LINEAR_IN_B, MergeSettings, merged_layer
 from .output import DECISIONS, SUMMARY, adapter_files, check_output_target, commit_files, json_bytes
 from .plan import ModulePlan, plan_adapter
 from .policy import POLICIES, may_be_selected, needs_projection
 from .progress import Progress
 from .report import counts, decisions_bytes
 from .storage import S3Settings, open_dir
-from .subspace import alignment_delta, lora_rho, project_lora_b
+from .subspace import alignment_delta, lora_rho, project, project_lora_b, rho_from_projections, stack_factors
 from .tensors import Checkpoint, release_freed_buffers
 
 
@@ -93,26 +93,51 @@ class RepairInputs:
 def score_module(module: str, v: torch.Tensor, loras: list[tuple[torch.Tensor, torch.Tensor]],
                  settings: list[MergeSettings], repairs: list[RepairInputs] | None = None) -> list[ModuleScore]:
     """Score every adapter's LoRA for one module against its V in one batch. With `repairs`, also the rho
-    of each layer as it would be repaired (where it may be), in a second batch: the repair's effect."""
-    dev = v.device
-    rhos = lora_rho(v, [(a.to(dev), b.to(dev)) for a, b in loras]).tolist()
-    scores, repaired = [], []
+    of each layer as it would be repaired (where it may be): the repair's effect. For merges linear in B
+    (LINEAR_IN_B) that needs no second GEMM over V: the merge applied to the layers' V V^T B gives the
+    merged layer's; other repaired layers are projected again, in one more batch."""
+    a_all, b_all = stack_factors(loras, v.device)  # the factors cross to V's device here, stacked
+    p_all = project(v, b_all)
+    rhos = rho_from_projections(a_all, b_all, p_all).tolist()
+    del a_all, b_all
+    scores, repaired, by_linearity = [], [], []
+    p_host, p_safety = None, None  # P on the host, and the safety layer's, where a linear merge needs them
     for i, ((a, b), rho, s) in enumerate(zip(loras, rhos, settings, strict=True)):
         projected = project_lora_b(v, b) if needs_projection(s, rho) else None
         scores.append(ModuleScore(module, rho, projected))
-        if repairs is not None and may_be_selected(s, rho):
-            r = repairs[i]
-            try:
-                done = POLICIES[s.policy].repair(s, module, (a, b), r.scaling, r.safety, r.safety_scaling, projected)
-            except SafeMergeError:  # e.g. ranks a method cannot combine: assembly fails this adapter alone
-                continue
-            if done.action != "kept_no_safety_lora":
+        if repairs is None or not may_be_selected(s, rho):
+            continue
+        r = repairs[i]
+        try:
+            done = POLICIES[s.policy].repair(s, module, (a, b), r.scaling, r.safety, r.safety_scaling, projected)
+            if done.action == "merged" and s.method in LINEAR_IN_B and r.safety and r.safety_scaling is not None:
+                p_host = p_all.cpu() if p_host is None else p_host
+                if p_safety is None:
+                    p_safety = project(v, r.safety[1][None].to(v.device))[0].cpu()
+                _, p_merged = merged_layer(s, module, [(a, p_host[i, :, :a.shape[0]]), (r.safety[0], p_safety)],
+                                           [r.scaling, r.safety_scaling])
+                by_linearity.append((i, done.lora, p_merged))
+            elif done.action != "kept_no_safety_lora":
                 repaired.append((i, done.lora))
+        except SafeMergeError:  # e.g. ranks a method cannot combine: assembly fails this adapter alone
+            continue
+    after: dict[int, float] = {}
+    for group in _by_rank(by_linearity):
+        a_m, b_m = stack_factors([lora for _, lora, _ in group], torch.device("cpu"))
+        rho = rho_from_projections(a_m, b_m, torch.stack([p for _, _, p in group])).tolist()
+        after.update({i: x for (i, _, _), x in zip(group, rho, strict=True)})
     if repaired:
-        after = lora_rho(v, [(a.to(dev), b.to(dev)) for _, (a, b) in repaired]).tolist()
-        for (i, _), rho_after in zip(repaired, after, strict=True):
-            scores[i] = replace(scores[i], rho_after=rho_after)
+        after.update(zip([i for i, _ in repaired], lora_rho(v, [lora for _, lora in repaired]).tolist(), strict=True))
+    for i, rho_after in after.items():
+        scores[i] = replace(scores[i], rho_after=rho_after)
     return scores
+
+
+def _by_rank(items: list[tuple[int, tuple[torch.Tensor, torch.Tensor], torch.Tensor]]) -> list[list]:
+    groups: dict[int, list] = {}
+    for item in items:
+        groups.setdefault(item[1][0].shape[0], []).append(item)
+    return list(groups.values())
 
 
 @dataclass

@@ -52,17 +52,34 @@ def lora_rho(v: torch.Tensor, loras: Sequence[tuple[torch.Tensor, torch.Tensor]]
     A zero update (or one with no component in V's row space) scores 0, as torch's
     cosine_similarity does for a zero vector.
     """
-    n, out = len(loras), v.shape[0]
+    a_all, b_all = stack_factors(loras, v.device)
+    return rho_from_projections(a_all, b_all, project(v, b_all))
+
+
+def stack_factors(loras: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """([N, r, in], [N, out, r]) on `device`, zero-padded to the largest rank where ranks differ."""
     r_max = max(a.shape[0] for a, _ in loras)
-    dev = v.device
-    a_all = torch.zeros(n, r_max, v.shape[1], device=dev)
-    b_all = torch.zeros(n, out, r_max, device=dev)
+    if all(a.shape[0] == r_max for a, _ in loras):  # one rank (the fleet groups adapters by rank): no padding
+        return torch.stack([a for a, _ in loras]).to(device), torch.stack([b for _, b in loras]).to(device)
+    n, (out, inp) = len(loras), (loras[0][1].shape[0], loras[0][0].shape[1])
+    a_all = torch.zeros(n, r_max, inp, device=device)
+    b_all = torch.zeros(n, out, r_max, device=device)
     for i, (a, b) in enumerate(loras):
         a_all[i, : a.shape[0]] = a
         b_all[i, :, : b.shape[1]] = b
-    # The two big GEMMs, shared by every adapter: P = V (V^T [B_1 .. B_N]).
-    b_wide = b_all.permute(1, 0, 2).reshape(out, n * r_max)
-    p_all = (v @ (v.T @ b_wide)).reshape(out, n, r_max).permute(1, 0, 2)
+    return a_all, b_all
+
+
+def project(v: torch.Tensor, b_all: torch.Tensor) -> torch.Tensor:
+    """P = V (V^T B) for every B of [N, out, r]: the two big GEMMs, shared by every adapter."""
+    n, out, r = b_all.shape
+    b_wide = b_all.permute(1, 0, 2).reshape(out, n * r)
+    return (v @ (v.T @ b_wide)).reshape(out, n, r).permute(1, 0, 2)
+
+
+def rho_from_projections(a_all: torch.Tensor, b_all: torch.Tensor, p_all: torch.Tensor) -> torch.Tensor:
+    """rho from each update's factors and P = V V^T B: traces of r x r products only (float32 [N] on CPU)."""
     g = a_all @ a_all.transpose(1, 2)  # [N, r, r], symmetric, so tr(X G) = sum(X * G)
     bt = b_all.transpose(1, 2)
     inner = ((bt @ p_all) * g).sum(dim=(1, 2))

@@ -33,6 +33,7 @@ class SynthSpec:
     intermediate: int | None = None  # default 2 * hidden
     layers: int = 2
     heads: int = 4
+    kv_heads: int | None = None  # grouped-query attention (Llama-3, Qwen2): fewer k/v heads; default heads
     rank: int = 8
     dtype: str = "float32"
     subspace_rank: int = 4
@@ -46,7 +47,8 @@ def make_model(spec: SynthSpec) -> PreTrainedModel:
 
     common: dict[str, Any] = dict(
         hidden_size=spec.hidden, intermediate_size=spec.intermediate or 2 * spec.hidden,
-        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads or spec.heads,
         vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
     torch.manual_seed(spec.seed)
     model: PreTrainedModel

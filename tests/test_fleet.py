@@ -55,6 +55,37 @@ def test_fleet_output_equals_merge_per_adapter(fleet, tmp_path):
         assert all(abs(a["rho"] - b["rho"]) < 1e-6 for a, b in zip(ours, theirs, strict=True))
 
 
+def test_safelora_projections_stay_on_the_workers_and_equal_merge(fleet, tmp_path, monkeypatch):
+    """SafeLoRA's projected Bs never reach the driver: it holds references into Ray's object store, which the
+    assembling worker fetches; the adapters are byte-identical to `merge`'s."""
+    import ray
+
+    from safemerge_ray import fleet as fleet_module
+
+    held = []
+    real_assemble = fleet_module._assemble
+
+    def spying_assemble(config, workers, out, run_id, pending, *args):
+        for st in pending:
+            assert all(s.projected_b is None for s in st.scores.values())  # scalars only on the driver
+            held.extend(st.projected.values())
+        return real_assemble(config, workers, out, run_id, pending, *args)
+
+    monkeypatch.setattr(fleet_module, "_assemble", spying_assemble)
+    config = replace(load_config(fleet / "fleet.yaml"), merge=MergeSettings(policy="safelora", tau=0.35))
+    report = run_fleet(config, progress=False)
+    assert report.exit_code == EXIT_OK
+    assert held and all(isinstance(ref, ray.ObjectRef) for ref in held)
+    assert all(not st.projected and not st.scores for st in report.adapters)  # released after assembly
+    for name in ADAPTERS:
+        single = tmp_path / f"single-{name}"
+        merge_to_dir(unaligned=str(fleet / "unaligned"), aligned=str(fleet / "aligned"),
+                     safety_adapter=str(fleet / "safety"), finetuned=str(fleet / "finetuned" / name),
+                     out=str(single), settings=config.merge, progress=False)
+        assert (_adapter_dir(fleet, name) / "adapter_model.safetensors").read_bytes() == \
+            (single / "adapter_model.safetensors").read_bytes(), name
+
+
 def test_manifest_is_complete_and_hashes_match(fleet):
     report = run_fleet(load_config(fleet / "fleet.yaml"), progress=False)
     out = fleet / "merged"

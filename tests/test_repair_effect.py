@@ -13,12 +13,14 @@ from safemerge_ray.subspace import alignment_delta, lora_rho
 from safemerge_ray.tensors import Checkpoint
 
 
-@pytest.mark.parametrize("policy,method", [("safemerge", "linear"), ("safemerge", "cat"), ("safelora", "linear")])
+@pytest.mark.parametrize("policy,method", [("safemerge", "linear"), ("safemerge", "cat"), ("safemerge", "ties"),
+                                           ("safelora", "linear")])  # linear, cat: by linearity; others: V again
 def test_rho_after_is_the_output_layers_rho(pair, tmp_path, policy, method):
     out = tmp_path / "out"
     assert main(["merge", "--unaligned", str(pair / "unaligned"), "--aligned", str(pair / "aligned"),
                  "--safety-adapter", str(pair / "safety"), "--finetuned", str(pair / "finetuned" / "gsm8k"),
-                 "--out", str(out), "--policy", policy, "--method", method, "--tau", "0.6", "--quiet"]) == 0
+                 "--out", str(out), "--policy", policy, "--method", method, "--tau", "0.6", "--quiet",
+                 *(["--density", "0.5"] if method == "ties" else [])]) == 0
     rows = read_decisions(out / "decisions.parquet")
     repaired = [r for r in rows if r["merged"]]
     assert repaired and all(r["rho_after"] is None for r in rows if not r["merged"])

@@ -443,3 +443,65 @@ def test_hub_id_without_hub_access_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SafeMergeError, match="could not be fetched from the Hugging Face hub"):
         open_dir("meta-llama/Llama-2-7b-chat-hf", what="aligned model")
+
+
+def test_read_many_reads_neighbours_at_once_and_bounds_gaps(tmp_path):
+    tensors = _sample_tensors(torch.float32)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    store = CountingDir(tmp_path)
+    f = SafetensorsFile(store, "model.safetensors")
+    by_offset = sorted(f.tensors.values(), key=lambda i: i.offset)
+    wanted = [by_offset[1].name, by_offset[2].name, by_offset[3].name, by_offset[6].name]  # 3 neighbours, then a gap
+    store.reset()
+    got = f.read_many(wanted, finite=True, max_gap=0)
+    assert store.ranges == [("model.safetensors", by_offset[1].offset,
+                             by_offset[3].offset + by_offset[3].nbytes - by_offset[1].offset),
+                            ("model.safetensors", by_offset[6].offset, by_offset[6].nbytes)]
+    for name in wanted:
+        _assert_same(got[name], tensors[name])
+    store.reset()  # a small gap is read through: one read
+    got = f.read_many(wanted, finite=True)
+    assert store.ranges == [("model.safetensors", by_offset[1].offset,
+                             by_offset[6].offset + by_offset[6].nbytes - by_offset[1].offset)]
+    for name in wanted:
+        _assert_same(got[name], tensors[name])
+    store.reset()  # a span limit splits a run of neighbours
+    f.read_many(wanted[:3], max_span=by_offset[1].nbytes + by_offset[2].nbytes)
+    assert len(store.ranges) == 2
+
+
+def test_read_many_names_the_tensor_that_is_not_finite(tmp_path):
+    tensors = {"a": torch.ones(4, 4), "b": torch.ones(3), "c": torch.ones(5, 2)}
+    tensors["b"][1] = float("nan")
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    f = SafetensorsFile(LocalDir(tmp_path), "x.safetensors")
+    assert f.read_many(["a", "c"], finite=True)["c"].shape == (5, 2)  # b lies between them, but is not read
+    with pytest.raises(SafeMergeError, match=r"x.safetensors: tensor b contains NaN or Inf"):
+        f.read_many(["a", "b", "c"], finite=True)
+    assert torch.isnan(f.read_many(["b"])["b"][1])  # unchecked unless asked
+
+
+def test_read_many_copes_with_a_tensor_off_its_dtype_alignment(tmp_path):
+    """A 3-byte uint8 tensor before a float32 one: the float32 view starts off a 4-byte boundary of the read."""
+    tensors = {"a_bytes": torch.tensor([1, 2, 3], dtype=torch.uint8), "b_floats": torch.arange(4.0)}
+    path = tmp_path / "odd.safetensors"
+    header = {"a_bytes": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+              "b_floats": {"dtype": "F32", "shape": [4], "data_offsets": [3, 19]}}
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + tensors["a_bytes"].numpy().tobytes()
+                     + tensors["b_floats"].numpy().tobytes())
+    got = SafetensorsFile(LocalDir(tmp_path), "odd.safetensors").read_many(["a_bytes", "b_floats"], finite=True)
+    assert torch.equal(got["a_bytes"], tensors["a_bytes"]) and torch.equal(got["b_floats"], tensors["b_floats"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.int64, torch.int32,
+                                   torch.int16, torch.int8, torch.uint8, torch.bool, torch.bfloat16])
+def test_adapter_bytes_equal_safetensors_torch_api(dtype):
+    """Adapters are written through safetensors' numpy API where it has the dtype: byte for byte the torch API's."""
+    from safetensors.torch import save
+
+    from safemerge_ray.output import safetensors_bytes
+
+    tensors = {k: (v * 50).to(dtype) for k, v in _sample_tensors(torch.float32).items() if k != "specials"}
+    tensors["z.float32_too"] = torch.ones(3, 2)  # mixed dtypes are ordered the same way
+    assert safetensors_bytes(tensors, {"format": "pt"}) == save(tensors, metadata={"format": "pt"})
