@@ -13,13 +13,14 @@ import os
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .errors import SafeMergeError
 from .storage import Dir, LocalDir, sha256_of
-from .tensors import SafetensorsFile, natural_key
+from .tensors import DTYPES, SafetensorsFile, natural_key
 from .untrusted import check_pattern, load_json
 
 CONFIG = "adapter_config.json"
@@ -65,6 +66,17 @@ class LoraAdapter:
     fingerprint: str
     file: SafetensorsFile
     layout: str  # the header and the config fields the modules depend on: adapters that share it plan alike
+    kept: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # every layer's factors, where kept
+
+    def keep_in_memory(self) -> None:
+        """Read every layer's factors once and serve reads from memory (the safety adapter: every assembly
+        on a worker reads its repaired layers)."""
+        if self.kept is None:
+            self.kept = self.read_loras(list(self.modules))
+
+    @property
+    def factor_bytes(self) -> int:
+        return sum(4 * m.rank * (m.a_shape[1] + m.b_shape[0]) for m in self.modules.values())
 
     def read_lora(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of one module as float32, checked for NaN/Inf (one read: they are neighbours in the file)."""
@@ -73,6 +85,8 @@ class LoraAdapter:
     def read_loras(self, modules: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(A, B) of several modules as float32, checked for NaN/Inf, read in as few reads as their layout
         allows (an adapter's modules are mostly neighbours)."""
+        if self.kept is not None:
+            return {m: self.kept[m] for m in modules}
         keys = [key for module in modules for key in (self.modules[module].a_key, self.modules[module].b_key)]
         tensors = self.file.read_many(keys, finite=True)
         return {m: (tensors[self.modules[m].a_key].float(), tensors[self.modules[m].b_key].float()) for m in modules}
@@ -83,6 +97,59 @@ class LoraAdapter:
     @property
     def modules_to_save(self) -> list[str]:
         return list(self.config.get("modules_to_save") or [])
+
+
+@dataclass
+class FactorRows:
+    """Many adapters' factors for a stretch of neighbouring modules, one row per adapter: adapters of one
+    layout hold those tensors at the same offsets, so each is read in one request into its row, and a
+    module's [N, r, in] and [N, out, r] stacks are views of the rows (no work per adapter and module)."""
+
+    rows: torch.Tensor  # [N, elements] float32
+    offsets: dict[str, int]  # tensor name -> its first element in a row
+    index: dict[str, int]  # adapter URI -> its row
+
+    def stacks(self, uris: list[str], module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = [self.index[u] for u in uris]
+        (r, inp), out = module.a_shape, module.b_shape[0]
+        a = self.rows[:, self.offsets[module.a_key]:self.offsets[module.a_key] + r * inp]
+        b = self.rows[:, self.offsets[module.b_key]:self.offsets[module.b_key] + out * r]
+        if idx == list(range(idx[0], idx[0] + len(idx))):
+            a, b = a[idx[0]:idx[-1] + 1], b[idx[0]:idx[-1] + 1]
+        else:
+            sel = torch.tensor(idx)
+            a, b = a[sel], b[sel]
+        return a.reshape(len(idx), r, inp), b.reshape(len(idx), out, r)
+
+
+def read_factor_rows(adapters: list[LoraAdapter], modules: list[str],
+                     retrying: Callable) -> tuple[FactorRows | None, dict[str, SafeMergeError]]:
+    """The factors of `modules` for adapters of one layout, one read each (through `retrying(fn, *args)`).
+    None where the stretch holds other dtypes (read tensor by tensor instead); adapters whose read fails,
+    or whose factors are not finite, come back with their error and no row."""
+    first = adapters[0].file
+    names = [key for m in modules for key in (adapters[0].modules[m].a_key, adapters[0].modules[m].b_key)]
+    infos = sorted((first.tensors[n] for n in names), key=lambda i: i.offset)
+    start, end = infos[0].offset, infos[-1].offset + infos[-1].nbytes
+    dtypes = {i.dtype for i in first.tensors.values() if start <= i.offset < end}
+    if len(dtypes) != 1 or (dtype := DTYPES[dtypes.pop()]) not in (torch.float32, torch.float16, torch.bfloat16):
+        return None, {}
+    raw = torch.empty(len(adapters), end - start, dtype=torch.uint8)
+    failed: dict[str, SafeMergeError] = {}
+    for k, adapter in enumerate(adapters):
+        try:
+            retrying(adapter.file.store.read_into, adapter.file.name, start, raw[k].numpy().data)
+        except SafeMergeError as exc:
+            failed[adapter.uri] = exc
+    rows = raw.view(dtype).float()
+    if not bool(torch.isfinite(rows.sum())):  # NaN/Inf poison the sum: find whose
+        for k in (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist():
+            try:
+                adapters[k].read_loras(modules)  # names the tensor
+            except SafeMergeError as exc:
+                failed.setdefault(adapters[k].uri, exc)
+    offsets = {i.name: (i.offset - start) // dtype.itemsize for i in infos}
+    return FactorRows(rows, offsets, {a.uri: k for k, a in enumerate(adapters) if a.uri not in failed}), failed
 
 
 def load_adapter(store: Dir, what: str) -> LoraAdapter:

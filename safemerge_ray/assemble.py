@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import PREFIX, LoraAdapter
+from .adapters import PREFIX, WEIGHTS, LoraAdapter
 from .errors import SafeMergeError
-from .merge import MergeSettings, kept_layer
+from .merge import LINEAR_IN_B, Lora, MergeSettings, kept_layers
+from .output import adapter_files, float32_finite
 from .plan import ModulePlan
 from .policy import POLICIES, selected
 
@@ -24,9 +25,19 @@ class ModuleScore:
 
 @dataclass
 class AssembledAdapter:
+    name: str
     tensors: dict[str, torch.Tensor]
     config: dict
     decisions: list[dict]
+
+    def files(self) -> dict[str, bytes]:
+        """The adapter directory as bytes; a merge that made NaN or Inf is an error, not a file."""
+        files = adapter_files(self.tensors, self.config)
+        if not all(t.dtype == torch.float32 for t in self.tensors.values()) or not float32_finite(files[WEIGHTS]):
+            bad = first_non_finite(self.tensors)  # tensor by tensor: rare (bf16 passed through, a NaN, an overflow)
+            if bad is not None:
+                raise SafeMergeError(f"adapter {self.name}: merged tensor {bad} is not finite")
+        return files
 
 
 def assemble_adapter(name: str, plans: list[ModulePlan], scores: dict[str, ModuleScore],
@@ -36,15 +47,10 @@ def assemble_adapter(name: str, plans: list[ModulePlan], scores: dict[str, Modul
     ranks: dict[str, int] = {}
     rows = []
     chosen = selected(settings, {plan.module: scores[plan.module].rho for plan in plans})
-    policy = POLICIES[settings.policy]
-    for plan, lora, safety_lora in _factors(plans, chosen, finetuned, safety):
+    done = _layers(plans, chosen, finetuned, safety, settings, scores)
+    for plan in plans:
         rho = scores[plan.module].rho
-        if plan.module not in chosen:
-            action, weights, (a, b) = "kept", (1.0, 0.0), kept_layer(lora, plan.lora.scaling)
-        else:
-            done = policy.repair(settings, plan.module, lora, plan.lora.scaling, safety_lora,
-                                 plan.safety.scaling if plan.safety else None, scores[plan.module].projected_b)
-            action, weights, (a, b) = done.action, done.weights, done.lora
+        action, weights, (a, b) = done[plan.module]
         tensors[f"{PREFIX}{plan.module}.lora_A.weight"] = a.contiguous()
         tensors[f"{PREFIX}{plan.module}.lora_B.weight"] = b.contiguous()
         ranks[plan.module] = a.shape[0]
@@ -58,10 +64,44 @@ def assemble_adapter(name: str, plans: list[ModulePlan], scores: dict[str, Modul
         })
     for key, t in finetuned.read_extra().items():  # modules_to_save copies pass through untouched
         tensors[key] = t
-    bad = first_non_finite(tensors)
-    if bad is not None:
-        raise SafeMergeError(f"adapter {name}: merged tensor {bad} is not finite")
-    return AssembledAdapter(tensors, output_config(finetuned.config, ranks), rows)
+    return AssembledAdapter(name, tensors, output_config(finetuned.config, ranks), rows)
+
+
+def _layers(plans: list[ModulePlan], chosen: set[str], finetuned: LoraAdapter, safety: LoraAdapter | None,
+            settings: MergeSettings, scores: dict[str, ModuleScore]) -> dict[str, tuple[str, tuple, Lora]]:
+    """module -> (action, (weight of the fine-tune, of the safety layer), output (A, B)). Kept layers, and
+    layers merged by a method linear in B, are done many at a time where their shapes agree (the same
+    arithmetic, elementwise: the same bytes; a thousand small layers cost a few ops, not a few each)."""
+    policy = POLICIES[settings.policy]
+    done: dict[str, tuple[str, tuple, Lora]] = {}
+    batches: dict[tuple, list[tuple[ModulePlan, Lora, Lora | None]]] = {}
+    for plan, lora, safety_lora in _factors(plans, chosen, finetuned, safety):
+        if plan.module not in chosen:
+            key: tuple = ("kept", lora[0].shape, lora[1].shape)
+        elif policy.merges and settings.method in LINEAR_IN_B and safety_lora is not None and plan.safety:
+            key = ("merged", lora[0].shape, lora[1].shape, safety_lora[0].shape, safety_lora[1].shape)
+        else:
+            repair = policy.repair(settings, plan.module, lora, plan.lora.scaling, safety_lora,
+                                   plan.safety.scaling if plan.safety else None, scores[plan.module].projected_b)
+            done[plan.module] = (repair.action, repair.weights, repair.lora)
+            continue
+        batches.setdefault(key, []).append((plan, lora, safety_lora))
+    for key, items in batches.items():
+        a = torch.stack([lora[0] for _, lora, _ in items])
+        b = torch.stack([lora[1] for _, lora, _ in items])
+        if key[0] == "kept":
+            merged, weights = kept_layers(a, b, [plan.lora.scaling for plan, _, _ in items]), (1.0, 0.0)
+        else:
+            pairs = [s for _, _, s in items]
+            weighted = torch.tensor([[settings.weights[0] * plan.lora.scaling,
+                                      settings.weights[1] * plan.safety.scaling]  # type: ignore[union-attr]
+                                     for plan, _, _ in items], dtype=torch.float64)
+            merged = LINEAR_IN_B[settings.method](a, b, (torch.stack([p[0] for p in pairs]),  # type: ignore[index]
+                                                         torch.stack([p[1] for p in pairs])), weighted)  # type: ignore[index]
+            weights = (settings.weights[0], settings.weights[1])
+        for (plan, _, _), a_out, b_out in zip(items, merged[0].unbind(0), merged[1].unbind(0), strict=True):
+            done[plan.module] = (key[0], weights, (a_out, b_out))
+    return done
 
 
 READ_SPAN = 64 * 2**20  # factor bytes read at once: few reads for many small modules, bounded for large ones
@@ -89,24 +129,9 @@ def _nbytes(plan: ModulePlan) -> int:
     return 4 * plan.lora.rank * sum(plan.shape)
 
 
-def first_non_finite(tensors: dict[str, torch.Tensor], span: int = 16 * 2**20) -> str | None:
-    """The first float tensor holding NaN or Inf, or None. Tensors are checked a span of elements at a time
-    (one sum over many small layers, not a check per tensor); the culprit is looked up only when the sum is
-    not finite."""
-    batch: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    items = [(k, t) for k, t in tensors.items() if t.is_floating_point()]
-    for i, (key, t) in enumerate(items):
-        batch.append((key, t))
-        size += t.numel()
-        if size >= span or i == len(items) - 1:
-            flat = torch.cat([x.reshape(-1).float() for _, x in batch]) if len(batch) > 1 else batch[0][1]
-            if not bool(torch.isfinite(flat.sum(dtype=torch.float64))):  # NaN/Inf poison the sum
-                bad = [k for k, x in batch if not bool(torch.isfinite(x).all())]
-                if bad:
-                    return bad[0]
-            batch, size = [], 0
-    return None
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The first float tensor holding NaN or Inf, or None."""
+    return next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
 
 
 def output_config(finetuned_config: dict, ranks: dict[str, int]) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import gc
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ import pyarrow as pa
 import torch
 
 from . import __version__
-from .adapters import LoraAdapter, load_adapter
+from .adapters import FactorRows, LoraAdapter, load_adapter, read_factor_rows
 from .assemble import ModuleScore, assemble_adapter
 from .config import AdapterRef, FleetConfig
 from .errors import EnvironmentFailure, NoCredentials, SafeMergeError, first_line
@@ -45,7 +46,6 @@ from .output import (
     Published,
     RunLock,
     RunRecord,
-    adapter_files,
     adapter_prefix,
     cached_manifest,
     commit_run,
@@ -112,6 +112,9 @@ class ScoreTask:
     def name(self) -> str:
         return self.jobs[0].module if len(self.jobs) == 1 else f"{self.jobs[0].module} .. {self.jobs[-1].module}"
 
+
+# Every assembly reads the safety adapter's repaired layers: a worker keeps it in memory up to this size.
+SAFETY_IN_MEMORY = 512 * 2**20
 
 # Neighbouring modules share a task while their weights and all adapters' factors stay under this.
 TASK_BYTES = 64 * 2**20
@@ -263,6 +266,9 @@ class FleetWorker:
         with ThreadPoolExecutor(max_workers=8) as pool:  # latency-bound on S3: overlap the small reads
             problems += [p for p in pool.map(check, items + [("adapter", u) for u in adapters]) if p]
         problem = _check_output(node, node_id, out, marker) if out is not None else None  # None: writes nothing
+        # The headers just read live as long as the worker: out of the cyclic GC's sight, which otherwise walks
+        # them on every collection that the many small temporaries of scoring and assembly set off.
+        gc.freeze()
         return PreflightResult(node, problems + ([problem] if problem else []), node_id, available_memory())
 
     def _read(self, job: ModuleJob) -> Future:
@@ -288,28 +294,33 @@ class FleetWorker:
         (the next task's first one too)."""
         jobs = task.jobs
         nexts = [*jobs[1:], next_task.jobs[0] if next_task is not None else None]
-        factors, failed = self._factors(task) if len(jobs) > 1 else ({}, {})
-        results = [self._score_job(job, after, factors, failed) for job, after in zip(jobs, nexts, strict=True)]
+        rows, failed = self._factor_rows(task) if len(jobs) > 1 else ({}, {})
+        results = [self._score_job(job, after, rows, failed) for job, after in zip(jobs, nexts, strict=True)]
         for result in results:
             result.stash_projected()
         return results
 
-    def _factors(self, task: ScoreTask) -> tuple[dict, dict[str, Failure]]:
-        """Every adapter's (A, B) for all of a small-module task's modules: one read per adapter."""
-        wanted: dict[str, list[str]] = {}
-        for job in task.jobs:
-            for req in job.requests:
-                wanted.setdefault(req.uri, []).append(job.module)
-        factors, failed = {}, {}
-        for uri, modules in wanted.items():
+    def _factor_rows(self, task: ScoreTask) -> tuple[dict[str, FactorRows], dict[str, Failure]]:
+        """Every adapter's factors for all of a small-module task's modules, one read per adapter, in rows
+        shared by the adapters of one layout: adapter URI -> its rows."""
+        by_layout: dict[str, list[LoraAdapter]] = {}
+        failed: dict[str, Failure] = {}
+        for uri in dict.fromkeys(req.uri for job in task.jobs for req in job.requests):
             try:
-                for module, pair in self._retrying(self._adapter(uri).read_loras, modules).items():
-                    factors[(uri, module)] = pair
+                adapter = self._adapter(uri)
+                by_layout.setdefault(adapter.layout, []).append(adapter)
             except SafeMergeError as exc:
                 failed[uri] = Failure.of(exc)
-        return factors, failed
+        rows: dict[str, FactorRows] = {}
+        for adapters in by_layout.values():
+            modules = [job.module for job in task.jobs if job.module in adapters[0].modules]
+            got, errors = read_factor_rows(adapters, modules, self._retrying)
+            failed.update({uri: Failure.of(exc) for uri, exc in errors.items()})
+            if got is not None:
+                rows.update({uri: got for uri in got.index})
+        return rows, failed
 
-    def _score_job(self, job: ModuleJob, next_job: ModuleJob | None, factors: dict,
+    def _score_job(self, job: ModuleJob, next_job: ModuleJob | None, rows: dict[str, FactorRows],
                    failed: dict[str, Failure]) -> ModuleResult:
         result = ModuleResult(job.module, job.nbytes)
         try:
@@ -342,22 +353,41 @@ class FleetWorker:
             group = by_rank[rank]
             size = job.cost.chunk(rank, job.budget)
             for start in range(0, len(group), size):
-                ready, loras, repairs = [], [], []
-                for req in group[start:start + size]:
-                    try:
-                        adapter = self._adapter(req.uri)
-                        loras.append(factors.pop((req.uri, job.module), None)
-                                     or self._retrying(adapter.read_lora, job.module))
-                        repairs.append(RepairInputs(adapter.modules[job.module].scaling, safety_lora, safety_scaling))
-                        ready.append(req)
-                    except SafeMergeError as exc:
-                        result.errors[req.adapter] = Failure.of(exc)
+                ready, a_all, b_all = self._stacked(job.module, group[start:start + size], rows, result)
                 if ready:
-                    scores = score_module(job.module, v, loras, [r.settings for r in ready], repairs)
+                    repairs = [RepairInputs(self._adapter(req.uri).modules[job.module].scaling, safety_lora,
+                                            safety_scaling) for req in ready]
+                    scores = score_module(job.module, v, a_all, b_all, [r.settings for r in ready], repairs)
                     result.scores.update({req.adapter: s for req, s in zip(ready, scores, strict=True)})
                     result.batches += 1
-                del loras, repairs
+                del a_all, b_all
         return result
+
+    def _stacked(self, module: str, chunk: list[ScoreRequest], rows: dict[str, FactorRows],
+                 result: ModuleResult) -> tuple[list[ScoreRequest], torch.Tensor, torch.Tensor]:
+        """A chunk's factors stacked ([N, r, in], [N, out, r]): views of rows read for the task where there
+        are, else read adapter by adapter. Adapters that cannot be read fail alone (in `result`)."""
+        ready: list[ScoreRequest] = []
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        by_rows: dict[int, list[ScoreRequest]] = {}
+        for req in chunk:
+            if req.uri in rows:
+                by_rows.setdefault(id(rows[req.uri]), []).append(req)
+                continue
+            try:
+                a, b = self._retrying(self._adapter(req.uri).read_lora, module)
+                parts.append((a[None], b[None]))
+                ready.append(req)
+            except SafeMergeError as exc:
+                result.errors[req.adapter] = Failure.of(exc)
+        for reqs in by_rows.values():
+            parts.append(rows[reqs[0].uri].stacks([r.uri for r in reqs], self._adapter(reqs[0].uri).modules[module]))
+            ready += reqs
+        if not parts:
+            return [], torch.empty(0), torch.empty(0)
+        if len(parts) == 1:
+            return ready, *parts[0]
+        return ready, torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
 
     def assemble(self, name: str, uri: str, fingerprint: str, safety_uri: str | None, scores: dict[str, ModuleScore],
                  projected: dict[str, ObjectRef], settings: MergeSettings, out: Dir, prefix: str) -> AssemblyResult:
@@ -374,12 +404,14 @@ class FleetWorker:
             if finetuned.fingerprint != fingerprint:
                 raise SafeMergeError(f"adapter {name} changed while this run repaired it; the next run repairs it")
             safety = self._adapter(safety_uri, "safety adapter") if safety_uri else None
+            if safety is not None and safety.factor_bytes <= SAFETY_IN_MEMORY:
+                safety.keep_in_memory()
             if finetuned.layout not in self._plans:  # adapters of one layout share a plan
                 self._plans[finetuned.layout] = plan_adapter(self.unaligned, self.aligned, finetuned, safety)
             plans = self._plans[finetuned.layout]
             result = assemble_adapter(name, plans, scores, finetuned, safety, settings)
             objects = {f"{prefix}{fname}": write_verified(out, f"{prefix}{fname}", data, staged=True)
-                       for fname, data in adapter_files(result.tensors, result.config).items()}
+                       for fname, data in result.files().items()}
         except (SafeMergeError, OSError) as exc:  # OSError: the output's disk (full, permissions)
             return AssemblyResult(name, error=Failure.of(exc))
         return AssemblyResult(name, objects=objects, decisions=decisions_table(result.decisions),
@@ -966,12 +998,13 @@ def _gather(items: list, submit, deadline: Deadline):
 
 
 def score_tasks(jobs: list[ModuleJob]) -> list[ScoreTask]:
-    """Jobs in module order, neighbours joined into one task while the task's weights and factors stay
-    under TASK_BYTES (a large module is a task of its own)."""
+    """Jobs in the order of their tensors in an adapter file (by name: `layers.1`, `layers.10`, ...), so that
+    a task's factors are one stretch of each file; neighbours join one task while its weights and factors
+    stay under TASK_BYTES (a large module is a task of its own)."""
     tasks: list[ScoreTask] = []
     current: list[ModuleJob] = []
     size = 0
-    for job in sorted(jobs, key=lambda j: natural_key(j.module)):
+    for job in sorted(jobs, key=lambda j: j.module):
         cost = job.nbytes + job.factor_bytes
         if current and size + cost > TASK_BYTES:
             tasks.append(ScoreTask(tuple(current)))

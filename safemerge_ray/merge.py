@@ -145,6 +145,12 @@ def kept_layer(lora: Lora, scaling: float) -> Lora:
     return a * wa[0], b * wb[0]
 
 
+def kept_layers(a: torch.Tensor, b: torch.Tensor, scalings: list[float]) -> Lora:
+    """`kept_layer` for N layers of one shape at once ([N, r, in], [N, out, r]): the same products."""
+    wa, wb = _sqrt_weights(scalings)
+    return a * wa[:, None, None], b * wb[:, None, None]
+
+
 def _task_arithmetic_method(combine: Callable) -> Callable:
     def method(loras: list[Lora], weighted: list[float], density, sign_method, rank) -> Lora:
         ranks = {a.shape[0] for a, _ in loras}
@@ -236,9 +242,36 @@ DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_
                    "dare_ties_svd", "magnitude_prune_svd")
 SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 RANDOM_METHODS = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")  # DARE draws its drops
-# Merges whose B is a fixed linear map of the input Bs (a weighted sum; a concatenation): the same map takes
-# each layer's V V^T B to the merged layer's, so scoring the repair's effect needs no GEMM over V.
-LINEAR_IN_B = ("linear", "cat")
+
+
+def _linear_batch(a: torch.Tensor, b: torch.Tensor, safety: Lora, weighted: torch.Tensor) -> Lora:
+    """`linear` for N fine-tune layers at once ([N, r, in], [N, out, r]) with one safety layer, or one per
+    fine-tune layer ([N, ...]); `weighted`: [N, 2] (weight x scaling per side). PEFT's arithmetic,
+    elementwise: the same float32 values."""
+    if a.shape[1] != safety[0].shape[-2]:
+        raise SafeMergeError(f"ranks {sorted({a.shape[1], safety[0].shape[-2]})} cannot be combined element-wise; "
+                             "use --method cat, which stacks ranks")
+    wa = torch.copysign(weighted.abs().sqrt(), weighted).float()
+    wb = weighted.abs().sqrt().float()
+    # Stacked and summed as PEFT's task_arithmetic does (a sum from zero: -0 + -0 gives +0, as there).
+    return (torch.stack([a * wa[:, 0, None, None], safety[0] * wa[:, 1, None, None]]).sum(dim=0),
+            torch.stack([b * wb[:, 0, None, None], safety[1] * wb[:, 1, None, None]]).sum(dim=0))
+
+
+def _cat_batch(a: torch.Tensor, b: torch.Tensor, safety: Lora, weighted: torch.Tensor) -> Lora:
+    """`cat` for N fine-tune layers at once: ranks stacked, weight and scaling on A."""
+    n, w = a.shape[0], weighted.float()
+    return (torch.cat([a * w[:, 0, None, None], safety[0].expand(n, -1, -1) * w[:, 1, None, None]], dim=1),
+            torch.cat([b, safety[1].expand(n, -1, -1)], dim=2))
+
+
+# Merges whose B is a fixed linear map of the input Bs (a weighted sum; a concatenation), batched over many
+# fine-tunes: applied to each layer's V V^T B in place of B, the map gives the merged layer's V V^T B, so
+# scoring the repair's effect needs no second GEMM over V (and no merge per adapter).
+LINEAR_IN_B: dict[str, Callable[[torch.Tensor, torch.Tensor, Lora, torch.Tensor], Lora]] = {
+    "linear": _linear_batch,
+    "cat": _cat_batch,
+}
 
 
 def module_seed(seed: int, module: str) -> int:

@@ -80,6 +80,7 @@ class Policy:
     strict: bool  # threshold rule: rho < tau (True) or rho <= tau
     needs_projection: bool  # the repair needs C B, computed where V is (the scoring worker)
     repair: Callable[..., Repair]  # (settings, module, lora, scaling, safety lora or None, safety scaling, C B)
+    merges: bool = False  # the repair merges with the safety layer, by settings.method, where there is one
 
 
 def _safemerge(s: MergeSettings, module: str, lora: Lora, scaling: float, safety: Lora | None,
@@ -96,7 +97,7 @@ def _safelora(s: MergeSettings, module: str, lora: Lora, scaling: float, safety:
 
 
 POLICIES: dict[str, Policy] = {
-    "safemerge": Policy(strict=True, needs_projection=False, repair=_safemerge),
+    "safemerge": Policy(strict=True, needs_projection=False, repair=_safemerge, merges=True),
     "safelora": Policy(strict=False, needs_projection=True, repair=_safelora),
 }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -20,14 +20,14 @@ from .adapters import LoraAdapter, load_adapter
 from .assemble import AssembledAdapter, ModuleScore, assemble_adapter
 from .errors import SafeMergeError
 from .memory import ModuleCost, available_memory, check_fits, fmt
-from .merge import LINEAR_IN_B, MergeSettings, merged_layer
-from .output import DECISIONS, SUMMARY, adapter_files, check_output_target, commit_files, json_bytes
+from .merge import LINEAR_IN_B, MergeSettings
+from .output import DECISIONS, SUMMARY, check_output_target, commit_files, json_bytes
 from .plan import ModulePlan, plan_adapter
 from .policy import POLICIES, may_be_selected, needs_projection
 from .progress import Progress
 from .report import counts, decisions_bytes
 from .storage import S3Settings, open_dir
-from .subspace import alignment_delta, lora_rho, project, project_lora_b, rho_from_projections, stack_factors
+from .subspace import alignment_delta, lora_rho, project, project_lora_b, rho_from_projections
 from .tensors import Checkpoint, release_freed_buffers
 
 
@@ -90,54 +90,63 @@ class RepairInputs:
     safety_scaling: float | None = None
 
 
-def score_module(module: str, v: torch.Tensor, loras: list[tuple[torch.Tensor, torch.Tensor]],
+def score_module(module: str, v: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor,
                  settings: list[MergeSettings], repairs: list[RepairInputs] | None = None) -> list[ModuleScore]:
-    """Score every adapter's LoRA for one module against its V in one batch. With `repairs`, also the rho
-    of each layer as it would be repaired (where it may be): the repair's effect. For merges linear in B
-    (LINEAR_IN_B) that needs no second GEMM over V: the merge applied to the layers' V V^T B gives the
-    merged layer's; other repaired layers are projected again, in one more batch."""
-    a_all, b_all = stack_factors(loras, v.device)  # the factors cross to V's device here, stacked
-    p_all = project(v, b_all)
-    rhos = rho_from_projections(a_all, b_all, p_all).tolist()
-    del a_all, b_all
-    scores, repaired, by_linearity = [], [], []
-    p_host, p_safety = None, None  # P on the host, and the safety layer's, where a linear merge needs them
-    for i, ((a, b), rho, s) in enumerate(zip(loras, rhos, settings, strict=True)):
+    """Score N adapters' LoRA layers of one rank ([N, r, in], [N, out, r] on the host) against one module's V
+    in one batch. With `repairs`, also the rho of each layer as it would be repaired (where it may be): the
+    repair's effect. Merges linear in B (LINEAR_IN_B) are done for all adapters at once and need no second
+    GEMM over V: applied to the layers' V V^T B, the merge gives the merged layer's. Other repaired layers
+    are projected again, in one batch."""
+    a_dev, b_dev = a_all.to(v.device), b_all.to(v.device)  # the factors cross to V's device once, stacked
+    p_all = project(v, b_dev)
+    rhos = rho_from_projections(a_dev, b_dev, p_all).tolist()
+    projections: list[torch.Tensor | None] = []
+    repaired: list[tuple[int, tuple[torch.Tensor, torch.Tensor]]] = []
+    linear: dict[str, list[int]] = {}  # method -> adapters whose repair is a merge linear in B
+    for i, (rho, s) in enumerate(zip(rhos, settings, strict=True)):
+        a, b = a_all[i], b_all[i]
         projected = project_lora_b(v, b) if needs_projection(s, rho) else None
-        scores.append(ModuleScore(module, rho, projected))
+        projections.append(projected)
         if repairs is None or not may_be_selected(s, rho):
             continue
         r = repairs[i]
+        if POLICIES[s.policy].merges and s.method in LINEAR_IN_B and r.safety is not None \
+                and r.safety_scaling is not None:
+            linear.setdefault(s.method, []).append(i)
+            continue
         try:
             done = POLICIES[s.policy].repair(s, module, (a, b), r.scaling, r.safety, r.safety_scaling, projected)
-            if done.action == "merged" and s.method in LINEAR_IN_B and r.safety and r.safety_scaling is not None:
-                p_host = p_all.cpu() if p_host is None else p_host
-                if p_safety is None:
-                    p_safety = project(v, r.safety[1][None].to(v.device))[0].cpu()
-                _, p_merged = merged_layer(s, module, [(a, p_host[i, :, :a.shape[0]]), (r.safety[0], p_safety)],
-                                           [r.scaling, r.safety_scaling])
-                by_linearity.append((i, done.lora, p_merged))
-            elif done.action != "kept_no_safety_lora":
-                repaired.append((i, done.lora))
         except SafeMergeError:  # e.g. ranks a method cannot combine: assembly fails this adapter alone
             continue
+        if done.action != "kept_no_safety_lora":
+            repaired.append((i, done.lora))
     after: dict[int, float] = {}
-    for group in _by_rank(by_linearity):
-        a_m, b_m = stack_factors([lora for _, lora, _ in group], torch.device("cpu"))
-        rho = rho_from_projections(a_m, b_m, torch.stack([p for _, _, p in group])).tolist()
-        after.update({i: x for (i, _, _), x in zip(group, rho, strict=True)})
+    for method, idx in linear.items():
+        rs = [repairs[i] for i in idx]  # type: ignore[index]  # (linear is only filled with repairs)
+        try:
+            rho = _linear_rho_after(v, a_dev, b_dev, p_all, method, idx, [settings[i] for i in idx], rs)
+        except SafeMergeError:  # ranks the method cannot combine: assembly fails these adapters alone
+            continue
+        after.update(zip(idx, rho, strict=True))
     if repaired:
         after.update(zip([i for i, _ in repaired], lora_rho(v, [lora for _, lora in repaired]).tolist(), strict=True))
-    for i, rho_after in after.items():
-        scores[i] = replace(scores[i], rho_after=rho_after)
-    return scores
+    return [ModuleScore(module, rho, projected, after.get(i))
+            for i, (rho, projected) in enumerate(zip(rhos, projections, strict=True))]
 
 
-def _by_rank(items: list[tuple[int, tuple[torch.Tensor, torch.Tensor], torch.Tensor]]) -> list[list]:
-    groups: dict[int, list] = {}
-    for item in items:
-        groups.setdefault(item[1][0].shape[0], []).append(item)
-    return list(groups.values())
+def _linear_rho_after(v: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, p_all: torch.Tensor, method: str,
+                      idx: list[int], settings: list[MergeSettings], repairs: list[RepairInputs]) -> list[float]:
+    """rho of the layers `idx` merged by `method` with the module's one safety layer, all at once, from the
+    projections already made (V V^T of the merge = the merge of V V^T B and V V^T B_safety)."""
+    safety = repairs[0].safety
+    assert safety is not None
+    a_s, b_s = safety[0].to(v.device), safety[1].to(v.device)
+    weighted = torch.tensor([[s.weights[0] * r.scaling, s.weights[1] * (r.safety_scaling or 0.0)]
+                             for s, r in zip(settings, repairs, strict=True)], dtype=torch.float64, device=v.device)
+    sel = torch.tensor(idx, device=v.device)
+    a_m, b_m = LINEAR_IN_B[method](a_all[sel], b_all[sel], (a_s, b_s), weighted)
+    _, p_m = LINEAR_IN_B[method](a_all[sel], p_all[sel], (a_s, project(v, b_s[None])[0]), weighted)
+    return rho_from_projections(a_m, b_m, p_m).tolist()
 
 
 @dataclass
@@ -189,8 +198,8 @@ def repair_adapter(name: str, inputs: Inputs, settings: MergeSettings, device: s
         v = delta_from_pair(plan, pair, device)
         safety = inputs.safety.read_lora(plan.module) if inputs.safety is not None and plan.safety else None
         repair = RepairInputs(plan.lora.scaling, safety, plan.safety.scaling if plan.safety else None)
-        (scores[plan.module],) = score_module(plan.module, v, [inputs.finetuned.read_lora(plan.module)], [settings],
-                                              [repair])
+        a, b = inputs.finetuned.read_lora(plan.module)
+        (scores[plan.module],) = score_module(plan.module, v, a[None], b[None], [settings], [repair])
         del v, pair
         if bar:
             bar.advance(nbytes=plan.nbytes)
@@ -221,7 +230,7 @@ def merge_to_dir(*, unaligned: str, aligned: str, safety_adapter: str | None, fi
         "modules_to_save_passed_through": inputs.finetuned.modules_to_save,
         "bytes_read_from_models": sum(p.nbytes for p in plans),
     }
-    files = adapter_files(result.tensors, result.config)
+    files = result.files()
     files[DECISIONS] = decisions_bytes(result.decisions)
     files[SUMMARY] = json_bytes(summary)
     commit_files(out_dir, files)

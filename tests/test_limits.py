@@ -261,12 +261,11 @@ def test_small_neighbouring_modules_share_a_scoring_task_and_large_ones_do_not()
     small = [job(f"model.layers.{i}.self_attn.{p}", 64, 64) for i in (10, 2, 1) for p in ("q_proj", "k_proj")]
     large = [job("model.layers.0.mlp.up_proj", 11008, 4096), job("model.layers.3.mlp.up_proj", 11008, 4096)]
     tasks = score_tasks(small + large)
-    assert [[j.module for j in t.jobs] for t in tasks] == [
+    assert [[j.module for j in t.jobs] for t in tasks] == [  # in file order: layers.10 before layers.2
         ["model.layers.0.mlp.up_proj"],
-        ["model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.q_proj", "model.layers.2.self_attn.k_proj",
-         "model.layers.2.self_attn.q_proj"],
+        ["model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.q_proj", "model.layers.10.self_attn.k_proj",
+         "model.layers.10.self_attn.q_proj", "model.layers.2.self_attn.k_proj", "model.layers.2.self_attn.q_proj"],
         ["model.layers.3.mlp.up_proj"],
-        ["model.layers.10.self_attn.k_proj", "model.layers.10.self_attn.q_proj"],
     ]
     many = [job(f"model.layers.{i}.mlp.down_proj", 1024, 4096) for i in range(64)]
     grouped = score_tasks(many)

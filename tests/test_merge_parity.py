@@ -232,3 +232,28 @@ def test_svd_at_full_rank_is_the_exact_weighted_sum(pair, tmp_path):
         (a, b), (ca, cb) = _lora(svd, row["module"]), _lora(cat, row["module"])
         exact = cb @ ca
         assert torch.linalg.matrix_norm(b @ a - exact) <= 1e-5 * torch.linalg.matrix_norm(exact)
+
+
+@pytest.mark.parametrize("method", ["linear", "cat"])
+def test_layers_done_together_equal_layers_done_one_by_one_bit_for_bit(method):
+    """Assembly merges (and keeps) many layers of one shape in one go: the bytes equal one layer at a time,
+    signed zeros included."""
+    from safemerge_ray.merge import LINEAR_IN_B, kept_layer, kept_layers, merged_layer
+
+    gen = torch.Generator().manual_seed(11)
+    n, r, inp, out = 6, 4, 24, 16
+    a, b = torch.randn(n, r, inp, generator=gen), torch.randn(n, out, r, generator=gen)
+    sa, sb = torch.randn(n, r, inp, generator=gen), torch.randn(n, out, r, generator=gen)
+    a[0, 0, :3], sa[0, 0, :3] = -0.0, -0.0  # the sign of a zero sum comes out as PEFT's
+    scalings, safety_scalings = [2.0, 0.5, 1.0, 3.0, 2.0, 0.25], [2.0, 1.0, 2.0, 2.0, 0.5, 2.0]
+    settings = MergeSettings(method=method, weights=WEIGHTS)
+    weighted = torch.tensor([[WEIGHTS[0] * s, WEIGHTS[1] * t] for s, t in zip(scalings, safety_scalings, strict=True)],
+                            dtype=torch.float64)
+    together = LINEAR_IN_B[method](a, b, (sa, sb), weighted)
+    kept = kept_layers(a, b, scalings)
+    for i in range(n):
+        one = merged_layer(settings, f"m{i}", [(a[i], b[i]), (sa[i], sb[i])], [scalings[i], safety_scalings[i]])
+        for x, y in zip(one, (together[0][i], together[1][i]), strict=True):
+            assert x.shape == y.shape and x.numpy().tobytes() == y.contiguous().numpy().tobytes()
+        for x, y in zip(kept_layer((a[i], b[i]), scalings[i]), (kept[0][i], kept[1][i]), strict=True):
+            assert x.numpy().tobytes() == y.contiguous().numpy().tobytes()

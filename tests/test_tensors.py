@@ -505,3 +505,32 @@ def test_adapter_bytes_equal_safetensors_torch_api(dtype):
     tensors = {k: (v * 50).to(dtype) for k, v in _sample_tensors(torch.float32).items() if k != "specials"}
     tensors["z.float32_too"] = torch.ones(3, 2)  # mixed dtypes are ordered the same way
     assert safetensors_bytes(tensors, {"format": "pt"}) == save(tensors, metadata={"format": "pt"})
+
+
+def test_merged_adapters_are_laid_out_as_safetensors_writes_them(tmp_path):
+    """float32 tensors with plain names are laid out by safemerge-ray itself: byte for byte safetensors'."""
+    from safetensors.torch import save
+
+    from safemerge_ray.output import safetensors_bytes
+
+    gen = torch.Generator().manual_seed(5)
+    tensors = {f"base_model.model.model.layers.{i}.mlp.{p}.lora_{x}.weight": torch.randn(r, 24, generator=gen)
+               for i in (0, 1, 10, 2) for p in ("up_proj", "down_proj") for x, r in (("A", 4), ("B", 3))}
+    tensors["scalar"], tensors["empty"] = torch.tensor(1.5), torch.zeros(0, 3)
+    for metadata in ({"format": "pt"}, {}):
+        assert safetensors_bytes(tensors, metadata) == save(tensors, metadata=metadata or None)
+    assert safetensors_bytes({}, {"format": "pt"}) == save({}, metadata={"format": "pt"})
+    odd = {"a name with spaces": torch.ones(2)}  # not plain: safetensors' own writer
+    assert safetensors_bytes(odd, {"format": "pt"}) == save(odd, metadata={"format": "pt"})
+
+
+def test_an_assembled_adapter_with_nan_or_inf_is_not_written_and_large_finite_values_are():
+    from safemerge_ray.assemble import AssembledAdapter
+
+    big = torch.full((4, 4), 3e38)  # finite, but their sum overflows: looked at tensor by tensor, and passes
+    assert AssembledAdapter("x", {"a": torch.ones(2, 2), "b": big}, {"r": 1}, []).files()
+    for bad in (float("nan"), float("inf")):
+        t = torch.ones(3, 3)
+        t[1, 2] = bad
+        with pytest.raises(SafeMergeError, match=r"adapter x: merged tensor b is not finite"):
+            AssembledAdapter("x", {"a": torch.ones(2, 2), "b": t}, {"r": 1}, []).files()
