@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := build/demo
 
-.PHONY: setup browser demo lint test test-fast test-quick clean bench bench-quick
+.PHONY: setup browser demo lint test test-fast test-quick clean bench bench-quick bench-scale
 
 setup: $(STAMP)
 
@@ -53,5 +53,10 @@ clean:
 bench-quick: setup
 	$(PY) bench/fleet_bench.py --quick
 
+# The fleet benchmark (baseline loop, floor, fleet job), then the scale series (bench/scale.py).
 bench: setup
 	$(PY) bench/fleet_bench.py --json build/bench/results.json
+	$(PY) bench/scale.py --json build/bench-scale/results.json
+
+bench-scale: setup
+	$(PY) bench/scale.py --json build/bench-scale/results.json

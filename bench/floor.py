@@ -1,15 +1,18 @@
-"""The floor: read each target module's two weights once, each adapter's file once, and do the batched
-GEMMs for all adapters.
+"""The floor: read each target module's two weights once, each adapter's file once, do the batched GEMMs
+for all adapters, and (with --write) write each adapter's output once.
 
-Nothing else: no decisions, no merging, no output. This is the irreducible work of a fleet run.
+Nothing else: no decisions, no merging, no verification. This is the irreducible work of a fleet run; the
+output is as large as the fine-tune (a repaired adapter holds the same tensors), so the floor writes each
+adapter's bytes once to DIR (removed afterwards). On a fleet of many small layers that write is most of it.
 
-    python bench/floor.py --fixture DIR --adapters a,b,c
+    python bench/floor.py --fixture DIR --adapters a,b,c [--write DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -22,17 +25,19 @@ from safemerge_ray.tensors import Checkpoint
 PREFIX, B_SUFFIX = "base_model.model.", ".lora_B.weight"
 
 
-def run(fixture: Path, adapters: list[str], repeats: int = 1) -> dict:
+def run(fixture: Path, adapters: list[str], repeats: int = 1, write: Path | None = None) -> dict:
     work = []
     for _ in range(repeats):
         before = BYTES_READ.total
         start = time.perf_counter()
-        once(fixture, adapters)
+        once(fixture, adapters, write)
         work.append(time.perf_counter() - start)
+        if write is not None:
+            shutil.rmtree(write, ignore_errors=True)
     return {"work_s": work, "bytes_read": BYTES_READ.total - before}
 
 
-def once(fixture: Path, adapters: list[str]) -> None:
+def once(fixture: Path, adapters: list[str], write: Path | None = None) -> None:
     unaligned = Checkpoint(LocalDir(fixture / "unaligned"), "unaligned")
     aligned = Checkpoint(LocalDir(fixture / "aligned"), "aligned")
     # One read per adapter file; only the B factors are kept (the GEMMs need nothing else).
@@ -40,6 +45,9 @@ def once(fixture: Path, adapters: list[str]) -> None:
     for name in adapters:
         data = (fixture / "finetuned" / name / "adapter_model.safetensors").read_bytes()
         BYTES_READ.add(len(data))
+        if write is not None:  # the output: as many bytes as the input
+            write.mkdir(parents=True, exist_ok=True)
+            (write / f"{name}.safetensors").write_bytes(data)
         for key, t in load(data).items():
             if key.endswith(B_SUFFIX):
                 bs.setdefault(key[len(PREFIX):-len(B_SUFFIX)], []).append(t.float())
@@ -53,5 +61,6 @@ if __name__ == "__main__":
     ap.add_argument("--fixture", type=Path, required=True)
     ap.add_argument("--adapters", required=True)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--write", type=Path, default=None, help="write each adapter's output here (removed after)")
     args = ap.parse_args()
-    print(json.dumps(run(args.fixture, args.adapters.split(","), args.repeats)))
+    print(json.dumps(run(args.fixture, args.adapters.split(","), args.repeats, args.write)))

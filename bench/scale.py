@@ -1,6 +1,7 @@
 """The scale series: how a fleet run's memory and time grow with the number of adapters and modules.
 
     make bench-scale                   # everything below (about 25 minutes on a 2-core machine)
+    make bench                         # the fleet benchmark (bench/fleet_bench.py), then this
     python bench/scale.py --quick      # N = 16, 64 on the wide layer; 32 small layers x 64 adapters
 
 Cases, each on a synthetic fleet (bf16 weights, rank 16 fp32 adapters, all seven projections):
@@ -10,12 +11,13 @@ Cases, each on a synthetic fleet (bf16 weights, rank 16 fp32 adapters, all seven
 - llama3-8b: one Llama-3-8B layer (hidden 4096, intermediate 14336, GQA: 32 heads, 8 k/v heads); N = 16, 64
 - qwen2-7b:  one Qwen2-7B layer (hidden 3584, intermediate 18944, 28 heads, 4 k/v heads, q/k/v biases); N = 16, 64
 
-Each run is a fresh process (`bench/run_case.py fleet`: local Ray with 2 CPUs, so 2 workers); a sampler
+Each case is a fresh process (`bench/run_case.py fleet`: local Ray with 2 CPUs, so 2 workers) that runs the
+fleet job `runs` times (medians; the long cases once), each into a fresh output; a sampler
 reads the resident set size (RSS) of that process and of every process under it every 20 ms and keeps
 each one's peak: the driver (the process itself), the largest worker (`ray::FleetWorker`), and the sum
-of proportional set sizes of all of them (Ray's own processes included). The floor (`bench/floor.py`)
+of proportional set sizes of all of them (Ray's own processes included). The floor (`bench/floor.py --write`)
 is the same fleet's irreducible work in one process: each module's two weights and each adapter file
-read once, and the two batched GEMMs per module.
+read once, the two batched GEMMs per module, and each output adapter written once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -42,20 +45,22 @@ class Case:
     spec: dict  # SynthSpec fields
     ns: tuple[int, ...]
     policies: tuple[str, ...] = ("safemerge",)
+    repeats: int = 3  # times floor and ours run (medians reported); one for the long cases
 
 
 WIDE = {"hidden": 4096, "intermediate": 11008, "layers": 1, "heads": 32}
 CASES = [
-    Case("wide", WIDE, (16, 64, 256, 1024)),
-    Case("safelora", WIDE, (512,), ("safemerge", "safelora")),
+    Case("wide", WIDE, (16, 64)),
+    Case("wide", WIDE, (256, 1024), repeats=1),
+    Case("safelora", WIDE, (512,), ("safemerge", "safelora"), repeats=1),
     Case("small", {"hidden": 64, "intermediate": 128, "layers": 128, "heads": 4}, (256,)),
     Case("llama3-8b", {"hidden": 4096, "intermediate": 14336, "layers": 1, "heads": 32, "kv_heads": 8}, (16, 64)),
     Case("qwen2-7b", {"arch": "qwen2", "hidden": 3584, "intermediate": 18944, "layers": 1, "heads": 28,
                       "kv_heads": 4}, (16, 64)),
 ]
 QUICK = [
-    Case("wide", WIDE, (16, 64)),
-    Case("small", {"hidden": 64, "intermediate": 128, "layers": 32, "heads": 4}, (64,)),
+    Case("wide", WIDE, (16, 64), repeats=1),
+    Case("small", {"hidden": 64, "intermediate": 128, "layers": 32, "heads": 4}, (64,), repeats=1),
 ]
 
 
@@ -127,21 +132,25 @@ def fixture(work: Path, case: Case, n: int) -> Path:
 
 
 def run_case(case: Case, work: Path) -> list[dict]:
-    root = fixture(work, case, max(case.ns))
+    root = fixture(work, case, 1024 if case.spec == WIDE else max(case.ns))  # the wide cases share one fleet
     names = sorted(p.name for p in (root / "finetuned").iterdir())
     rows = []
     for n in case.ns:
         subset = ",".join(names[:n])
-        floor = measure([PY, str(HERE / "floor.py"), "--fixture", str(root), "--adapters", subset])
+        floor = measure([PY, str(HERE / "floor.py"), "--fixture", str(root), "--adapters", subset,
+                         "--repeats", str(case.repeats), "--write", str(work / "runs" / "floor-out")])
         for policy in case.policies:
             out = work / "runs" / f"{case.name}-n{n}-{policy}"
             shutil.rmtree(out.parent, ignore_errors=True)
             out.parent.mkdir(parents=True)
             ours = measure([PY, str(HERE / "run_case.py"), "fleet", "--fixture", str(root), "--adapters", subset,
-                            "--out", str(out), "--policy", policy])
+                            "--out", str(out), "--policy", policy, "--repeats", str(case.repeats)])
             shutil.rmtree(out.parent, ignore_errors=True)  # N = 1024 wide layers write 5 GB
             row = {"case": case.name, "n": n, "policy": policy, "modules": 7 * case.spec["layers"],
-                   "floor_s": floor.result["work_s"][0], "ours_s": ours.result["work_s"][0],
+                   "repeats": case.repeats, "floor_s": statistics.median(floor.result["work_s"]),
+                   "ours_s": statistics.median(ours.result["work_s"]),
+                   "floor_range_s": [min(floor.result["work_s"]), max(floor.result["work_s"])],
+                   "ours_range_s": [min(ours.result["work_s"]), max(ours.result["work_s"])],
                    "driver_mb": ours.driver / 1e6, "worker_mb": ours.worker / 1e6,
                    "total_pss_mb": ours.total_pss / 1e6, "floor_peak_mb": floor.driver / 1e6}
             row["ours_over_floor"] = row["ours_s"] / row["floor_s"]
@@ -153,12 +162,12 @@ def run_case(case: Case, work: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | modules | N | policy | floor s | ours s | ours/floor | largest worker MB | driver MB "
-             "| all processes MB (PSS) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | modules | N | policy | runs | floor s | ours s | ours/floor | largest worker MB | driver MB "
+             "| all processes MB (PSS) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['modules']} | {r['n']} | {r['policy']} | {r['floor_s']:.2f} "
-                     f"| {r['ours_s']:.2f} | {r['ours_over_floor']:.2f} | {r['worker_mb']:.0f} | {r['driver_mb']:.0f} "
-                     f"| {r['total_pss_mb']:.0f} |")
+        lines.append(f"| {r['case']} | {r['modules']} | {r['n']} | {r['policy']} | {r.get('repeats', 1)} "
+                     f"| {r['floor_s']:.2f} | {r['ours_s']:.2f} | {r['ours_over_floor']:.2f} | {r['worker_mb']:.0f} "
+                     f"| {r['driver_mb']:.0f} | {r['total_pss_mb']:.0f} |")
     return "\n".join(lines)
 
 

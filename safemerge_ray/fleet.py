@@ -156,7 +156,7 @@ class ModuleResult:
         for adapter, score in list(self.scores.items()):
             if score.projected_b is not None:
                 self.projected[adapter] = ray.put(score.projected_b)
-                self.scores[adapter] = replace(score, projected_b=None)
+                self.scores[adapter] = score._replace(projected_b=None)
 
 
 @dataclass(frozen=True)
@@ -398,7 +398,7 @@ class FleetWorker:
                 import ray
 
                 fetched = ray.get(list(projected.values()))
-                scores = {**scores, **{m: replace(scores[m], projected_b=b)
+                scores = {**scores, **{m: scores[m]._replace(projected_b=b)
                                        for m, b in zip(projected, fetched, strict=True)}}
             finetuned = self._adapter(uri, f"adapter {name}")
             if finetuned.fingerprint != fingerprint:

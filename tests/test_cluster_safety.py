@@ -123,6 +123,19 @@ def test_preflight_names_the_node_and_the_cause(fleet, ray_local):
     assert ok.problems == [] and len(worker.models) == 2 and len(worker.adapters) == 2
 
 
+def test_an_adapter_that_changed_since_planning_fails_alone_at_assembly(fleet):
+    """A worker assembles from the header it holds; one that is not the header the driver planned (the
+    adapter was replaced during the run) is that adapter's failure, not a wrong output."""
+    from safemerge_ray.merge import MergeSettings
+
+    worker = FleetWorker(str(fleet / "unaligned"), str(fleet / "aligned"), S3Settings(), "cpu")
+    result = worker.assemble("gsm8k", str(fleet / "finetuned" / "gsm8k"), "the fingerprint planned", None, {}, {},
+                             MergeSettings(policy="safelora"), LocalDir(fleet / "merged"), "runs/x/gsm8k/")
+    assert result.error is not None and result.error.reason == \
+        "adapter gsm8k changed while this run repaired it; the next run repairs it"
+    assert not (fleet / "merged" / "runs").exists()
+
+
 def test_worker_constructor_never_touches_inputs(tmp_path):
     """A bad input must not look like a crashed actor to Ray (which would restart it)."""
     worker = FleetWorker("/no/such/model", "s3://no-such-bucket/x/", S3Settings(), "cuda")
