@@ -6,8 +6,9 @@ measured in one run on synthetic fleets with realistic layer shapes.
 
 Every case runs in its own process; a sampler adds up the proportional set size (PSS: shared pages
 such as torch's libraries split between the processes sharing them) of that process and all its
-descendants (Ray's raylet, GCS and workers included) every 50 ms, and keeps the peak. Bytes read
-are counted by safemerge-ray's storage layer in every process (for the baseline: the files it loads).
+descendants (Ray's raylet, GCS and workers included) every 40 ms (bench/scale.py's sampler), and keeps
+the peak. Bytes read are counted by safemerge-ray's storage layer in every process (for the baseline: the
+files it loads).
 
 The baseline's cost does not depend on N (each fine-tune is a separate, identical run), so it is
 measured as `k` separate runs on different adapters and reported as N x the per-run time (median,
@@ -20,14 +21,12 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
+import scale  # the sampler (bench/ is this script's directory, so on its path)
 import torch
 from safetensors.torch import load_file
 
@@ -43,46 +42,11 @@ class Sample:
     result: dict = field(default_factory=dict)
 
 
-def _memory(p: psutil.Process) -> int:
-    try:
-        return p.memory_full_info().pss
-    except (psutil.AccessDenied, AttributeError):
-        return p.memory_info().rss
-
-
 def measure(cmd: list[str]) -> Sample:
-    """Run `cmd`, sampling the PSS sum of its process tree; returns wall time, peak and its JSON result."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = 0
-    stop = threading.Event()
-
-    def sample():
-        nonlocal peak
-        root = psutil.Process(proc.pid)
-        while not stop.is_set():
-            try:
-                procs = [root, *root.children(recursive=True)]
-                total = 0
-                for p in procs:
-                    try:
-                        total += _memory(p)
-                    except psutil.Error:
-                        pass
-                peak = max(peak, total)
-            except psutil.Error:
-                pass
-            stop.wait(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, err = proc.communicate()
-    wall = time.perf_counter() - start
-    stop.set()
-    sampler.join()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-4000:]}")
-    return Sample(wall, peak, json.loads(out.strip().splitlines()[-1]))
+    """Run `cmd` under bench/scale.py's sampler; returns wall time, the peak PSS sum of its process tree
+    and its JSON result."""
+    peaks = scale.measure(cmd)
+    return Sample(peaks.wall_s, peaks.total_pss, peaks.result)
 
 
 def fixture(work: Path, hidden: int, layers: int, n: int) -> Path:

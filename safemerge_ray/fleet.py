@@ -343,12 +343,13 @@ class FleetWorker:
         # worker under its budget; V serves every chunk, and each chunk's factors are read just before it.
         by_rank: dict[int, list[ScoreRequest]] = {}
         for req in job.requests:
+            if req.uri in failed:  # its factors for this task could not be read
+                result.errors[req.adapter] = failed[req.uri]
+                continue
             try:  # headers only (kept since preflight, unless this worker was restarted)
-                if req.uri in failed:
-                    raise SafeMergeError(failed[req.uri].reason)
                 by_rank.setdefault(self._adapter(req.uri).modules[job.module].rank, []).append(req)
             except SafeMergeError as exc:
-                result.errors[req.adapter] = failed.get(req.uri) or Failure.of(exc)
+                result.errors[req.adapter] = Failure.of(exc)
         for rank in sorted(by_rank):
             group = by_rank[rank]
             size = job.cost.chunk(rank, job.budget)
