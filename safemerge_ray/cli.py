@@ -166,6 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--to", required=True, metavar="RUN", help="the run id (see OUTPUT/runs/ or status/history/)")
     b.add_argument("--break-lock", action="store_true", help="take the output's run lock even if held")
 
+    from .evaluate import EvalSettings
+    from .options import add_flags
+    from .train import TrainSettings
+
+    t = sub.add_parser("train-safety", help="train the task-agnostic safety LoRA on Ray (Ray Train + TRL SFT + PEFT)")
+    add_flags(t, TrainSettings)
+    t.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a new local Ray)")
+    t.add_argument("--quiet", action="store_true", help="none of Ray's or the trainer's own log lines")
+
+    e = sub.add_parser("eval", help="harmful rate and task score of the aligned model, each fine-tune and its "
+                                    "repaired adapter (Ray Data generation, a refusal judge or a classifier)")
+    add_flags(e, EvalSettings)
+    e.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a new local Ray)")
+    e.add_argument("--quiet", action="store_true", help="none of Ray's own log lines")
+
     s = sub.add_parser("synth", help="build a small synthetic model pair and adapters (demo and tests)")
     s.add_argument("--out", required=True, help="directory to create")
     s.add_argument("--arch", default="llama", choices=["llama", "qwen2"], help="model family (default llama)")
@@ -535,6 +550,28 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+def cmd_train_safety(args) -> int:
+    from .options import load_settings
+    from .train import TrainSettings, train_safety
+
+    result = train_safety(load_settings(TrainSettings, args), progress=not args.quiet, ray_address=args.address)
+    losses = result.manifest["losses"]
+    print(f"loss {losses[0][1]:.4f} -> {losses[-1][1]:.4f} over {result.manifest['steps']} steps")
+    print(f"safety adapter: {result.adapter}")
+    return EXIT_OK
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import EvalSettings, format_summary, run_eval
+    from .options import load_settings
+
+    settings = load_settings(EvalSettings, args)
+    result = run_eval(settings, progress=not args.quiet, ray_address=args.address)
+    print(format_summary(result.summary))
+    print(f"eval: {settings.output} ({result.table.num_rows} answers)")
+    return EXIT_OK
+
+
 def cmd_synth(args) -> int:
     from .synthetic import SynthSpec, build_fixture
 
@@ -555,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"merge": cmd_merge, "fleet": cmd_fleet, "submit": cmd_submit, "verify": cmd_verify,
                     "rollback": cmd_rollback, "gc": cmd_gc, "status": cmd_status, "report": cmd_report,
-                    "runs": cmd_runs, "diff": cmd_diff, "sweep": cmd_sweep, "synth": cmd_synth}
+                    "runs": cmd_runs, "diff": cmd_diff, "sweep": cmd_sweep, "synth": cmd_synth,
+                    "train-safety": cmd_train_safety, "eval": cmd_eval}
         return commands[args.command](args)
     except SafeMergeError as exc:  # inputs (2) or environment (1): one line, no traceback
         print(f"safemerge-ray: error: {exc}", file=sys.stderr)

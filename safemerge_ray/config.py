@@ -11,7 +11,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import SafeMergeError
+from .gate import GateSection
 from .merge import FIELD_CHECKS, MergeSettings
+from .options import S3Section
 from .storage import S3Settings, local_path, open_dir, resolve_location
 
 _NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
@@ -108,21 +110,6 @@ class NamedEntry(_Strict):
         return None if v is None else check_adapter_name(v)
 
 
-class S3Section(_Strict):
-    endpoint_url: str | None = None
-    region: str | None = None
-    # botocore's standard retry mode: attempts per request, with exponential backoff (at most 20 s a wait)
-    # on 5xx, SlowDown, throttling and connection errors; after them a module's read is tried again 3 times.
-    max_attempts: int = 8
-
-    @field_validator("max_attempts")
-    @classmethod
-    def _attempts(cls, v):
-        if not 1 <= v <= 20:
-            raise ValueError("must be an integer from 1 to 20")
-        return v
-
-
 class RaySection(_Strict):
     actors: Literal["auto"] | int = "auto"
     gpus_per_actor: Literal["auto"] | float = "auto"
@@ -173,6 +160,8 @@ class FleetSchema(_Strict):
     # The whole run's deadline: past it, scoring stops, unfinished adapters fail (their pointers stay),
     # what is finished is committed, and the run ends with exit status 1 or 3. Unset: no deadline.
     max_run_seconds: float | None = None
+    # An evaluation every repaired adapter must pass to be published (README: the gate). Unset: no gate.
+    gate: GateSection | None = None
 
     @field_validator("max_run_seconds")
     @classmethod
@@ -211,6 +200,7 @@ class FleetConfig:
     start_timeout_s: float = 900.0
     memory_per_worker: int | None = None  # bytes; None: the cluster's memory resource / workers
     max_run_seconds: float | None = None
+    gate: GateSection | None = None  # its file paths absolute
 
     def settings_for(self, adapter: str) -> MergeSettings:
         return self.overrides.get(adapter, self.merge)
@@ -308,6 +298,8 @@ def portable_config(path: str | Path) -> tuple[FleetConfig, str]:
     raw.update(unaligned_model=config.unaligned_model, aligned_model=config.aligned_model,
                safety_adapter=config.safety_adapter, output=config.output,
                finetuned=[e if isinstance(e, str) else e.model_dump(exclude_none=True) for e in config.finetuned])
+    if config.gate is not None:
+        raw["gate"] = config.gate.model_dump(mode="json", exclude_none=True)
     return config, yaml.safe_dump(raw, sort_keys=False)
 
 
@@ -347,15 +339,27 @@ def parse_config(raw: dict, source: str = "<config>", base: Path = Path(".")) ->
         unaligned_model=local(schema.unaligned_model), aligned_model=local(schema.aligned_model),
         safety_adapter=local(schema.safety_adapter) if schema.safety_adapter else None,
         finetuned=finetuned, output=_local_or_s3(schema.output, base), merge=merge, overrides=valid_overrides,
-        s3=S3Settings(endpoint_url=schema.s3.endpoint_url, region=schema.s3.region,
-                      max_attempts=schema.s3.max_attempts),
+        s3=schema.s3.settings(),
         actors=None if schema.ray.actors == "auto" else schema.ray.actors,
         gpus_per_actor=None if schema.ray.gpus_per_actor == "auto" else schema.ray.gpus_per_actor,
         cpus_per_actor=None if schema.ray.cpus_per_actor == "auto" else schema.ray.cpus_per_actor,
         device=schema.ray.device, source=source, start_timeout_s=schema.ray.start_timeout_s,
         memory_per_worker=schema.ray.memory_per_worker,  # type: ignore[arg-type]  # bytes after validation
-        max_run_seconds=schema.max_run_seconds,
+        max_run_seconds=schema.max_run_seconds, gate=_gate_paths(schema.gate, base),
     )
+
+
+def _gate_paths(gate: GateSection | None, base: Path) -> GateSection | None:
+    """The gate's prompt files and classifier made absolute (relative to the config), as the models are."""
+    if gate is None:
+        return None
+    spec = gate.eval
+    files = {"harmful_prompts": _local_or_s3(spec.harmful_prompts, base)}
+    if spec.task_prompts:
+        files["task_prompts"] = _local_or_s3(spec.task_prompts, base)
+    if spec.judge != "keywords":
+        files["judge"] = resolve_location(spec.judge, base)
+    return gate.model_copy(update={"eval": spec.model_copy(update=files)})
 
 
 def _local_or_s3(location: str, base: Path) -> str:

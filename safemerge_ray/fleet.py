@@ -38,6 +38,7 @@ from .adapters import FactorRows, LoraAdapter, load_adapter, read_factor_rows
 from .assemble import ModuleScore, assemble_adapter
 from .config import AdapterRef, FleetConfig
 from .errors import EnvironmentFailure, NoCredentials, SafeMergeError, first_line
+from .evaluate import Pair
 from .memory import PROCESS_BASELINE, ModuleCost, available_memory, check_fits, fmt
 from .merge import MergeSettings
 from .output import (
@@ -481,7 +482,7 @@ class AdapterState:
     fingerprint: str = ""
     run_key: str = ""
     plans: list[ModulePlan] = field(default_factory=list)
-    status: str = "pending"  # pending | unchanged | assembled | committed | failed
+    status: str = "pending"  # pending | unchanged | assembled | committed | held (by the gate) | failed
     reason: str = ""
     environment: bool = False  # failed because of the store or a disk, not the adapter
     previous_run: str | None = None
@@ -491,6 +492,7 @@ class AdapterState:
     objects: dict = field(default_factory=dict)  # written object -> {sha256, bytes}
     decisions: pa.Table | None = None  # columnar: a few bytes per module, not a dict per row
     counts: dict = field(default_factory=dict)
+    gate: dict | None = None  # the gate's numbers for this adapter (harmful rate, task score, passed)
 
     def fail(self, failure: Failure) -> None:
         self.status, self.reason, self.environment = "failed", failure.reason, failure.environment
@@ -612,8 +614,9 @@ def _run_locked(config: FleetConfig, out: Dir, record: RunRecord, lock: RunLock,
         raise
     record.run_id, record.exit_status = report.run_id, report.exit_code
     record.counts = {"adapters": len(report.adapters),
-                     **{s: len(report.by_status(s)) for s in ("committed", "unchanged", "failed")}}
+                     **{s: len(report.by_status(s)) for s in ("committed", "unchanged", "held", "failed")}}
     record.set_failed({st.ref.name: st.reason for st in report.adapters if st.status == "failed"})
+    record.held = {st.ref.name: st.reason for st in report.adapters if st.status == "held"}
     record.warnings = report.warnings[:100]
     problem = _save_record(out, record)
     if problem:
@@ -634,9 +637,9 @@ def _save_record(out: Dir, record: RunRecord) -> str | None:
 
 
 def exit_status(states: list[AdapterState]) -> int:
-    """0: every adapter is usable (committed or unchanged); 3: some failed; 4: none is usable;
-    1: none is usable and every failure was the environment's (an S3 outage, a full disk)."""
-    failed = [st for st in states if st.status == "failed"]
+    """0: every adapter is usable (committed or unchanged); 3: some failed or were held back by the gate;
+    4: none is usable; 1: none is usable and every failure was the environment's (an S3 outage, a full disk)."""
+    failed = [st for st in states if st.status in ("failed", "held")]
     if not failed:
         return EXIT_OK
     if len(failed) < len(states):
@@ -720,6 +723,10 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
         warnings += deadline.warnings()
         return FleetReport(None, out.uri, states, exit_status(states), warnings, BYTES_READ.total - driver_before)
 
+    if config.gate is not None:  # the gate's prompt files and judge, before an hour of work needs them
+        from .evaluate import read_prompt_sets
+
+        read_prompt_sets(config.gate.eval, config.s3)
     run_id = LOG.run_id = run_id or new_run_id()
     init_ray(ray_address, runtime_env, quiet=not progress)
     jobs = _plan_jobs(pending, config.safety_adapter)
@@ -728,13 +735,14 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
     with _scored(config, out, pending, jobs, progress, deadline) as workers:
         _assemble(config, workers, out, run_id, [st for st in pending if st.status == "pending"], progress, deadline)
         worker_bytes = 0 if deadline.passed() else _worker_bytes(workers)  # late workers may still be busy
+    evaluation = _gate(config, out, run_id, states, progress) if config.gate is not None else None
     warnings += deadline.warnings()
-    report = FleetReport(run_id if any(st.status == "assembled" for st in states) else None,
+    report = FleetReport(run_id if any(st.status in ("assembled", "held") for st in states) else None,
                          out.uri, states, EXIT_OK, warnings)
     if report.run_id:
         if lock.lost:  # another run may be writing pointers now: ours must not move
             raise EnvironmentFailure(f"{lock.lost}; this run committed nothing")
-        _commit(config, out, report.run_id, states, fingerprints, report)
+        _commit(config, out, report.run_id, states, fingerprints, report, evaluation)
     report.bytes_read = BYTES_READ.total - driver_before + worker_bytes
     report.exit_code = exit_status(states)
     return report
@@ -1088,10 +1096,33 @@ def _assemble(config: FleetConfig, workers: list, out: Dir, run_id: str, pending
             bar.advance()
 
 
-def _commit(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterState], fingerprints: dict,
-            report: FleetReport) -> None:
-    """The run's decisions and summary, then the output store's commit (manifest, then pointers)."""
+def _gate(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterState], progress: bool):
+    """Evaluate the run's repaired adapters (where they are written, not yet published); hold back every
+    one that fails the gate. Returns the evaluation (None if it failed: then every adapter is held)."""
+    from .gate import run_gate
+
+    assert config.gate is not None
     assembled = [st for st in states if st.status == "assembled"]
+    if not assembled:
+        return None
+    _log(f"gate: evaluating {len(assembled)} repaired adapters")
+    pairs = [Pair(st.ref.name, st.ref.uri, f"{out.uri.rstrip('/')}/{adapter_prefix(run_id, st.ref.name)}")
+             for st in assembled]
+    outcome = run_gate(config.gate, config.aligned_model, pairs, config.s3)
+    for st in assembled:
+        st.gate = outcome.numbers.get(st.ref.name)
+        if st.ref.name in outcome.held:
+            st.status, st.reason = "held", outcome.held[st.ref.name]
+    _log(f"gate: {len(assembled) - len(outcome.held)} passed, {len(outcome.held)} held back")
+    return outcome.result
+
+
+def _commit(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterState], fingerprints: dict,
+            report: FleetReport, evaluation=None) -> None:
+    """The run's decisions, evaluation and summary, then the output store's commit (manifest, then pointers).
+    Adapters held back by the gate are listed with why, and their pointers stay."""
+    assembled = [st for st in states if st.status == "assembled"]
+    written = [st for st in states if st.status in ("assembled", "held")]
     summary = {
         "tool": "safemerge-ray", "version": __version__, "run_id": run_id, "created_at": utc_now(),
         "adapters": {st.ref.name: _adapter_summary(st) for st in states},
@@ -1100,13 +1131,14 @@ def _commit(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterStat
     inputs = {role: {"uri": uri, "fingerprint": fingerprints[role]} for role, uri in (
         ("unaligned_model", config.unaligned_model), ("aligned_model", config.aligned_model),
         ("safety_adapter", config.safety_adapter))}
-    decisions = pa.concat_tables([st.decisions for st in assembled if st.decisions is not None])
+    decisions = pa.concat_tables([st.decisions for st in written if st.decisions is not None])
     commit_run(out, run_id, inputs,
                [Published(st.ref.name, st.ref.uri, st.fingerprint, st.run_key, st.settings.to_dict(), st.objects,
                           st.why) for st in assembled],
-               {DECISIONS: decisions_bytes(decisions),
+               {DECISIONS: decisions_bytes(decisions), **(evaluation.files() if evaluation else {}),
                 SUMMARY: json_bytes(summary)},
-               {st.ref.name: st.reason for st in states if st.status == "failed"})
+               {st.ref.name: st.reason for st in states if st.status == "failed"},
+               held={st.ref.name: st.reason for st in states if st.status == "held"})
     for st in assembled:
         st.status = "committed"
 
@@ -1121,6 +1153,8 @@ def _adapter_summary(st: AdapterState) -> dict:
         entry["run_id"] = st.previous_run
     if st.why:
         entry["why"] = st.why
+    if st.gate:
+        entry["gate"] = st.gate
     return entry
 
 
@@ -1129,7 +1163,7 @@ def format_report(report: FleetReport) -> str:
     shown, left_out = report.listed()
     for st in shown:
         repaired = f"{st.counts['repaired']}/{st.counts['modules']}" if st.counts else "-"
-        detail = st.reason if st.status == "failed" else (f"run {st.previous_run}" if st.status == "unchanged"
+        detail = st.reason if st.status in ("failed", "held") else (f"run {st.previous_run}" if st.status == "unchanged"
                                                           else "; ".join(st.why))
         lines.append(f"{st.ref.name:<20} {st.status:<10} {repaired:>9}  {detail}")
     if left_out:

@@ -16,6 +16,7 @@ from .errors import SafeMergeError
 from .output import (
     DECISIONS,
     HISTORY,
+    LAST_RUN,
     LATEST,
     RUNS,
     manifest_key,
@@ -65,7 +66,7 @@ class Decisions:
 @dataclass
 class AdapterStatus:
     adapter: str
-    state: str  # published | damaged | stale | orphaned | unpublished | failed
+    state: str  # published | held | damaged | stale | orphaned | unpublished | failed
     run_id: str | None = None
     committed_at: str | None = None
     repaired: int | None = None
@@ -113,6 +114,12 @@ def fleet_status(out: Dir, config=None) -> tuple[list[AdapterStatus], list[dict]
         statuses.append(status)
     if not statuses:
         raise SafeMergeError(f"status: {out.uri} has no published adapters (no {LATEST}*.json) and no config was given")
+    last = read_json(out, LAST_RUN) or {}
+    for status in statuses:  # the last run's gate held back a newer repair: the pointer is older on purpose
+        reason = (last.get("held") or {}).get(status.adapter)
+        if reason and status.state in ("published", "stale", "unpublished"):
+            kept = f"; still on run {status.run_id}" if status.run_id else "; nothing published yet"
+            status.state, status.detail = "held", f"run {last.get('run_id')} held it back: {reason}{kept}"
     return statuses, rows
 
 

@@ -199,7 +199,7 @@ class Published:
 
 
 def commit_run(out: Dir, run_id: str, inputs: dict, adapters: list[Published], run_files: dict[str, bytes],
-               failed: dict[str, str]) -> str:
+               failed: dict[str, str], held: dict[str, str] | None = None) -> str:
     """Commit a run whose adapters are written (staged and verified): its run-level files (verified),
     every object unstaged, the manifest (the commit point), then one pointer per adapter. Returns the
     commit time. A crash before the manifest leaves the old pointers; after it, a rerun rewrites them."""
@@ -213,6 +213,7 @@ def commit_run(out: Dir, run_id: str, inputs: dict, adapters: list[Published], r
                               "settings": a.settings, "objects": a.objects, "why": a.why} for a in adapters},
         "objects": run_objects,
         "failed": failed,
+        "held": held or {},  # written but held back by the gate: not published, pointers unmoved
     }
     with ThreadPoolExecutor(max_workers=16) as pool:  # S3 round trips, one per object
         list(pool.map(out.unstage, [key for a in adapters for key in a.objects] + list(run_objects)))
@@ -242,6 +243,7 @@ class RunRecord:
     error: str | None = None
     counts: dict[str, int] = field(default_factory=dict)  # adapters by status
     failed: dict[str, str] = field(default_factory=dict)  # adapter -> reason (the first 100)
+    held: dict[str, str] = field(default_factory=dict)  # adapter -> why the gate held it back
     warnings: list[str] = field(default_factory=list)  # skipped directories, unused overrides (the first 100)
     tool_version: str = __version__
     kind: str = "fleet"  # or "rollback" (an operator moved a pointer), "gc" (old runs removed)
