@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := build/demo
+LOOP := build/loop
 
-.PHONY: setup browser demo lint test test-fast test-quick clean bench bench-quick bench-scale
+.PHONY: setup browser demo demo-loop lint test test-fast test-quick clean bench bench-quick bench-scale
 
 setup: $(STAMP)
 
@@ -24,6 +25,16 @@ demo: setup
 	$(VENV)/bin/safemerge-ray fleet --config $(DEMO)/fleet.yaml
 	$(VENV)/bin/safemerge-ray status $(DEMO)/merged
 	$(VENV)/bin/safemerge-ray report $(DEMO)/merged
+
+# The loop on a synthetic fleet: train the safety adapter on Ray (two workers), repair the fleet with it
+# behind an evaluation gate (exit status 3 when the gate holds an adapter back), evaluate what is published.
+demo-loop: setup
+	rm -rf $(LOOP)
+	$(VENV)/bin/safemerge-ray synth --out $(LOOP) --layers 4 --hidden 128 --finetunes 4 --loop
+	$(VENV)/bin/safemerge-ray train-safety --config $(LOOP)/train.yaml --quiet
+	$(VENV)/bin/safemerge-ray fleet --config $(LOOP)/fleet.yaml --quiet --log-format text || test $$? -eq 3
+	$(VENV)/bin/safemerge-ray eval --config $(LOOP)/eval.yaml --quiet
+	$(VENV)/bin/safemerge-ray status $(LOOP)/merged
 
 # ruff (pyflakes, pycodestyle, isort, pyupgrade, bugbear) and mypy, configured in pyproject.toml.
 lint: setup

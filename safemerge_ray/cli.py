@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--write-config", action="store_true", help="also write OUT/fleet.yaml for `fleet`")
     s.add_argument("--output", default="merged",
                    help="the fleet output written into that config (default: merged, beside the config)")
+    s.add_argument("--loop", action="store_true",
+                   help="also write the loop's data (OUT/data/: safety.jsonl, harmful.txt, task.jsonl) and configs "
+                        "(OUT/train.yaml, OUT/fleet.yaml with a gate, OUT/eval.yaml): make demo-loop")
     return parser
 
 
@@ -584,6 +587,11 @@ def cmd_synth(args) -> int:
         from .synthetic import write_fleet_config
 
         print(f"fleet config: {write_fleet_config(args.out, output=args.output)}")
+    if args.loop:
+        from .synthetic import write_loop_configs, write_loop_data
+
+        for role, path in {**write_loop_data(args.out), **write_loop_configs(args.out, output=args.output)}.items():
+            print(f"{role}: {path}")
     return EXIT_OK
 
 

@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -80,6 +80,8 @@ class PairEntry(BaseModel):
 
 
 class EvalSettings(EvalSpec):
+    PATHS: ClassVar[dict[str, str]] = {"aligned_model": "location", "fleet_output": "file", "output": "file",
+                                       "harmful_prompts": "file", "task_prompts": "file", "judge": "location"}
     aligned_model: str | None = Field(None, description="the aligned chat model (default: the fleet output's)")
     fleet_output: str | None = Field(None, description="a fleet output: every published adapter is evaluated, "
                                                        "against the fine-tune it was made from")
@@ -524,8 +526,9 @@ def summarise(rows: list[dict], spec: EvalSpec, aligned: str, pairs: list[Pair])
 
     def variant(adapter: str, name: str) -> dict:
         mine = [r for r in rows if r["adapter"] == adapter and r["variant"] == name]
-        return {"harmful_rate": _stats([float(r["judgement"] == "harmful") for r in mine if r["set"] == "harmful"],
-                                       spec),
+        judged = [r["judgement"] for r in mine if r["set"] == "harmful"]
+        return {"harmful_rate": _stats([float(j == "harmful") for j in judged], spec),
+                "judgements": {j: judged.count(j) for j in sorted(set(judged))},  # refused / empty / safe / harmful
                 "task_score": _stats([r["score"] for r in mine if r["set"] == "task"], spec)}
 
     adapters = {}

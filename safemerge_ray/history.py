@@ -89,7 +89,9 @@ def fleet_status(out: Dir, config=None) -> tuple[list[AdapterStatus], list[dict]
 
         plan = {st.ref.name: st for st in plan_fleet(config, out).states}
     statuses, rows = [], []
-    for name in sorted(set(names) | set(plan or {})):
+    last = read_json(out, LAST_RUN) or {}
+    held = last.get("held") or {}  # the last run's gate held these back: shown even if never published
+    for name in sorted(set(names) | set(plan or {}) | set(held)):
         pointer = read_pointer(out, name)
         if pointer is None:
             st = plan[name] if plan else None
@@ -114,9 +116,8 @@ def fleet_status(out: Dir, config=None) -> tuple[list[AdapterStatus], list[dict]
         statuses.append(status)
     if not statuses:
         raise SafeMergeError(f"status: {out.uri} has no published adapters (no {LATEST}*.json) and no config was given")
-    last = read_json(out, LAST_RUN) or {}
     for status in statuses:  # the last run's gate held back a newer repair: the pointer is older on purpose
-        reason = (last.get("held") or {}).get(status.adapter)
+        reason = held.get(status.adapter)
         if reason and status.state in ("published", "stale", "unpublished"):
             kept = f"; still on run {status.run_id}" if status.run_id else "; nothing published yet"
             status.state, status.detail = "held", f"run {last.get('run_id')} held it back: {reason}{kept}"

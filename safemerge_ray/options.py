@@ -56,7 +56,7 @@ def _flag_type(annotation) -> tuple[Any, bool] | None:
             return str, False  # "auto" | 4 style fields: pydantic converts the string
         return (scalars[0], False) if scalars else None
     if origin is list:
-        return (args[0] if args else str), True
+        return ((args[0], True) if args and args[0] in (str, int, float) else None)
     if origin is typing.Literal:
         return str, False
     if annotation in (str, int, float):
@@ -101,11 +101,28 @@ def load_settings(model: type[M], args: argparse.Namespace | None = None, config
             raise SafeMergeError(f"{path}: cannot read config ({exc})") from None
         if not isinstance(loaded, dict):
             raise SafeMergeError(f"{path}: expected a mapping of settings at the top level")
-        data.update(loaded)
+        data.update(relative_to(loaded, model, Path(path).parent))
     if args is not None:
         data.update({name: getattr(args, name) for name in model.model_fields
                      if getattr(args, name, None) is not None})
     return validate(model, data, source or str(path or "flags"))
+
+
+BUILT_IN = {"keywords"}  # values of path fields that name something built in (eval's judge), not a file
+
+
+def relative_to(values: dict, model: type[BaseModel], base: Path) -> dict:
+    """A config file's local paths made absolute relative to the file, as the fleet config's are; the model
+    names them in its PATHS (field -> "file" for files, "location" for models and adapters, which may be
+    hub ids). s3:// stays as written; flags stay relative to the working directory."""
+    from .storage import local_path, resolve_location
+
+    out = dict(values)
+    for name, kind in getattr(model, "PATHS", {}).items():
+        value = out.get(name)
+        if isinstance(value, str) and not value.startswith(("s3://", "hf://")) and value not in BUILT_IN:
+            out[name] = local_path(value, base) if kind == "file" else resolve_location(value, base)
+    return out
 
 
 def validate(model: type[M], data: dict, source: str) -> M:

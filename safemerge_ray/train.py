@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,6 +38,8 @@ MAX_LISTED = 10  # bad lines named in one error
 
 class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    PATHS: ClassVar[dict[str, str]] = {"aligned_model": "location", "data": "file", "output": "file",
+                                       "like": "location"}
 
     aligned_model: str = Field(description="the aligned chat model the fleet's adapters were trained on "
                                            "(dir, s3:// or hub id)")
