@@ -443,7 +443,7 @@ def cmd_status(args) -> int:
 
 def cmd_report(args) -> int:
     from .history import Decisions, fleet_status
-    from .output import DECISIONS, REPORT, run_prefix
+    from .output import DECISIONS, REPORT, manifest_key, read_json, run_prefix
     from .report_page import render
 
     out = _output(args.output)
@@ -451,15 +451,17 @@ def cmd_report(args) -> int:
         run_rows = Decisions(out).all(args.run)
         if run_rows is None:
             raise SafeMergeError(f"report: run {args.run} has no readable {DECISIONS} in {out.uri}")
-        rows = [dict(r, run_id=args.run) for r in run_rows]
+        held = {a: w for a, w in ((read_json(out, manifest_key(args.run)) or {}).get("held") or {}).items()}
+        rows = [dict(r, run_id=args.run) for r in run_rows if r["adapter"] not in held]
         title, target, states = f"safemerge-ray run {args.run}", f"{run_prefix(args.run)}{REPORT}", None
     else:
         statuses, rows = fleet_status(out)
         title, target = f"safemerge-ray fleet {out.uri}", REPORT
         states = {s.adapter: s.state for s in statuses}
+        held = {s.adapter: s.detail for s in statuses if s.state == "held"}
     if not rows:
         raise SafeMergeError(f"report: no decisions to show in {out.uri}")
-    page, table, _ = render(rows, title, states)
+    page, table, _ = render(rows, title, states, held)
     if args.out:
         with open(args.out, "w") as f:
             f.write(page)

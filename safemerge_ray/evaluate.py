@@ -346,7 +346,7 @@ def choose_engine(spec: EvalSpec) -> str:
     return "vllm" if spec.engine == "vllm" or (spec.engine == "auto" and gpus and has_vllm) else "transformers"
 
 
-def generate(spec: EvalSpec, aligned: str, s3: S3Settings, rows: list[dict], max_lora_rank: int) -> list[dict]:
+def generate(spec: EvalSpec, aligned: str, s3: S3Settings, rows: list[dict], pairs: list[Pair]) -> list[dict]:
     """Answers for `rows` ({lora, prompt, ...}), fanned out over `spec.replicas` replicas with Ray Data."""
     import ray
     import ray.data
@@ -357,7 +357,7 @@ def generate(spec: EvalSpec, aligned: str, s3: S3Settings, rows: list[dict], max
     kwargs: dict = {"aligned": aligned, "s3": s3, "max_new_tokens": spec.max_new_tokens,
                     "batch_size": spec.batch_size}
     if engine == "vllm":
-        kwargs["max_lora_rank"] = max_lora_rank
+        kwargs["max_lora_rank"] = _max_rank(pairs, s3)
     rows = sorted(rows, key=lambda r: (r["lora"], r["set"], r["prompt_id"]))  # a batch mostly shares an adapter
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // spec.batch_size, 64)))
     answered = ds.map_batches(replica, fn_constructor_kwargs=kwargs, batch_size=spec.batch_size * 4,
@@ -480,7 +480,7 @@ def evaluate(spec: EvalSpec, aligned: str, pairs: list[Pair], s3: S3Settings) ->
              "prompt": pr.text, "reference": pr.reference or ""}
             for name, variant, lora in variants
             for kind, prompts in (("harmful", harmful), ("task", task)) for pr in prompts]
-    answered = generate(spec, aligned, s3, rows, _max_rank([p for p in pairs], s3))
+    answered = generate(spec, aligned, s3, rows, pairs)
     answered.sort(key=lambda r: (r["adapter"], VARIANTS.index(r["variant"]), r["set"], r["prompt_id"]))
     harmful_rows = [r for r in answered if r["set"] == "harmful"]
     for r, verdict in zip(harmful_rows, judge(spec, s3, harmful_rows), strict=True):

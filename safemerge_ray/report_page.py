@@ -46,10 +46,10 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def render(rows: list[dict], title: str,
-           states: dict[str, str] | None = None) -> tuple[str, list[AdapterRow], list[str]]:
+def render(rows: list[dict], title: str, states: dict[str, str] | None = None,
+           held: dict[str, str] | None = None) -> tuple[str, list[AdapterRow], list[str]]:
     """The page for these decision rows (one per adapter x module, with `run_id`); also its table's rows
-    and the heatmap's columns (modules, in order)."""
+    and the heatmap's columns (modules, in order). `held`: adapters the gate held back, and why."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: files only
@@ -119,6 +119,16 @@ img {{ max-width: 100%; display: block; margin: 1em 0; }}
 <th>tau</th><th>repaired layers' mean rho: before &rarr; after repair</th></tr></thead><tbody>
 {body}
 </tbody></table>
+{_held_section(held or {})}
 </body></html>
 """
     return page, table, modules
+
+
+def _held_section(held: dict[str, str]) -> str:
+    if not held:
+        return ""
+    rows = "\n".join(f"<tr><td>{html.escape(name)}</td><td>{html.escape(why)}</td></tr>"
+                     for name, why in sorted(held.items()))
+    return (f'<h2>Held back by the gate</h2>\n<table id="held"><thead><tr><th>adapter</th><th>why</th></tr></thead>'
+            f"<tbody>\n{rows}\n</tbody></table>")

@@ -205,7 +205,7 @@ def _train_loop(cfg: dict) -> None:
     peft_config = LoraConfig(r=shape.rank, lora_alpha=shape.alpha,  # type: ignore[arg-type]  # a float works target_modules=shape.targets,
                              lora_dropout=cfg["lora_dropout"], use_rslora=shape.use_rslora, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=path, args=args, train_dataset=Dataset.from_list(cfg["rows"]),
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=[_ReportToRay()])
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=[_report_to_ray()])
     trainer = prepare_trainer(trainer)  # type: ignore[assignment]  # a subclass of the SFTTrainer given
     resume = ray.train.get_checkpoint()
     if resume is None:
@@ -216,36 +216,36 @@ def _train_loop(cfg: dict) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _callback_base():
+def _report_to_ray():
+    """A transformers callback (built here: transformers is imported on the workers only): rank 0 reports
+    each Hugging Face checkpoint, and at the end the final adapter with its loss curve; every rank reports
+    (Ray Train's reports are collective)."""
     from transformers import TrainerCallback
 
-    return TrainerCallback
+    class ReportToRay(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            from transformers.trainer_utils import get_last_checkpoint
+
+            _report(state, lambda d: shutil.copytree(get_last_checkpoint(args.output_dir), d / "checkpoint"))
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            _report(state, lambda d: model.save_pretrained(str(d / "adapter")), final=True)
+
+    return ReportToRay()
 
 
-class _ReportToRay(_callback_base()):  # type: ignore[misc]  # transformers' base, imported lazily
-    """Rank 0 reports each Hugging Face checkpoint, and at the end the final adapter with its loss curve;
-    every rank reports (Ray Train's reports are collective)."""
+def _report(state, write, final: bool = False) -> None:
+    import ray.train
 
-    def on_save(self, args, state, control, **kwargs):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        self._report(state, lambda d: shutil.copytree(get_last_checkpoint(args.output_dir), d / "checkpoint"))
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._report(state, lambda d: model.save_pretrained(str(d / "adapter")), final=True)
-
-    def _report(self, state, write, final: bool = False) -> None:
-        import ray.train
-
-        losses = [(h["step"], h["loss"]) for h in state.log_history if "loss" in h]
-        metrics = {"step": state.global_step, "loss": losses[-1][1] if losses else float("nan"), "final": final}
-        if ray.train.get_context().get_world_rank() != 0:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            write(Path(tmp))
-            (Path(tmp) / "losses.json").write_text(json.dumps(losses))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    losses = [(h["step"], h["loss"]) for h in state.log_history if "loss" in h]
+    metrics = {"step": state.global_step, "loss": losses[-1][1] if losses else float("nan"), "final": final}
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        write(Path(tmp))
+        (Path(tmp) / "losses.json").write_text(json.dumps(losses))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 # --------------------------------------------------------------------------- the driver

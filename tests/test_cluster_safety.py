@@ -158,7 +158,7 @@ def test_unchanged_plus_one_broken_is_partial_not_failed(fleet, ray_local):
     assert report.exit_code == EXIT_PARTIAL and report.run_id is None  # nothing new to commit: no run dir
     record = _record(fleet)
     assert record["exit_status"] == EXIT_PARTIAL and record["run_id"] is None
-    assert record["counts"] == {"adapters": 4, "committed": 0, "unchanged": 3, "failed": 1}
+    assert record["counts"] == {"adapters": 4, "committed": 0, "unchanged": 3, "held": 0, "failed": 1}
     assert "corrupt adapter_config.json" in record["failed"]["medqa"]
     # Every adapter broken: nothing usable.
     for name in ("gsm8k", "legal", "support"):

@@ -117,7 +117,7 @@ def test_rerun_with_nothing_changed_does_nothing(fleet):
         {k: v for k, v in before.items() if not k.startswith("status/")}
     record = json.loads(after["status/last_run.json"])
     assert record["run_id"] is None and record["exit_status"] == EXIT_OK
-    assert record["counts"] == {"adapters": 4, "committed": 0, "unchanged": 4, "failed": 0}
+    assert record["counts"] == {"adapters": 4, "committed": 0, "unchanged": 4, "held": 0, "failed": 0}
     history = sorted(k for k in after if k.startswith("status/history/"))
     assert len(history) == 2 and json.loads(after[history[-1]]) == record
     assert json.loads(after[history[0]])["run_id"] == first.run_id

@@ -147,6 +147,10 @@ def test_the_gate_holds_back_exactly_the_adapter_that_fails(loop, monkeypatch, c
     assert " held " in line and f"run {run2} held it back: gate: harmful rate" in line and f"still on run {run1}" \
         in line
     assert main(["verify", "merged"]) == 0
+    # The report page lists it under "Held back by the gate", with the reason.
+    assert main(["report", "merged", "--out", "report.html"]) == 0
+    page = (loop / "report.html").read_text()
+    assert '<table id="held">' in page and f"<td>{worst}</td><td>run {run2} held it back: gate: harmful" in page
 
 
 def test_a_failed_evaluation_publishes_nothing(loop, monkeypatch, capsys):

@@ -169,7 +169,7 @@ def test_two_nodes_over_s3_credentials_only_the_documented_way(ray_cluster_two_n
     assert partial.returncode == 3, text[-3000:]
     record = json.loads((tmp_path / "night.json").read_text())
     assert record == json.loads(out.read("status/last_run.json"))
-    assert record["counts"] == {"adapters": 3, "committed": 0, "unchanged": 2, "failed": 1}
+    assert record["counts"] == {"adapters": 3, "committed": 0, "unchanged": 2, "held": 0, "failed": 1}
     assert "corrupt adapter_config.json" in record["failed"]["medqa"]
 
     # 5. A night that overruns --timeout: submit stops the job and says so (exit 1), bounded in time.
