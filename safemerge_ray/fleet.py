@@ -735,7 +735,7 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
     with _scored(config, out, pending, jobs, progress, deadline) as workers:
         _assemble(config, workers, out, run_id, [st for st in pending if st.status == "pending"], progress, deadline)
         worker_bytes = 0 if deadline.passed() else _worker_bytes(workers)  # late workers may still be busy
-    evaluation = _gate(config, out, run_id, states, progress) if config.gate is not None else None
+    evaluation = _gate(config, out, run_id, states, deadline) if config.gate is not None else None
     warnings += deadline.warnings()
     report = FleetReport(run_id if any(st.status in ("assembled", "held") for st in states) else None,
                          out.uri, states, EXIT_OK, warnings)
@@ -1096,14 +1096,19 @@ def _assemble(config: FleetConfig, workers: list, out: Dir, run_id: str, pending
             bar.advance()
 
 
-def _gate(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterState], progress: bool):
+def _gate(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterState], deadline: Deadline):
     """Evaluate the run's repaired adapters (where they are written, not yet published); hold back every
-    one that fails the gate. Returns the evaluation (None if it failed: then every adapter is held)."""
+    one that fails the gate. Returns the evaluation (None if it failed or never started: then every
+    adapter is held)."""
     from .gate import run_gate
 
     assert config.gate is not None
     assembled = [st for st in states if st.status == "assembled"]
     if not assembled:
+        return None
+    if deadline.passed():  # nothing unchecked is published, and no evaluation starts past the deadline
+        for st in assembled:
+            st.status, st.reason = "held", "gate: not evaluated: the run's deadline (max_run_seconds) passed"
         return None
     _log(f"gate: evaluating {len(assembled)} repaired adapters")
     pairs = [Pair(st.ref.name, st.ref.uri, f"{out.uri.rstrip('/')}/{adapter_prefix(run_id, st.ref.name)}")

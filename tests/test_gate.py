@@ -172,3 +172,22 @@ def test_missing_gate_prompts_stop_the_run_before_any_work(loop, monkeypatch, ca
     assert main(["fleet", "--config", _config(loop, gate), "--quiet"]) == 2
     assert "harmful_prompts: no such file" in capsys.readouterr().err
     assert not (loop / "merged/runs").exists()
+
+
+def test_past_the_deadline_no_evaluation_starts_and_every_written_adapter_is_held(tmp_path):
+    import time
+
+    from safemerge_ray.config import AdapterRef
+    from safemerge_ray.fleet import AdapterState, Deadline, _gate
+    from safemerge_ray.merge import MergeSettings
+    from safemerge_ray.storage import LocalDir
+
+    raw = {"unaligned_model": "u", "aligned_model": "a", "safety_adapter": "s", "finetuned": ["f"], "output": "o",
+           "gate": {"eval": {"harmful_prompts": "h.txt"}, "max_harmful_rate": 0.1}}
+    states = [AdapterState(AdapterRef(n, f"/x/{n}"), MergeSettings(), status=s)
+              for n, s in (("a", "assembled"), ("b", "failed"), ("c", "assembled"))]
+    deadline = Deadline(0.001)
+    time.sleep(0.01)
+    assert _gate(parse_config(raw, base=tmp_path), LocalDir(tmp_path), "r1", states, deadline) is None
+    assert [st.status for st in states] == ["held", "failed", "held"]
+    assert states[0].reason == "gate: not evaluated: the run's deadline (max_run_seconds) passed"
