@@ -451,7 +451,7 @@ def cmd_report(args) -> int:
         run_rows = Decisions(out).all(args.run)
         if run_rows is None:
             raise SafeMergeError(f"report: run {args.run} has no readable {DECISIONS} in {out.uri}")
-        held = {a: w for a, w in ((read_json(out, manifest_key(args.run)) or {}).get("held") or {}).items()}
+        held = (read_json(out, manifest_key(args.run)) or {}).get("held") or {}
         rows = [dict(r, run_id=args.run) for r in run_rows if r["adapter"] not in held]
         title, target, states = f"safemerge-ray run {args.run}", f"{run_prefix(args.run)}{REPORT}", None
     else:

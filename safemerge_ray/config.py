@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from .errors import SafeMergeError
 from .gate import GateSection
 from .merge import FIELD_CHECKS, MergeSettings
-from .options import S3Section
-from .storage import S3Settings, local_path, open_dir, resolve_location
+from .options import S3Section, Strict, relative_to
+from .storage import S3Settings, local_or_s3, open_dir, resolve_location
 
 _NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
 MAX_NAME = 128  # names become file names (`latest/<name>.json` and its temp name): far below 255 bytes
@@ -47,19 +47,7 @@ def check_adapter_name(name: str) -> str:
     return name
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_booleans_for_numbers(cls, v, info):
-        # YAML reads `yes`/`true` as booleans; pydantic would quietly take them as 1.
-        if isinstance(v, bool):
-            raise ValueError("expected a number or string, got a boolean")
-        return v
-
-
-class MergeSection(_Strict):
+class MergeSection(Strict):
     policy: str = "safemerge"
     tau: float = 0.35
     weights: tuple[float, float] = (0.8, 0.2)
@@ -77,7 +65,7 @@ class MergeSection(_Strict):
         return v
 
 
-class OverrideSection(_Strict):
+class OverrideSection(Strict):
     policy: str | None = None
     tau: float | None = None
     weights: tuple[float, float] | None = None
@@ -96,11 +84,11 @@ class OverrideSection(_Strict):
         return v
 
 
-class PrefixEntry(_Strict):
+class PrefixEntry(Strict):
     prefix: str
 
 
-class NamedEntry(_Strict):
+class NamedEntry(Strict):
     path: str
     name: str | None = None
 
@@ -110,7 +98,7 @@ class NamedEntry(_Strict):
         return None if v is None else check_adapter_name(v)
 
 
-class RaySection(_Strict):
+class RaySection(Strict):
     actors: Literal["auto"] | int = "auto"
     gpus_per_actor: Literal["auto"] | float = "auto"
     cpus_per_actor: Literal["auto"] | int = "auto"  # auto: the cluster's CPUs / actors (CPU), 1 (GPU)
@@ -147,7 +135,7 @@ class RaySection(_Strict):
         return v
 
 
-class FleetSchema(_Strict):
+class FleetSchema(Strict):
     unaligned_model: str
     aligned_model: str
     safety_adapter: str | None = None
@@ -330,7 +318,7 @@ def parse_config(raw: dict, source: str = "<config>", base: Path = Path(".")) ->
         return resolve_location(p, base)
 
     finetuned = tuple(
-        PrefixEntry(prefix=_local_or_s3(e.prefix, base)) if isinstance(e, PrefixEntry)  # a prefix is listed
+        PrefixEntry(prefix=local_or_s3(e.prefix, base)) if isinstance(e, PrefixEntry)  # a prefix is listed
         else NamedEntry(path=local(e.path), name=e.name) if isinstance(e, NamedEntry)
         else local(e)
         for e in schema.finetuned
@@ -338,7 +326,7 @@ def parse_config(raw: dict, source: str = "<config>", base: Path = Path(".")) ->
     return FleetConfig(
         unaligned_model=local(schema.unaligned_model), aligned_model=local(schema.aligned_model),
         safety_adapter=local(schema.safety_adapter) if schema.safety_adapter else None,
-        finetuned=finetuned, output=_local_or_s3(schema.output, base), merge=merge, overrides=valid_overrides,
+        finetuned=finetuned, output=local_or_s3(schema.output, base), merge=merge, overrides=valid_overrides,
         s3=schema.s3.settings(),
         actors=None if schema.ray.actors == "auto" else schema.ray.actors,
         gpus_per_actor=None if schema.ray.gpus_per_actor == "auto" else schema.ray.gpus_per_actor,
@@ -354,17 +342,8 @@ def _gate_paths(gate: GateSection | None, base: Path) -> GateSection | None:
     if gate is None:
         return None
     spec = gate.eval
-    files = {"harmful_prompts": _local_or_s3(spec.harmful_prompts, base)}
-    if spec.task_prompts:
-        files["task_prompts"] = _local_or_s3(spec.task_prompts, base)
-    if spec.judge != "keywords":
-        files["judge"] = resolve_location(spec.judge, base)
-    return gate.model_copy(update={"eval": spec.model_copy(update=files)})
-
-
-def _local_or_s3(location: str, base: Path) -> str:
-    """For what is listed or written (prefixes, the output): never a hub id."""
-    return location if location.startswith("s3://") else local_path(location, base)
+    paths = relative_to(spec.model_dump(include=set(spec.PATHS)), type(spec), base)
+    return gate.model_copy(update={"eval": spec.model_copy(update=paths)})
 
 
 def _settings(base: MergeSettings, fields: dict, where: str, problems: list[str]) -> MergeSettings | None:

@@ -28,8 +28,7 @@ from .errors import SafeMergeError
 from .options import S3Section
 from .output import json_bytes, read_json, read_pointer
 from .progress import log
-from .storage import S3Settings, open_dir, resolve_location
-from .train import read_file
+from .storage import S3Settings, local_or_s3, open_dir, read_file, resolve_location
 
 VARIANTS = ("aligned", "finetune", "repaired")
 EVAL_TABLE, EVAL_SUMMARY = "eval.parquet", "eval.json"
@@ -41,6 +40,7 @@ class EvalSpec(BaseModel):
     """What to evaluate with: the part of `eval`'s settings a fleet's gate shares."""
 
     model_config = ConfigDict(extra="forbid")
+    PATHS: ClassVar[dict[str, str]] = {"harmful_prompts": "file", "task_prompts": "file", "judge": "location"}
 
     harmful_prompts: str = Field(description="harmful prompts: JSONL, CSV or one prompt a line (local or s3://)")
     task_prompts: str | None = Field(None, description="task prompts with references: JSONL or CSV with a "
@@ -80,8 +80,8 @@ class PairEntry(BaseModel):
 
 
 class EvalSettings(EvalSpec):
-    PATHS: ClassVar[dict[str, str]] = {"aligned_model": "location", "fleet_output": "file", "output": "file",
-                                       "harmful_prompts": "file", "task_prompts": "file", "judge": "location"}
+    PATHS: ClassVar[dict[str, str]] = {**EvalSpec.PATHS, "aligned_model": "location", "fleet_output": "file",
+                                       "output": "file"}
     aligned_model: str | None = Field(None, description="the aligned chat model (default: the fleet output's)")
     fleet_output: str | None = Field(None, description="a fleet output: every published adapter is evaluated, "
                                                        "against the fine-tune it was made from")
@@ -124,7 +124,7 @@ class EvalResult:
 def read_prompts(location: str, what: str, s3: S3Settings, need_reference: bool = False,
                  limit: int | None = None) -> list[Prompt]:
     """JSONL (.jsonl / .json), CSV (.csv) or one prompt a line (anything else); bad lines named."""
-    data = read_file(location if location.startswith("s3://") else resolve_location(location), what, s3)
+    data = read_file(location, what, s3)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -572,8 +572,7 @@ def format_summary(summary: dict) -> str:
 def published_pairs(fleet_output: str, s3: S3Settings, only: list[str] | None = None) -> tuple[list[Pair], str]:
     """Every published adapter of a fleet output (or `only` these), with the fine-tune it was made from;
     and the aligned model its runs used."""
-    out = open_dir(fleet_output if fleet_output.startswith("s3://") else resolve_location(fleet_output),
-                   what="fleet_output", s3=s3)
+    out = open_dir(local_or_s3(fleet_output), what="fleet_output", s3=s3)
     names = sorted(n.removesuffix(".json") for n in out.child("latest").list() if n.endswith(".json"))
     if only:
         missing = sorted(set(only) - set(names))
@@ -609,8 +608,7 @@ def run_eval(settings: EvalSettings, progress: bool = True, ray_address: str | N
         raise SafeMergeError("eval: give aligned_model (or a fleet_output, whose runs name it)")
     if not pairs:
         raise SafeMergeError("eval: nothing to evaluate: give fleet_output or adapters")
-    out = open_dir(settings.output if settings.output.startswith("s3://") else resolve_location(settings.output),
-                   what="output", s3=s3, must_exist=False)
+    out = open_dir(local_or_s3(settings.output), what="output", s3=s3, must_exist=False)
     if (out.list() or out.subdirs()) and not out.exists(EVAL_SUMMARY):  # the output is replaced as a whole
         raise SafeMergeError(f"eval: output {out.uri} is not empty and is not an eval output; refusing to replace it")
     init_ray(ray_address, quiet=not progress)

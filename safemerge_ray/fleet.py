@@ -616,7 +616,7 @@ def _run_locked(config: FleetConfig, out: Dir, record: RunRecord, lock: RunLock,
     record.counts = {"adapters": len(report.adapters),
                      **{s: len(report.by_status(s)) for s in ("committed", "unchanged", "held", "failed")}}
     record.set_failed({st.ref.name: st.reason for st in report.adapters if st.status == "failed"})
-    record.held = {st.ref.name: st.reason for st in report.adapters if st.status == "held"}
+    record.set_held({st.ref.name: st.reason for st in report.adapters if st.status == "held"})
     record.warnings = report.warnings[:100]
     problem = _save_record(out, record)
     if problem:

@@ -68,11 +68,9 @@ def run_gate(gate: GateSection, aligned: str, pairs: list[Pair], s3: S3Settings)
     fails, every adapter is held: nothing unchecked is published."""
     try:
         result = evaluate(gate.eval, aligned, pairs, s3)
-    except SafeMergeError as exc:
-        why = f"gate: the evaluation failed: {exc}"
-        return GateOutcome({p.name: why for p in pairs}, {}, None)
-    except Exception as exc:  # a Ray or model error: the adapters are not published unchecked
-        why = f"gate: the evaluation failed: {type(exc).__name__}: {first_line(exc)}"
+    except Exception as exc:  # bad inputs, or a Ray or model error: the adapters are not published unchecked
+        cause = str(exc) if isinstance(exc, SafeMergeError) else f"{type(exc).__name__}: {first_line(exc)}"
+        why = f"gate: the evaluation failed: {cause}"
         return GateOutcome({p.name: why for p in pairs}, {}, None)
     held, stats = {}, {}
     for p in pairs:

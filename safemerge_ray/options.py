@@ -22,10 +22,22 @@ from .storage import S3Settings
 M = TypeVar("M", bound=BaseModel)
 
 
-class S3Section(BaseModel):
-    """`s3:` in a config file: where S3 is (credentials come from boto3's standard chain)."""
+class Strict(BaseModel):
+    """A config section: unknown keys are errors, and so are booleans where numbers go."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, v, info):
+        # YAML reads `yes`/`true` as booleans; pydantic would quietly take them as 1.
+        if isinstance(v, bool):
+            raise ValueError("expected a number or string, got a boolean")
+        return v
+
+
+class S3Section(Strict):
+    """`s3:` in a config file: where S3 is (credentials come from boto3's standard chain)."""
 
     endpoint_url: str | None = None
     region: str | None = None
@@ -33,10 +45,10 @@ class S3Section(BaseModel):
     # on 5xx, SlowDown, throttling and connection errors; after them a module's read is tried again 3 times.
     max_attempts: int = 8
 
-    @field_validator("max_attempts", mode="before")
+    @field_validator("max_attempts")
     @classmethod
     def _attempts(cls, v):
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 20:
+        if not 1 <= v <= 20:
             raise ValueError("must be an integer from 1 to 20")
         return v
 
@@ -115,13 +127,13 @@ def relative_to(values: dict, model: type[BaseModel], base: Path) -> dict:
     """A config file's local paths made absolute relative to the file, as the fleet config's are; the model
     names them in its PATHS (field -> "file" for files, "location" for models and adapters, which may be
     hub ids). s3:// stays as written; flags stay relative to the working directory."""
-    from .storage import local_path, resolve_location
+    from .storage import local_or_s3, resolve_location
 
     out = dict(values)
     for name, kind in getattr(model, "PATHS", {}).items():
         value = out.get(name)
-        if isinstance(value, str) and not value.startswith(("s3://", "hf://")) and value not in BUILT_IN:
-            out[name] = local_path(value, base) if kind == "file" else resolve_location(value, base)
+        if isinstance(value, str) and value not in BUILT_IN:
+            out[name] = local_or_s3(value, base) if kind == "file" else resolve_location(value, base)
     return out
 
 

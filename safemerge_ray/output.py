@@ -243,7 +243,7 @@ class RunRecord:
     error: str | None = None
     counts: dict[str, int] = field(default_factory=dict)  # adapters by status
     failed: dict[str, str] = field(default_factory=dict)  # adapter -> reason (the first 100)
-    held: dict[str, str] = field(default_factory=dict)  # adapter -> why the gate held it back
+    held: dict[str, str] = field(default_factory=dict)  # adapter -> why the gate held it back (the first 100)
     warnings: list[str] = field(default_factory=list)  # skipped directories, unused overrides (the first 100)
     tool_version: str = __version__
     kind: str = "fleet"  # or "rollback" (an operator moved a pointer), "gc" (old runs removed)
@@ -257,10 +257,19 @@ class RunRecord:
         return {"tool": "safemerge-ray", **asdict(self)}
 
     def set_failed(self, reasons: dict[str, str]) -> None:
-        names = sorted(reasons)
-        self.failed = {n: reasons[n][:_MAX_REASON] for n in names[:_MAX_LISTED_FAILURES]}
-        if len(names) > _MAX_LISTED_FAILURES:
-            self.failed["..."] = f"and {len(names) - _MAX_LISTED_FAILURES} more; see the run's summary.json"
+        self.failed = _bounded(reasons)
+
+    def set_held(self, reasons: dict[str, str]) -> None:
+        self.held = _bounded(reasons)
+
+
+def _bounded(reasons: dict[str, str]) -> dict[str, str]:
+    """The first 100 adapters' reasons, each cut short: a record stays small however many there are."""
+    names = sorted(reasons)
+    listed = {n: reasons[n][:_MAX_REASON] for n in names[:_MAX_LISTED_FAILURES]}
+    if len(names) > _MAX_LISTED_FAILURES:
+        listed["..."] = f"and {len(names) - _MAX_LISTED_FAILURES} more; see the run's summary.json"
+    return listed
 
 
 def utc_now() -> str:

@@ -370,6 +370,11 @@ def local_path(location: str, base: str | os.PathLike | None = None) -> str:
     return os.path.abspath(base_path / os.path.expanduser(location))
 
 
+def local_or_s3(location: str, base: str | os.PathLike | None = None) -> str:
+    """For what is listed, read as a file or written (prefixes, outputs, data files): never a hub id."""
+    return location if location.startswith("s3://") else local_path(location, base)
+
+
 def is_hub_id(location: str) -> bool:
     return bool(_HF_ID.match(location)) and not location.startswith((".", "/", "~"))
 
@@ -410,6 +415,20 @@ def _hub_snapshot(repo_id: str, what: str) -> Path:
             f"{what}: {repo_id} is not a local directory and could not be fetched from the Hugging Face hub "
             f"({type(exc).__name__}{': ' + cause if cause else ''}); download it and give its local path"
         ) from None
+
+
+def read_file(location: str, what: str, s3: S3Settings = S3Settings()) -> bytes:
+    """One whole file, s3:// or a local path (relative to the working directory; a file is never a hub id)."""
+    if location.startswith("s3://"):
+        parent, _, name = location.rstrip("/").rpartition("/")
+        return S3Dir(parent, s3).read(name)
+    path = local_or_s3(location)
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise SafeMergeError(f"{what}: no such file: {path}") from None
+    except IsADirectoryError:
+        raise SafeMergeError(f"{what}: {path} is a directory; expected a file") from None
 
 
 def sha256_of(data: bytes) -> str:

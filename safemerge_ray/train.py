@@ -12,6 +12,7 @@ Give `OUTPUT/adapter` to `merge` or `fleet` as the safety adapter.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from .errors import EnvironmentFailure, SafeMergeError, first_line
 from .options import S3Section
 from .output import json_bytes, read_json, utc_now, write_verified
 from .progress import log
-from .storage import LocalDir, S3Dir, S3Settings, open_dir, resolve_location, sha256_of
+from .storage import LocalDir, S3Settings, local_or_s3, open_dir, read_file, resolve_location, sha256_of
 from .tensors import Checkpoint
 
 MANIFEST = "manifest.json"
@@ -140,19 +141,6 @@ def _chat(messages) -> dict:
             "completion": [{"role": "assistant", "content": messages[-1]["content"]}]}
 
 
-def read_file(location: str, what: str, s3: S3Settings) -> bytes:
-    """One file, local or s3://, whole."""
-    if location.startswith("s3://"):
-        parent, _, name = location.rstrip("/").rpartition("/")
-        return S3Dir(parent, s3).read(name)
-    try:
-        return Path(location).read_bytes()
-    except FileNotFoundError:
-        raise SafeMergeError(f"{what}: no such file: {location}") from None
-    except IsADirectoryError:
-        raise SafeMergeError(f"{what}: {location} is a directory; expected a file") from None
-
-
 # --------------------------------------------------------------------------- the LoRA's shape
 
 
@@ -257,7 +245,7 @@ def _storage(out, s3: S3Settings):
         return str(out.path / "checkpoints"), None
     import pyarrow.fs
 
-    endpoint = s3.endpoint_url or __import__("os").environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")  # boto3 reads it itself; pyarrow does not
     kwargs: dict = {"region": s3.region} if s3.region else {}
     if endpoint:
         scheme, _, host = endpoint.partition("://")
@@ -284,15 +272,13 @@ def train_safety(settings: TrainSettings, progress: bool = True, ray_address: st
     from .hf import load_tokenizer, model_path
 
     s3 = _s3(settings)
-    data = read_file(settings.data if settings.data.startswith("s3://") else resolve_location(settings.data),
-                     "data", s3)
+    data = read_file(settings.data, "data", s3)
     rows = read_examples(data, settings.data)
     shape = lora_shape(settings)
     aligned = resolve_location(settings.aligned_model)
     base = Checkpoint(open_dir(aligned, what="aligned model", s3=s3), "aligned model")
     load_tokenizer(model_path(aligned, "aligned model", s3), "aligned model")  # a chat template, before Ray
-    out = open_dir(settings.output if settings.output.startswith("s3://") else resolve_location(settings.output),
-                   what="output", s3=s3, must_exist=False)
+    out = open_dir(local_or_s3(settings.output), what="output", s3=s3, must_exist=False)
     check_output(out)
     run_id = new_run_id()
     log("train", f"{len(rows)} examples; LoRA rank {shape.rank}, alpha {shape.alpha}, targets {shape.targets}; "
