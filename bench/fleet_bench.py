@@ -71,7 +71,7 @@ def fmt(t: tuple[float, float, float]) -> str:
 
 def check_equal(baseline_dir: Path, ours_dir: Path) -> None:
     """The race is fair only if both produce the same adapter: same decisions, same tensors to 1e-6."""
-    from safemerge_ray.report import read_decisions
+    from safemerge_ray.store import read_decisions
 
     theirs = load_file(baseline_dir / "adapter_model.safetensors")
     ours = load_file(ours_dir / "adapter_model.safetensors")

@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load
 
-from safemerge_ray.storage import BYTES_READ, LocalDir
-from safemerge_ray.tensors import Checkpoint
+from safemerge_ray.io import BYTES_READ, Checkpoint, LocalDir
 
 PREFIX, B_SUFFIX = "base_model.model.", ".lora_B.weight"
 

@@ -52,7 +52,7 @@ def main() -> None:
         rss, wall = run_merge(fx, work / f"out-L{depth}")
         rows.append((depth, model_bytes(fx / "aligned"), largest, rss, wall))
     imports = subprocess.run(
-        ["/usr/bin/time", "-v", sys.executable, "-c", "import safemerge_ray.repair, safemerge_ray.cli"],
+        ["/usr/bin/time", "-v", sys.executable, "-c", "import safemerge_ray.engine.merge_command, safemerge_ray.cli"],
         capture_output=True, text=True, check=True).stderr
     import_rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", imports).group(1)) * 1024
     print(f"peak RSS of the imports alone (torch, peft, transformers): {import_rss / 1e6:.0f} MB")

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-from safemerge_ray.adapters import load_adapter
-from safemerge_ray.merge import MergeSettings, merged_layer
-from safemerge_ray.storage import LocalDir
+from safemerge_ray.core import MergeSettings, merged_layer
+from safemerge_ray.io import LocalDir, load_adapter
 from safemerge_ray.synthetic import SynthSpec, build_fixture
 
 

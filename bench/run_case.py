@@ -18,8 +18,8 @@ def fleet(fixture: Path, adapters: list[str], out: Path, repeats: int, policy: s
     """Start a local Ray once, then run the fleet job `repeats` times, each into a fresh output."""
     import ray
 
-    from safemerge_ray.config import load_config
     from safemerge_ray.fleet import run_fleet
+    from safemerge_ray.fleet.config import load_config
 
     start = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -43,9 +43,9 @@ def fleet(fixture: Path, adapters: list[str], out: Path, repeats: int, policy: s
 
 
 def merge(fixture: Path, adapters: list[str], out: Path, repeats: int = 1, policy: str = "safemerge") -> dict:
-    from safemerge_ray.merge import MergeSettings
-    from safemerge_ray.repair import merge_to_dir
-    from safemerge_ray.storage import BYTES_READ
+    from safemerge_ray.core import MergeSettings
+    from safemerge_ray.engine import merge_to_dir
+    from safemerge_ray.io import BYTES_READ
 
     (name,) = adapters
     start = time.perf_counter()

@@ -8,16 +8,18 @@ one error, as the fleet config does.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
+from .core import FIELD_CHECKS, SELECTION_FIELDS, MergeSettings, Selection
 from .errors import SafeMergeError
-from .storage import S3Settings
+from .io import S3Settings, local_or_s3, resolve_location
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -127,8 +129,6 @@ def relative_to(values: dict, model: type[BaseModel], base: Path) -> dict:
     """A config file's local paths made absolute relative to the file, as the fleet config's are; the model
     names them in its PATHS (field -> "file" for files, "location" for models and adapters, which may be
     hub ids). s3:// stays as written; flags stay relative to the working directory."""
-    from .storage import local_or_s3, resolve_location
-
     out = dict(values)
     for name, kind in getattr(model, "PATHS", {}).items():
         value = out.get(name)
@@ -141,6 +141,98 @@ def validate(model: type[M], data: dict, source: str) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        from .config import _format
+        raise SafeMergeError(f"{source}: invalid settings:\n  " + "\n  ".join(validation_problems(exc, data))) \
+            from None
 
-        raise SafeMergeError(f"{source}: invalid settings:\n  " + "\n  ".join(_format(exc, data))) from None
+
+def _field_path(raw, loc: tuple) -> str:
+    """The user's path to a field: pydantic's loc less its type labels (union members, validators)."""
+    parts, node = [], raw
+    for i, p in enumerate(loc):
+        if isinstance(node, dict) and p in node or isinstance(node, list) and isinstance(p, int) and p < len(node):
+            parts.append(str(p))
+            node = node[p]
+        elif i == len(loc) - 1:  # a missing field's name
+            parts.append(str(p))
+    return ".".join(parts) or "(top level)"
+
+
+def validation_problems(exc: ValidationError, raw: dict) -> list[str]:
+    """Every problem pydantic found, one line each, by the field's path in what the user wrote."""
+    return sorted({f"{_field_path(raw, err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+                   for err in exc.errors()})
+
+
+# --------------------------------------------------------------------------- the merge settings
+# MergeSettings (core/settings.py) declares each merge setting once; the fleet config's sections and
+# `merge`'s flags are made from its fields here. The selection pair (select, select_value) is one key in a
+# config file (`select: {top_k: 3}` or `select: threshold`) and exclusive flags on the command line.
+SELECTION_FLAGS: dict[Selection, tuple[type, str, str]] = {  # the value's type, metavar and help
+    Selection.TOP_K: (int, "K", "repair the K layers with the lowest rho instead of those below tau"),
+    Selection.FRACTION: (float, "F", "repair the ceil(F x layers) layers with the lowest rho instead of those below "
+                                     "tau"),
+}
+
+
+def _check_merge_field(cls, v, info):
+    if v is not None:
+        FIELD_CHECKS[info.field_name](tuple(v) if isinstance(v, (list, tuple)) else v)
+    return v
+
+
+def merge_section(name: str, inherit: bool) -> type[Strict]:
+    """The `merge:` section of a fleet config (the settings' defaults), or with `inherit` an `overrides.NAME`
+    section (every field optional: what is not given comes from `merge:`)."""
+    hints = typing.get_type_hints(MergeSettings)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(MergeSettings):
+        help = f.metadata["help"]
+        if f.name == "select":
+            fields[f.name] = (str | dict[str, float] | None, Field(None, description=f"{help}: {{top_k: K}}, "
+                                                                          "{fraction: F} or threshold"))
+        elif f.name not in SELECTION_FIELDS:
+            fields[f.name] = ((hints[f.name] | None, Field(None, description=help)) if inherit
+                              else (hints[f.name], Field(f.default, description=help)))
+    validators: dict[str, Any] = {"_check": field_validator(*FIELD_CHECKS)(classmethod(_check_merge_field))}
+    return create_model(name, __base__=Strict, __validators__=validators, **fields)
+
+
+def _weights(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers like 0.8,0.2; got {text!r}") from None
+
+
+def add_merge_flags(parser: argparse.ArgumentParser) -> None:
+    """`--tau`, `--weights`, ... from MergeSettings' fields (their defaults and help), and the selections as
+    exclusive flags (`--top-k K`, `--fraction F`)."""
+    hints = typing.get_type_hints(MergeSettings)
+    for f in dataclasses.fields(MergeSettings):
+        if f.name in SELECTION_FIELDS:
+            continue
+        kind = _weights if f.name == "weights" else next(
+            t for t in (int, float, str) if t in (hints[f.name], *typing.get_args(hints[f.name])))
+        shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        default = "" if f.default is None else f" (default {shown})"
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, metavar=f.metadata["metavar"],
+                            help=f"{f.metadata['help']}{default}")
+    chosen = parser.add_mutually_exclusive_group()
+    for selection, (kind, metavar, help) in SELECTION_FLAGS.items():
+        chosen.add_argument(f"--{selection.replace('_', '-')}", type=kind, default=None, metavar=metavar, help=help)
+
+
+def merge_settings(args: argparse.Namespace) -> MergeSettings:
+    """MergeSettings from `add_merge_flags`' flags: what is not given keeps its default."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(MergeSettings)
+             if f.name not in SELECTION_FIELDS and getattr(args, f.name, None) is not None}
+    for selection in SELECTION_FLAGS:
+        value = getattr(args, selection.value)
+        if value is not None:
+            if "tau" in given:
+                raise SafeMergeError(f"--tau and --{selection.replace('_', '-')} exclude each other: tau selects the "
+                                     f"layers below it, {selection} selects by rank")
+            given.update(select=selection.value, select_value=value)
+    if "weights" in given:
+        given["weights"] = tuple(given["weights"])
+    return MergeSettings(**given)

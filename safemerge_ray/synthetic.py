@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .tensors import save_tensors
+from .io import save_tensors
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -8,14 +8,11 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from safemerge_ray.adapters import load_adapter
-from safemerge_ray.merge import MergeSettings
-from safemerge_ray.plan import plan_adapter
-from safemerge_ray.repair import Inputs, merge_to_dir, repair_adapter
-from safemerge_ray.report import read_decisions
-from safemerge_ray.storage import LocalDir
+from safemerge_ray.core import MergeSettings
+from safemerge_ray.engine import Inputs, merge_to_dir, plan_adapter, repair_adapter
+from safemerge_ray.io import Checkpoint, LocalDir, load_adapter
+from safemerge_ray.store import read_decisions
 from safemerge_ray.synthetic import SynthSpec, build_fixture, make_model, target_modules, write_lora
-from safemerge_ray.tensors import Checkpoint
 
 
 def _patterned_adapter(fx, directory):

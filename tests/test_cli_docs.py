@@ -44,7 +44,7 @@ def test_readme_command_lines_use_real_flags():
 def _schema_keys():
     from pydantic import BaseModel
 
-    from safemerge_ray.config import FleetSchema
+    from safemerge_ray.fleet.config import FleetSchema
 
     def walk(model, prefix=""):
         for name, field in model.model_fields.items():
@@ -72,7 +72,7 @@ def test_the_config_reference_matches_the_schema():
         default = list(field.default) if isinstance(field.default, tuple) else field.default
         assert yaml.safe_load(shown.group(1)) == default, (key, documented, field.default)
     # And the example parses.
-    from safemerge_ray.config import parse_config
+    from safemerge_ray.fleet.config import parse_config
 
     example = re.search(r"```yaml\n(.*?)```", doc, re.S).group(1)
     config = parse_config(yaml.safe_load(example))

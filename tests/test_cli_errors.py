@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import safemerge_ray.output
-import safemerge_ray.repair
+import safemerge_ray.engine.merge_command
+import safemerge_ray.store
 from safemerge_ray.cli import main
 from safemerge_ray.errors import SafeMergeError
 from safemerge_ray.synthetic import SynthSpec, build_fixture
@@ -338,8 +338,8 @@ class _FailAfterFirstFile(dict):
 
 
 def _patch_commit(monkeypatch, exc):
-    real = safemerge_ray.output.commit_files
-    monkeypatch.setattr(safemerge_ray.repair, "commit_files",
+    real = safemerge_ray.store.commit_files
+    monkeypatch.setattr(safemerge_ray.engine.merge_command, "commit_files",
                         lambda out, files, **kw: real(out, _FailAfterFirstFile(files, exc), **kw))
 
 
@@ -353,7 +353,7 @@ def test_unexpected_failure_while_writing_leaves_nothing(fx, out, monkeypatch, c
 def test_user_error_while_writing_decisions_leaves_nothing(fx, out, monkeypatch, capsys):
     def fake_decisions_bytes(rows):
         raise SafeMergeError("output: simulated failure writing decisions")
-    monkeypatch.setattr(safemerge_ray.repair, "decisions_bytes", fake_decisions_bytes)
+    monkeypatch.setattr(safemerge_ray.engine.merge_command, "decisions_bytes", fake_decisions_bytes)
     code = run_cli(merge_argv(fx, out))
     err = capsys.readouterr().err
     assert code == 2 and "simulated failure writing decisions" in err and "Traceback" not in err

@@ -14,12 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from safemerge_ray.cli import RECORD_LINE, main
-from safemerge_ray.config import load_config, parse_config, portable_config
-from safemerge_ray.errors import EnvironmentFailure, SafeMergeError
-from safemerge_ray.fleet import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, FleetWorker, format_problems, run_fleet
-from safemerge_ray.storage import LocalDir, S3Settings, is_hub_id, open_dir, resolve_location
-from safemerge_ray.submit import build_runtime_env, find_record
+from safemerge_ray.cli import main
+from safemerge_ray.cli.records import RECORD_LINE, find_record
+from safemerge_ray.cli.submit import build_runtime_env
+from safemerge_ray.errors import EnvironmentFailure, ExitStatus, SafeMergeError
+from safemerge_ray.fleet import run_fleet
+from safemerge_ray.fleet.config import load_config, parse_config, portable_config
+from safemerge_ray.fleet.jobs import format_problems
+from safemerge_ray.fleet.worker import FleetWorker
+from safemerge_ray.io import LocalDir, S3Settings, is_hub_id, open_dir, resolve_location
 
 
 @pytest.fixture
@@ -126,7 +129,7 @@ def test_preflight_names_the_node_and_the_cause(fleet, ray_local):
 def test_an_adapter_that_changed_since_planning_fails_alone_at_assembly(fleet):
     """A worker assembles from the header it holds; one that is not the header the driver planned (the
     adapter was replaced during the run) is that adapter's failure, not a wrong output."""
-    from safemerge_ray.merge import MergeSettings
+    from safemerge_ray.core import MergeSettings
 
     worker = FleetWorker(str(fleet / "unaligned"), str(fleet / "aligned"), S3Settings(), "cpu")
     result = worker.assemble("gsm8k", str(fleet / "finetuned" / "gsm8k"), "the fingerprint planned", None, {}, {},
@@ -151,19 +154,19 @@ def _record(fleet: Path) -> dict:
 
 def test_unchanged_plus_one_broken_is_partial_not_failed(fleet, ray_local):
     config = load_config(fleet / "fleet.yaml")
-    assert run_fleet(config, progress=False).exit_code == EXIT_OK
+    assert run_fleet(config, progress=False).exit_code == ExitStatus.OK
     (fleet / "finetuned" / "medqa" / "adapter_config.json").write_text("{not json")
     report = run_fleet(config, progress=False)
     assert report.by_status("unchanged") == ["gsm8k", "legal", "support"] and report.by_status("failed") == ["medqa"]
-    assert report.exit_code == EXIT_PARTIAL and report.run_id is None  # nothing new to commit: no run dir
+    assert report.exit_code == ExitStatus.PARTIAL and report.run_id is None  # nothing new to commit: no run dir
     record = _record(fleet)
-    assert record["exit_status"] == EXIT_PARTIAL and record["run_id"] is None
+    assert record["exit_status"] == ExitStatus.PARTIAL and record["run_id"] is None
     assert record["counts"] == {"adapters": 4, "committed": 0, "unchanged": 3, "held": 0, "failed": 1}
     assert "corrupt adapter_config.json" in record["failed"]["medqa"]
     # Every adapter broken: nothing usable.
     for name in ("gsm8k", "legal", "support"):
         (fleet / "finetuned" / name / "adapter_config.json").write_text("[]")
-    assert run_fleet(config, progress=False).exit_code == EXIT_FAILED
+    assert run_fleet(config, progress=False).exit_code == ExitStatus.FAILED
 
 
 def test_run_record_on_a_shared_input_error_and_summary_json(fleet, ray_local, tmp_path, capsys):
@@ -190,7 +193,7 @@ def test_summary_json_for_a_config_that_does_not_load(tmp_path, capsys):
 
 
 def test_environment_failures_exit_1(tmp_path, capsys, monkeypatch):
-    from safemerge_ray import cli
+    from safemerge_ray.cli import fleet as cli
 
     def no_credentials(args):
         raise EnvironmentFailure("worker node 10.0.0.5 (node 3f2a9c1b) cannot read s3://m/: no AWS credentials")
@@ -268,9 +271,10 @@ def test_sigterm_ends_a_run_with_a_record(fleet, tmp_path):
 
 
 def test_exit_status_counts_the_whole_fleet():
-    from safemerge_ray.config import AdapterRef
-    from safemerge_ray.fleet import AdapterState, Failure, exit_status
-    from safemerge_ray.merge import MergeSettings
+    from safemerge_ray.core import MergeSettings
+    from safemerge_ray.fleet import AdapterState, exit_status
+    from safemerge_ray.fleet.config import AdapterRef
+    from safemerge_ray.fleet.jobs import Failure
 
     def state(status: str, failure: Failure | None = None) -> AdapterState:
         st = AdapterState(AdapterRef(status, f"/x/{status}"), MergeSettings(), status=status)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from safemerge_ray.config import AdapterRef, PrefixEntry, load_config, parse_config
+from safemerge_ray.core import MergeSettings
 from safemerge_ray.errors import SafeMergeError
-from safemerge_ray.merge import MergeSettings
-from safemerge_ray.storage import S3Settings
+from safemerge_ray.fleet.config import AdapterRef, PrefixEntry, load_config, parse_config
+from safemerge_ray.io import S3Settings
 from safemerge_ray.synthetic import SynthSpec, build_fixture, write_fleet_config
 
 EXAMPLE = """\

@@ -12,17 +12,17 @@ import pytest
 
 from safemerge_ray.cli import main
 from safemerge_ray.errors import SafeMergeError
-from safemerge_ray.evaluate import (
+from safemerge_ray.io import S3Settings
+from safemerge_ray.loop import (
     TASK_METRICS,
     ClassifierJudge,
     EvalSpec,
-    TransformersReplica,
     bootstrap_ci,
     guard_verdict,
     keyword_judgements,
     read_prompts,
 )
-from safemerge_ray.storage import S3Settings
+from safemerge_ray.loop.generation import TransformersReplica
 
 S3 = S3Settings()
 
@@ -204,6 +204,6 @@ def test_eval_settings_errors_are_one_line(loop, tmp_path, capsys):
 
 
 def test_eval_spec_is_shared_with_the_gate():
-    from safemerge_ray.gate import GateSection
+    from safemerge_ray.loop import GateSection
 
     assert GateSection.model_fields["eval"].annotation is EvalSpec

@@ -31,9 +31,10 @@ import yaml
 from conftest import upload_dir
 from faultproxy import FaultProxy
 from safemerge_ray.cli import main
-from safemerge_ray.config import load_config
-from safemerge_ray.fleet import EXIT_OK, run_fleet
-from safemerge_ray.output import EXIT_LOCKED, LOCK
+from safemerge_ray.errors import ExitStatus
+from safemerge_ray.fleet import run_fleet
+from safemerge_ray.fleet.config import load_config
+from safemerge_ray.store import LOCK
 
 pytestmark = pytest.mark.slow
 
@@ -122,7 +123,7 @@ def undisturbed(s3_inputs, s3_endpoint, s3_client, tmp_path_factory, ray_local):
     output = _output(s3_inputs, "base")
     config = load_config(_fleet_yaml(tmp_path_factory.mktemp("base") / "fleet.yaml", s3_inputs, s3_endpoint, output))
     report = run_fleet(config, progress=False)
-    assert report.exit_code == EXIT_OK and report.by_status("committed") == NAMES
+    assert report.exit_code == ExitStatus.OK and report.by_status("committed") == NAMES
     published = _published(s3_client, output)
     assert sorted(published) == NAMES
     return published
@@ -318,7 +319,7 @@ def test_worker_killed_mid_score(s3_inputs, s3_endpoint, s3_client, undisturbed,
         finally:
             gate.set()
         report = running.result(timeout=RUN_TIMEOUT_S)
-    assert report.exit_code == EXIT_OK, [(st.ref.name, st.reason) for st in report.adapters]
+    assert report.exit_code == ExitStatus.OK, [(st.ref.name, st.reason) for st in report.adapters]
     assert report.by_status("committed") == NAMES
     assert killed not in {p.pid for p in _worker_processes()}
     assert set(_pointer_runs(s3_client, output).values()) == {report.run_id}
@@ -340,7 +341,7 @@ def test_worker_killed_mid_assembly(s3_inputs, s3_endpoint, s3_client, undisturb
         finally:
             gate.set()
         report = running.result(timeout=RUN_TIMEOUT_S)
-    assert report.exit_code == EXIT_OK, [(st.ref.name, st.reason) for st in report.adapters]
+    assert report.exit_code == ExitStatus.OK, [(st.ref.name, st.reason) for st in report.adapters]
     assert report.by_status("committed") == NAMES
     assert set(_pointer_runs(s3_client, output).values()) == {report.run_id}
     assert _published(s3_client, output) == undisturbed
@@ -379,7 +380,7 @@ def test_driver_killed_between_adapters_and_manifest(s3_inputs, s3_endpoint, s3_
     # An earlier night, committed with other merge weights: what consumers use now.
     old_config = _fleet_yaml(tmp_path / "old" / "fleet.yaml", s3_inputs, s3_endpoint, output, weights=(0.6, 0.4))
     old = run_fleet(load_config(old_config), progress=False)
-    assert old.exit_code == EXIT_OK and old.by_status("committed") == NAMES
+    assert old.exit_code == ExitStatus.OK and old.by_status("committed") == NAMES
     old_published = _published(s3_client, output)
     assert sorted(old_published) == NAMES and old_published != undisturbed  # tonight has work to do
     with FaultProxy(s3_endpoint) as proxy:
@@ -418,14 +419,14 @@ def test_driver_killed_between_adapters_and_manifest(s3_inputs, s3_endpoint, s3_
 
         # A plain rerun is refused by the dead run's lock: exit 5, nothing done.
         capsys.readouterr()
-        assert main(["fleet", "--config", str(config), "--quiet"]) == EXIT_LOCKED
+        assert main(["fleet", "--config", str(config), "--quiet"]) == ExitStatus.LOCKED
         assert "is locked by another run" in capsys.readouterr().err
         assert _pointer_runs(s3_client, output) == {n: old.run_id for n in NAMES}
 
         # The operator breaks the lock: the rerun finishes the job.
-        assert main(["fleet", "--config", str(config), "--quiet", "--break-lock"]) == EXIT_OK, capsys.readouterr()
+        assert main(["fleet", "--config", str(config), "--quiet", "--break-lock"]) == ExitStatus.OK, capsys.readouterr()
     record = json.loads(s3_client.get_object(Bucket=BUCKET, Key=_key(output, "status/last_run.json"))["Body"].read())
-    assert record["exit_status"] == EXIT_OK and record["counts"]["committed"] == len(NAMES)
+    assert record["exit_status"] == ExitStatus.OK and record["counts"]["committed"] == len(NAMES)
     assert record["run_id"] not in (None, old.run_id, half_run)
     assert _pointer_runs(s3_client, output) == {n: record["run_id"] for n in NAMES}
     assert _published(s3_client, output) == undisturbed
@@ -453,7 +454,7 @@ def test_transient_s3_errors_are_absorbed(s3_inputs, s3_endpoint, s3_client, und
         report = _run_in_thread(config).result(timeout=RUN_TIMEOUT_S)
         faults = proxy.faults
     assert faults == 8  # every rule found its requests: the run did meet each fault
-    assert report.exit_code == EXIT_OK, [(st.ref.name, st.reason) for st in report.adapters]
+    assert report.exit_code == ExitStatus.OK, [(st.ref.name, st.reason) for st in report.adapters]
     assert report.by_status("committed") == NAMES
     assert set(_pointer_runs(s3_client, output).values()) == {report.run_id}
     assert _published(s3_client, output) == undisturbed
@@ -463,8 +464,8 @@ def test_transient_s3_errors_are_absorbed(s3_inputs, s3_endpoint, s3_client, und
 def test_lock_answers_lost_on_the_way_back_are_still_ours(s3_endpoint, s3_client):
     """S3 created (or renewed) the lock but the answer never came back: botocore retries the conditional
     PUT, which now fails 412. The lock names its owner, so the run knows it is its own and goes on."""
-    from safemerge_ray.output import RunLock
-    from safemerge_ray.storage import S3Dir, S3Settings
+    from safemerge_ray.io import S3Dir, S3Settings
+    from safemerge_ray.store import RunLock
 
     if BUCKET not in {b["Name"] for b in s3_client.list_buckets()["Buckets"]}:
         s3_client.create_bucket(Bucket=BUCKET)
@@ -505,7 +506,7 @@ def test_an_outage_longer_than_botocore_retries_is_ridden_out(s3_inputs, s3_endp
         proxy.fail(503, "SlowDown", match=_tensor_read(s3_inputs), times=2)
         report = _run_in_thread(config).result(timeout=RUN_TIMEOUT_S)
         assert proxy.faults == 2
-    assert report.exit_code == EXIT_OK, [(st.ref.name, st.reason) for st in report.adapters]
+    assert report.exit_code == ExitStatus.OK, [(st.ref.name, st.reason) for st in report.adapters]
     assert _published(s3_client, output) == undisturbed
     _verify(output, s3_endpoint, monkeypatch, capsys)
 
@@ -518,7 +519,7 @@ def test_s3_down_for_good_ends_at_the_deadline(s3_inputs, s3_endpoint, s3_client
     deadline_s = 20
     with FaultProxy(s3_endpoint) as proxy:
         old = load_config(_fleet_yaml(tmp_path / "old.yaml", s3_inputs, s3_endpoint, output, weights=(0.6, 0.4)))
-        assert run_fleet(old, progress=False).exit_code == EXIT_OK
+        assert run_fleet(old, progress=False).exit_code == ExitStatus.OK
         before = _pointer_runs(s3_client, output)
         config = load_config(_fleet_yaml(tmp_path / "fleet.yaml", s3_inputs, proxy.endpoint, output, attempts=2,
                                          max_run_seconds=deadline_s))
@@ -544,9 +545,9 @@ def test_s3_down_for_good_ends_at_the_deadline(s3_inputs, s3_endpoint, s3_client
         assert _pointer_runs(s3_client, output) == before  # the old pointers stand, and verify
         _verify(output, s3_endpoint, monkeypatch, capsys)
         # The lock could not be released during the outage; its lease (300 s) still holds it.
-        assert main(["fleet", "--config", str(tmp_path / "fleet.yaml"), "--quiet"]) == EXIT_LOCKED
+        assert main(["fleet", "--config", str(tmp_path / "fleet.yaml"), "--quiet"]) == ExitStatus.LOCKED
         again = run_fleet(config, progress=False, break_lock=True)
-    assert again.exit_code == EXIT_OK and again.by_status("committed") == NAMES
+    assert again.exit_code == ExitStatus.OK and again.by_status("committed") == NAMES
     assert _published(s3_client, output) == undisturbed
 
 
@@ -575,4 +576,4 @@ def test_a_hung_store_is_cut_off_at_the_deadline(s3_inputs, s3_endpoint, s3_clie
         assert "latest/" not in str(s3_client.list_objects_v2(Bucket=BUCKET, Prefix=_key(output)).get("Contents"))
         again = run_fleet(load_config(_fleet_yaml(tmp_path / "again.yaml", s3_inputs, proxy.endpoint, output)),
                           progress=False)
-    assert again.exit_code == EXIT_OK and _published(s3_client, output) == undisturbed
+    assert again.exit_code == ExitStatus.OK and _published(s3_client, output) == undisturbed

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from safemerge_ray.config import load_config
-from safemerge_ray.fleet import EXIT_OK, EXIT_PARTIAL, run_fleet
-from safemerge_ray.merge import MergeSettings
-from safemerge_ray.repair import merge_to_dir
-from safemerge_ray.report import read_decisions
+from safemerge_ray.core import MergeSettings
+from safemerge_ray.engine import merge_to_dir
+from safemerge_ray.errors import ExitStatus
+from safemerge_ray.fleet import run_fleet
+from safemerge_ray.fleet.config import load_config
+from safemerge_ray.store import read_decisions
 from safemerge_ray.synthetic import SynthSpec, build_fixture, write_fleet_config
 
 ADAPTERS = ["gsm8k", "legal", "medqa", "support"]
@@ -39,7 +40,7 @@ def _adapter_dir(root: Path, name: str) -> Path:
 def test_fleet_output_equals_merge_per_adapter(fleet, tmp_path):
     config = load_config(fleet / "fleet.yaml")
     report = run_fleet(config, progress=False)
-    assert report.exit_code == EXIT_OK and report.by_status("committed") == ADAPTERS
+    assert report.exit_code == ExitStatus.OK and report.by_status("committed") == ADAPTERS
     run_rows = read_decisions(fleet / "merged" / "runs" / report.run_id / "decisions.parquet")
     for name in ADAPTERS:
         single = tmp_path / f"single-{name}"
@@ -60,7 +61,7 @@ def test_safelora_projections_stay_on_the_workers_and_equal_merge(fleet, tmp_pat
     assembling worker fetches; the adapters are byte-identical to `merge`'s."""
     import ray
 
-    from safemerge_ray import fleet as fleet_module
+    from safemerge_ray.fleet import run as fleet_module
 
     held = []
     real_assemble = fleet_module._assemble
@@ -74,7 +75,7 @@ def test_safelora_projections_stay_on_the_workers_and_equal_merge(fleet, tmp_pat
     monkeypatch.setattr(fleet_module, "_assemble", spying_assemble)
     config = replace(load_config(fleet / "fleet.yaml"), merge=MergeSettings(policy="safelora", tau=0.35))
     report = run_fleet(config, progress=False)
-    assert report.exit_code == EXIT_OK
+    assert report.exit_code == ExitStatus.OK
     assert held and all(isinstance(ref, ray.ObjectRef) for ref in held)
     assert all(not st.projected and not st.scores for st in report.adapters)  # released after assembly
     for name in ADAPTERS:
@@ -108,7 +109,7 @@ def test_rerun_with_nothing_changed_does_nothing(fleet):
     first = run_fleet(config, progress=False)
     before = _snapshot(fleet / "merged")
     again = run_fleet(config, progress=False)
-    assert again.run_id is None and again.exit_code == EXIT_OK
+    assert again.run_id is None and again.exit_code == ExitStatus.OK
     assert again.by_status("unchanged") == ADAPTERS
     assert all(st.previous_run == first.run_id for st in again.adapters)
     after = _snapshot(fleet / "merged")
@@ -116,7 +117,7 @@ def test_rerun_with_nothing_changed_does_nothing(fleet):
     assert {k: v for k, v in after.items() if not k.startswith("status/")} == \
         {k: v for k, v in before.items() if not k.startswith("status/")}
     record = json.loads(after["status/last_run.json"])
-    assert record["run_id"] is None and record["exit_status"] == EXIT_OK
+    assert record["run_id"] is None and record["exit_status"] == ExitStatus.OK
     assert record["counts"] == {"adapters": 4, "committed": 0, "unchanged": 4, "held": 0, "failed": 0}
     history = sorted(k for k in after if k.startswith("status/history/"))
     assert len(history) == 2 and json.loads(after[history[-1]]) == record
@@ -170,7 +171,7 @@ def test_broken_adapter_fails_alone(fleet, damage):
         tensors[key][0, 0] = float("nan")
         save_file(tensors, path, metadata={"format": "pt"})
     report = run_fleet(load_config(fleet / "fleet.yaml"), progress=False)
-    assert report.exit_code == EXIT_PARTIAL
+    assert report.exit_code == ExitStatus.PARTIAL
     assert report.by_status("failed") == ["medqa"]
     assert report.by_status("committed") == ["gsm8k", "legal", "support"]
     run_dir = fleet / "merged" / "runs" / report.run_id
@@ -203,7 +204,7 @@ def test_fleet_cli_exit_status_and_summary(fleet, capsys):
     (fleet / "finetuned" / "support" / "adapter_config.json").write_text("{not json")
     code = main(["fleet", "--config", str(fleet / "fleet.yaml"), "--quiet", "--log-format", "text"])  # the table
     out = capsys.readouterr().out
-    assert code == EXIT_PARTIAL
+    assert code == ExitStatus.PARTIAL
     assert "support" in out and "failed" in out and "corrupt adapter_config.json" in out
     assert "runs/" in out
 
@@ -212,7 +213,7 @@ def test_safelora_fleet_without_safety_adapter(fleet):
     config = load_config(fleet / "fleet.yaml")
     config = replace(config, safety_adapter=None, merge=MergeSettings(policy="safelora", tau=0.35))
     report = run_fleet(config, progress=False)
-    assert report.exit_code == EXIT_OK
+    assert report.exit_code == ExitStatus.OK
     rows = read_decisions(fleet / "merged" / "runs" / report.run_id / "decisions.parquet")
     assert {r["action"] for r in rows} == {"projected", "kept"}
 
@@ -230,7 +231,7 @@ def test_actors_ask_for_gpus_when_the_cluster_has_them(monkeypatch, fleet, resou
     """The GPU side of actor placement; a GPU cluster is the one thing this machine cannot start."""
     import ray
 
-    from safemerge_ray.fleet import _actor_shape
+    from safemerge_ray.fleet.pool import actor_shape as _actor_shape
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
     config = replace(load_config(fleet / "fleet.yaml"), actors=actors, gpus_per_actor=gpus, cpus_per_actor=cpus)
@@ -241,7 +242,7 @@ def test_cuda_device_without_gpus_is_a_clear_error(monkeypatch, fleet):
     import ray
 
     from safemerge_ray.errors import SafeMergeError
-    from safemerge_ray.fleet import _actor_shape
+    from safemerge_ray.fleet.pool import actor_shape as _actor_shape
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     with pytest.raises(SafeMergeError, match="no GPUs"):
@@ -253,8 +254,7 @@ def test_each_model_weight_is_read_once_for_the_whole_fleet(tmp_path, ray_local)
     root = tmp_path / "fx"
     build_fixture(root, SynthSpec(hidden=128, layers=2, heads=4, rank=2, seed=8), n_finetunes=4)
     write_fleet_config(root)
-    from safemerge_ray.storage import LocalDir
-    from safemerge_ray.tensors import Checkpoint
+    from safemerge_ray.io import Checkpoint, LocalDir
 
     target = 0
     for side in ("unaligned", "aligned"):
@@ -264,7 +264,7 @@ def test_each_model_weight_is_read_once_for_the_whole_fleet(tmp_path, ray_local)
     adapters = sum(p.stat().st_size for p in (root / "finetuned").rglob("*.safetensors"))
     safety = (root / "safety" / "adapter_model.safetensors").stat().st_size
     report = run_fleet(load_config(root / "fleet.yaml"), progress=False)
-    assert report.exit_code == EXIT_OK
+    assert report.exit_code == ExitStatus.OK
     # Adapters are read a few times (fingerprint, scoring, assembly); the big weights exactly once.
     assert target <= report.bytes_read <= target + 3 * adapters + 6 * safety + 256 * 1024
     assert report.bytes_read < 1.5 * target

@@ -9,13 +9,13 @@ import pytest
 import yaml
 
 from conftest import upload_dir
-from safemerge_ray.config import load_config
-from safemerge_ray.fleet import EXIT_OK, run_fleet
-from safemerge_ray.merge import MergeSettings
-from safemerge_ray.repair import merge_to_dir
-from safemerge_ray.storage import S3Dir, S3Settings
+from safemerge_ray.core import MergeSettings
+from safemerge_ray.engine import merge_to_dir
+from safemerge_ray.errors import ExitStatus
+from safemerge_ray.fleet import run_fleet
+from safemerge_ray.fleet.config import load_config
+from safemerge_ray.io import Checkpoint, S3Dir, S3Settings
 from safemerge_ray.synthetic import SynthSpec, build_fixture
-from safemerge_ray.tensors import Checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_fleet_commits_to_s3_and_equals_local_merge(s3_fleet, s3_endpoint, s3_cl
     root, uris = s3_fleet
     config = load_config(_config(tmp_path, uris, s3_endpoint))
     report = run_fleet(config, progress=False)
-    assert report.exit_code == EXIT_OK and report.by_status("committed") == ["gsm8k", "legal", "medqa"]
+    assert report.exit_code == ExitStatus.OK and report.by_status("committed") == ["gsm8k", "legal", "medqa"]
     out = S3Dir(uris["output"], config.s3)
     manifest = json.loads(out.read(f"runs/{report.run_id}/manifest.json"))
     for name in ("gsm8k", "legal", "medqa"):
@@ -137,7 +137,7 @@ def test_missing_bucket_and_prefix_are_clear_errors(s3_fleet, s3_endpoint, tmp_p
 
 def test_uncommitted_objects_carry_the_staged_tag_until_unstaged(s3_endpoint, s3_client):
     """What a crashed run leaves behind is tagged, so the bucket's lifecycle rule can expire it."""
-    from safemerge_ray.storage import STAGED_TAG
+    from safemerge_ray.io import STAGED_TAG
 
     out = S3Dir(f"s3://merged/{uuid.uuid4().hex[:6]}/fleet/", S3Settings(endpoint_url=s3_endpoint))
     out.write("runs/r1/a/adapter_model.safetensors", b"weights", staged=True)
@@ -157,7 +157,7 @@ def test_bytes_changed_in_the_bucket_are_found_and_redone(s3_fleet, s3_endpoint,
     _, uris = s3_fleet
     output = f"s3://merged/{uuid.uuid4().hex[:6]}/fleet-v/"
     config = load_config(_config(tmp_path, dict(uris, output=output), s3_endpoint))
-    assert run_fleet(config, progress=False).exit_code == EXIT_OK
+    assert run_fleet(config, progress=False).exit_code == ExitStatus.OK
     out = S3Dir(output, config.s3)
     pointer = json.loads(out.read("latest/medqa.json"))
     key = f"{out.prefix}{pointer['path']}adapter_model.safetensors"
@@ -169,13 +169,13 @@ def test_bytes_changed_in_the_bucket_are_found_and_redone(s3_fleet, s3_endpoint,
     assert "BAD  medqa" in capsys.readouterr().out
     again = run_fleet(config, progress=False)
     assert again.by_status("committed") == ["medqa"] and again.by_status("unchanged") == ["gsm8k", "legal"]
-    assert main(["verify", output]) == EXIT_OK
+    assert main(["verify", output]) == ExitStatus.OK
     # medqa's first copy is needed by no pointer now: gc removes that run's medqa objects with the run only
     # when no other pointer needs the run; here gsm8k and legal still do, so the run stays, verified.
     s3_client.put_object(Bucket="merged", Key=f"{out.prefix}runs/20200101T000000Z-dead00/gsm8k/x", Body=b"half")
-    assert main(["gc", output, "--keep", "0"]) == EXIT_OK
+    assert main(["gc", output, "--keep", "0"]) == ExitStatus.OK
     printed = capsys.readouterr().out
     assert "removed run 20200101T000000Z-dead00 (uncommitted)" in printed and "removed 1 object(s)" in printed
     listing = s3_client.list_objects_v2(Bucket="merged", Prefix=f"{out.prefix}runs/")["Contents"]
     assert not any("dead00" in o["Key"] for o in listing)
-    assert main(["verify", output]) == EXIT_OK
+    assert main(["verify", output]) == ExitStatus.OK

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from safemerge_ray.cli import main
-from safemerge_ray.config import parse_config
 from safemerge_ray.errors import SafeMergeError
-from safemerge_ray.gate import GateSection, verdict
+from safemerge_ray.fleet.config import parse_config
+from safemerge_ray.loop import GateSection, verdict
 
 
 def _entry(ft_harm, rep_harm, ft_task, rep_task):
@@ -177,10 +177,12 @@ def test_missing_gate_prompts_stop_the_run_before_any_work(loop, monkeypatch, ca
 def test_past_the_deadline_no_evaluation_starts_and_every_written_adapter_is_held(tmp_path):
     import time
 
-    from safemerge_ray.config import AdapterRef
-    from safemerge_ray.fleet import AdapterState, Deadline, _gate
-    from safemerge_ray.merge import MergeSettings
-    from safemerge_ray.storage import LocalDir
+    from safemerge_ray.core import MergeSettings
+    from safemerge_ray.fleet import AdapterState
+    from safemerge_ray.fleet.config import AdapterRef
+    from safemerge_ray.fleet.jobs import Deadline
+    from safemerge_ray.fleet.run import _gate
+    from safemerge_ray.io import LocalDir
 
     raw = {"unaligned_model": "u", "aligned_model": "a", "safety_adapter": "s", "finetuned": ["f"], "output": "o",
            "gate": {"eval": {"harmful_prompts": "h.txt"}, "max_harmful_rate": 0.1}}

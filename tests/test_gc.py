@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from safemerge_ray.cli import main
-from safemerge_ray.config import load_config
-from safemerge_ray.fleet import EXIT_OK, run_fleet
-from safemerge_ray.output import EXIT_LOCKED, RunLock
-from safemerge_ray.storage import LocalDir
+from safemerge_ray.errors import ExitStatus
+from safemerge_ray.fleet import run_fleet
+from safemerge_ray.fleet.config import load_config
+from safemerge_ray.io import LocalDir
+from safemerge_ray.store import RunLock
 
 
 def _runs(out: Path) -> list[str]:
@@ -39,34 +40,34 @@ def test_gc_removes_only_what_no_pointer_needs(local_fleet, ray_local, capsys):
     (out / "latest" / ".tmp-0123456789ab").write_bytes(b"cut short")
     capsys.readouterr()
 
-    assert main(["gc", str(out), "--keep", "1", "--dry-run"]) == EXIT_OK
+    assert main(["gc", str(out), "--keep", "1", "--dry-run"]) == ExitStatus.OK
     assert "would remove run " + second + " (committed)" in capsys.readouterr().out
     assert second in _runs(out) and dead.exists()  # a dry run removes nothing
 
-    assert main(["gc", str(out), "--keep", "1", "--older-than", "1d"]) == EXIT_OK  # everything is younger
+    assert main(["gc", str(out), "--keep", "1", "--older-than", "1d"]) == ExitStatus.OK  # everything is younger
     assert second in _runs(out) and not (out / "latest" / ".tmp-0123456789ab").exists()
 
-    assert main(["gc", str(out), "--keep", "1"]) == EXIT_OK
+    assert main(["gc", str(out), "--keep", "1"]) == ExitStatus.OK
     printed = capsys.readouterr().out
     assert f"removed run {second} (committed)" in printed
     assert "removed run 20200101T000000Z-dead00 (uncommitted)" in printed
     assert "removed 1 leftover object(s)" in printed
     assert _runs(out) == sorted([first, third])  # first: medqa, legal, support point at it
     assert not (out / "runs" / third / "legal").exists()
-    assert main(["verify", str(out)]) == EXIT_OK
+    assert main(["verify", str(out)]) == ExitStatus.OK
     history = [json.loads(p.read_text()) for p in (out / "status" / "history").glob("*.json")]
     assert any(r["kind"] == "gc" and f"gc: removed run {second} (committed)" in r["warnings"] for r in history)
     assert json.loads((out / "status" / "last_run.json").read_text())["kind"] == "fleet"
     again = run_fleet(config, progress=False)  # nothing it needs is gone
-    assert again.exit_code == EXIT_OK and again.run_id is None
+    assert again.exit_code == ExitStatus.OK and again.run_id is None
 
 
 def test_gc_waits_for_no_run(local_fleet, ray_local, capsys):
     out = local_fleet / "merged"
-    assert run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False).exit_code == EXIT_OK
+    assert run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False).exit_code == ExitStatus.OK
     lock = RunLock(LocalDir(out), lease_s=60).acquire()
     try:
-        assert main(["gc", str(out), "--keep", "0"]) == EXIT_LOCKED
+        assert main(["gc", str(out), "--keep", "0"]) == ExitStatus.LOCKED
         assert "is locked by another run" in capsys.readouterr().err
     finally:
         lock.release()

@@ -8,13 +8,12 @@ GPU runs too; its precision with bf16/fp16 storage is checked against float64 he
 import pytest
 import torch
 
-import safemerge_ray.repair as repair
-import safemerge_ray.tensors as tensors
-from safemerge_ray.fleet import FleetWorker, ModuleJob, ScoreRequest, ScoreTask
-from safemerge_ray.memory import ModuleCost
-from safemerge_ray.merge import MergeSettings
-from safemerge_ray.storage import S3Settings
-from safemerge_ray.subspace import alignment_delta, lora_rho, rho_reference
+import safemerge_ray.engine.merge_command as repair
+import safemerge_ray.io.tensors as tensors
+from safemerge_ray.core import MergeSettings, ModuleCost, alignment_delta, lora_rho, rho_reference
+from safemerge_ray.fleet.jobs import ModuleJob, ScoreRequest, ScoreTask
+from safemerge_ray.fleet.worker import FleetWorker
+from safemerge_ray.io import S3Settings
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

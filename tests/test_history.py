@@ -8,8 +8,9 @@ from pathlib import Path
 import yaml
 
 from safemerge_ray.cli import main
-from safemerge_ray.config import load_config
-from safemerge_ray.fleet import EXIT_OK, run_fleet
+from safemerge_ray.errors import ExitStatus
+from safemerge_ray.fleet import run_fleet
+from safemerge_ray.fleet.config import load_config
 
 
 def _summary(fleet: Path, run_id: str) -> dict:
@@ -32,7 +33,7 @@ def test_each_redone_adapter_says_why_and_a_dry_run_says_it_first(local_fleet, r
     (local_fleet / "finetuned" / "gsm8k" / "adapter_model.safetensors").touch()
     _set_merge(local_fleet, legal={"tau": 0.5})
     capsys.readouterr()
-    assert main(["fleet", "--config", str(config_path), "--dry-run"]) == EXIT_OK
+    assert main(["fleet", "--config", str(config_path), "--dry-run"]) == ExitStatus.OK
     printed = capsys.readouterr().out
     assert "gsm8k                redone     adapter changed" in printed
     assert "legal                redone     settings changed (tau 0.35 -> 0.5)" in printed
@@ -78,7 +79,7 @@ def test_status_runs_and_diff_name_what_changed_and_why(local_fleet, ray_local, 
     capsys.readouterr()
 
     for argv in (["diff", out, first, second.run_id], ["diff", out, "--adapter", "gsm8k"]):
-        assert main(argv) == EXIT_OK
+        assert main(argv) == ExitStatus.OK
         printed = capsys.readouterr().out
         lines = printed.splitlines()
         assert lines[0].startswith(f"gsm8k: {first} -> {second.run_id}: 1 layer(s) changed")
@@ -86,7 +87,7 @@ def test_status_runs_and_diff_name_what_changed_and_why(local_fleet, ray_local, 
         assert len(lines) == 2 and lines[1].split()[0] == module, printed  # exactly that layer
         assert not any(name in printed for name in ("legal", "medqa", "support"))
 
-    assert main(["status", out]) == EXIT_OK
+    assert main(["status", out]) == ExitStatus.OK
     table = capsys.readouterr().out
     assert f"gsm8k                published   {second.run_id}" in table
     assert f"medqa                published   {first}" in table and "4 published" in table
@@ -94,7 +95,7 @@ def test_status_runs_and_diff_name_what_changed_and_why(local_fleet, ray_local, 
     # Against the config: medqa left the fleet (orphaned), legal's inputs changed (stale, and why).
     (local_fleet / "finetuned" / "medqa").rename(tmp_path / "medqa")
     (local_fleet / "finetuned" / "legal" / "adapter_model.safetensors").touch()
-    assert main(["status", out, "--config", str(config_path), "--format", "json"]) == EXIT_OK
+    assert main(["status", out, "--config", str(config_path), "--format", "json"]) == ExitStatus.OK
     states = {a["adapter"]: a for a in json.loads(capsys.readouterr().out)["adapters"]}
     assert states["medqa"]["state"] == "orphaned" and states["legal"]["state"] == "stale"
     assert states["legal"]["detail"] == "adapter changed"
@@ -107,12 +108,12 @@ def test_status_runs_and_diff_name_what_changed_and_why(local_fleet, ray_local, 
             assert before < 0.35 and 0 <= after <= 1 and before != after
 
     table_path = tmp_path / "decisions.parquet"
-    assert main(["status", out, "--format", "parquet", "--out", str(table_path)]) == EXIT_OK
+    assert main(["status", out, "--format", "parquet", "--out", str(table_path)]) == ExitStatus.OK
     assert f"{4 * 14} decision rows of 4 adapters written" in capsys.readouterr().out
     rows = pq.read_table(table_path).to_pylist()
     assert len(rows) == 4 * 14 and {r["run_id"] for r in rows if r["adapter"] == "gsm8k"} == {second.run_id}
 
-    assert main(["runs", out, "--format", "json"]) == EXIT_OK
+    assert main(["runs", out, "--format", "json"]) == ExitStatus.OK
     runs = json.loads(capsys.readouterr().out)
     assert [(r["run_id"], r["exit_status"], r["counts"]["committed"]) for r in runs] == [
         (first, 0, 4), (second.run_id, 0, 1)]
@@ -128,7 +129,7 @@ def test_json_logs_one_line_per_adapter_with_the_run_id(local_fleet, capfd):
                      "--address", "local"])
     finally:
         configure("text")  # the log format is process-wide, as a CLI process has it
-    assert code == EXIT_OK
+    assert code == ExitStatus.OK
     captured = capfd.readouterr()
     lines = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
     assert len(lines) == len(captured.out.splitlines()), captured.out  # nothing but JSON on stdout

@@ -10,12 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from safemerge_ray.adapters import load_adapter
-from safemerge_ray.config import load_config
-from safemerge_ray.errors import SafeMergeError
-from safemerge_ray.fleet import EXIT_PARTIAL, run_fleet
-from safemerge_ray.storage import LocalDir
-from safemerge_ray.untrusted import check_pattern, json_depth
+from safemerge_ray.errors import ExitStatus, SafeMergeError
+from safemerge_ray.fleet import run_fleet
+from safemerge_ray.fleet.config import load_config
+from safemerge_ray.io import LocalDir, check_pattern, json_depth, load_adapter
 
 
 def _adapter(root: Path) -> Path:
@@ -114,7 +112,7 @@ def test_a_hostile_adapter_and_an_odd_directory_fail_alone_in_a_fleet(local_flee
     legal["rank_pattern"] = {"(a+)+b": 8}
     (local_fleet / "finetuned" / "legal" / "adapter_config.json").write_text(json.dumps(legal))
     report = run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False)
-    assert report.exit_code == EXIT_PARTIAL
+    assert report.exit_code == ExitStatus.PARTIAL
     assert report.by_status("committed") == ["gsm8k", "support"]
     assert report.by_status("failed") == ["legal", "medqa"]
     record = json.loads((local_fleet / "merged" / "status" / "last_run.json").read_text())
@@ -209,7 +207,7 @@ def test_hostile_inputs_each_fail_alone_in_one_fleet(local_fleet, ray_local, tmp
     before = _outside_output(local_fleet)
 
     report = run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False)
-    assert report.exit_code == EXIT_PARTIAL
+    assert report.exit_code == ExitStatus.PARTIAL
     assert report.by_status("committed") == ["gsm8k", "legal", "medqa", "support"]
     assert report.by_status("failed") == sorted(HOSTILE)
     record = json.loads((local_fleet / "merged" / "status" / "last_run.json").read_text())

@@ -34,7 +34,7 @@ import yaml
 
 import safemerge_ray
 from safemerge_ray.cli import build_parser
-from safemerge_ray.config import parse_config
+from safemerge_ray.fleet.config import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -829,7 +829,7 @@ def test_terraform_matches_the_manifests():
         assert f'"{action}"' in tf, action
     rule = re.search(r'tag \{\s*key\s*=\s*"([^"]+)"\s*value\s*=\s*"([^"]+)"', tf)
     assert rule, "no lifecycle rule on the staged tag"
-    from safemerge_ray import storage
+    from safemerge_ray import io as storage
 
     staged = getattr(storage, "STAGED_TAG", None)
     if staged is not None:

@@ -14,10 +14,11 @@ import pytest
 import yaml
 
 from safemerge_ray.cli import main
-from safemerge_ray.config import load_config, parse_bytes, parse_config
-from safemerge_ray.errors import SafeMergeError
-from safemerge_ray.fleet import EXIT_ENVIRONMENT, EXIT_OK, _worker_lost, run_fleet
-from safemerge_ray.memory import PROCESS_BASELINE, ModuleCost, fmt
+from safemerge_ray.core import PROCESS_BASELINE, ModuleCost, fmt
+from safemerge_ray.errors import ExitStatus, SafeMergeError
+from safemerge_ray.fleet import run_fleet
+from safemerge_ray.fleet.config import load_config, parse_bytes, parse_config
+from safemerge_ray.fleet.pool import worker_lost as _worker_lost
 
 
 def _set(fleet: Path, **fields) -> None:
@@ -55,24 +56,24 @@ def test_bad_limits_are_config_errors(tmp_path):
 
 
 def test_a_worker_budget_too_small_is_one_line_before_any_scoring(local_fleet, ray_local, capsys):
-    assert run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False).exit_code == EXIT_OK
+    assert run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False).exit_code == ExitStatus.OK
     before = _pointers(local_fleet)
     (local_fleet / "finetuned" / "gsm8k" / "adapter_model.safetensors").touch()  # changed: gsm8k has work to do
     _set(local_fleet, ray__memory_per_worker="300MiB")  # less than a worker process needs for itself
     code = main(["fleet", "--config", str(local_fleet / "fleet.yaml"), "--quiet"])
     err = capsys.readouterr().err
-    assert code == EXIT_ENVIRONMENT and err.count("\n") == 1, err
+    assert code == ExitStatus.ENVIRONMENT and err.count("\n") == 1, err
     assert "not enough memory: scoring module model.layers." in err
     assert "ray.memory_per_worker is 300 MiB" in err and "needs about" in err
     assert _pointers(local_fleet) == before  # nothing published
     record = json.loads((local_fleet / "merged" / "status" / "last_run.json").read_text())
-    assert record["exit_status"] == EXIT_ENVIRONMENT and "not enough memory" in record["error"]
+    assert record["exit_status"] == ExitStatus.ENVIRONMENT and "not enough memory" in record["error"]
     _set(local_fleet, ray__memory_per_worker="2GiB")
     assert run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False).by_status("committed") == ["gsm8k"]
 
 
 def test_merge_checks_the_memory_this_machine_has(pair, tmp_path, monkeypatch, capsys):
-    from safemerge_ray import repair
+    from safemerge_ray.engine import merge_command as repair
 
     # Stands in for a small container (its cgroup limit), which cannot be created here without root.
     monkeypatch.setattr(repair, "available_memory", lambda: 1024)
@@ -80,14 +81,14 @@ def test_merge_checks_the_memory_this_machine_has(pair, tmp_path, monkeypatch, c
                  "--safety-adapter", str(pair / "safety"), "--finetuned", str(pair / "finetuned" / "gsm8k"),
                  "--out", str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err
-    assert code == EXIT_ENVIRONMENT and err.count("\n") == 1, err
+    assert code == ExitStatus.ENVIRONMENT and err.count("\n") == 1, err
     assert "this machine has 1 KiB available" in err and "needs about" in err
     assert not (tmp_path / "out").exists()
 
 
 _MEASURE = """
 import torch
-from safemerge_ray.subspace import alignment_delta, lora_rho
+from safemerge_ray.core import alignment_delta, lora_rho
 torch.set_num_threads(1)
 def status(field):  # kB in /proc/self/status
     line = next(x for x in open("/proc/self/status") if x.startswith(field + ":"))
@@ -115,13 +116,13 @@ def test_the_estimate_bounds_the_measured_peak():
 
 
 def test_deadline_reached_while_planning_keeps_the_previous_pointers(local_fleet, ray_local):
-    assert run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False).exit_code == EXIT_OK
+    assert run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False).exit_code == ExitStatus.OK
     before = _pointers(local_fleet)
     for name in ("gsm8k", "legal"):
         (local_fleet / "finetuned" / name / "adapter_model.safetensors").touch()
     _set(local_fleet, max_run_seconds=1e-6)
     report = run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False)
-    assert report.exit_code == EXIT_ENVIRONMENT and report.run_id is None
+    assert report.exit_code == ExitStatus.ENVIRONMENT and report.run_id is None
     assert report.by_status("failed") == ["gsm8k", "legal", "medqa", "support"]
     assert all("not planned within max_run_seconds (1e-06 s); its previous pointer stays" in st.reason
                for st in report.adapters)
@@ -165,10 +166,12 @@ def test_a_small_budget_scores_in_chunks_with_the_same_results(local_fleet, ray_
     adapters' bytes and every decision equal an unchunked run's, rho to 1e-6 (other GEMM shapes)."""
     import shutil
 
-    from safemerge_ray.fleet import _plan_jobs, plan_fleet
-    from safemerge_ray.memory import OVERHEAD, PROCESS_BASELINE
-    from safemerge_ray.report import read_decisions
-    from safemerge_ray.storage import LocalDir
+    from safemerge_ray.core import PROCESS_BASELINE
+    from safemerge_ray.core.memory import OVERHEAD
+    from safemerge_ray.fleet import plan_fleet
+    from safemerge_ray.fleet.plan import plan_jobs as _plan_jobs
+    from safemerge_ray.io import LocalDir
+    from safemerge_ray.store import read_decisions
 
     other = tmp_path / "unchunked"
     shutil.copytree(local_fleet, other)
@@ -180,7 +183,7 @@ def test_a_small_budget_scores_in_chunks_with_the_same_results(local_fleet, ray_
     _set(local_fleet, ray__memory_per_worker=PROCESS_BASELINE + budget)
     capsys.readouterr()
     chunked = run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False)
-    assert chunked.exit_code == EXIT_OK
+    assert chunked.exit_code == ExitStatus.OK
     assert "scoring batches for 14 modules: adapters grouped by rank and chunked" in capsys.readouterr().out
     ours = {r["adapter"] + r["module"]: r
             for r in read_decisions(local_fleet / "merged" / "runs" / chunked.run_id / "decisions.parquet")}
@@ -203,8 +206,8 @@ def test_adapters_of_different_ranks_are_scored_by_rank_and_equal_merge_alone(lo
     import torch
     from safetensors.torch import load_file, save_file
 
-    from safemerge_ray.merge import MergeSettings
-    from safemerge_ray.repair import merge_to_dir
+    from safemerge_ray.core import MergeSettings
+    from safemerge_ray.engine import merge_to_dir
 
     wide = local_fleet / "finetuned" / "wide"
     shutil.copytree(local_fleet / "finetuned" / "gsm8k", wide)
@@ -224,7 +227,7 @@ def test_adapters_of_different_ranks_are_scored_by_rank_and_equal_merge_alone(lo
     assert report.by_status("committed") == ["gsm8k", "legal", "medqa", "support"]
     _set(local_fleet, overrides={"wide": {"method": "cat"}})
     report = run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False)
-    assert report.exit_code == EXIT_OK and report.by_status("committed") == ["wide"]
+    assert report.exit_code == ExitStatus.OK and report.by_status("committed") == ["wide"]
     alone = tmp_path / "alone"
     merge_to_dir(unaligned=str(local_fleet / "unaligned"), aligned=str(local_fleet / "aligned"),
                  safety_adapter=str(local_fleet / "safety"), finetuned=str(wide), out=str(alone),
@@ -248,8 +251,8 @@ def test_the_batch_cap_keeps_a_workers_peak_flat_in_the_number_of_adapters():
 
 
 def test_small_neighbouring_modules_share_a_scoring_task_and_large_ones_do_not():
-    from safemerge_ray.fleet import TASK_BYTES, ModuleJob, ScoreRequest, score_tasks
-    from safemerge_ray.merge import MergeSettings
+    from safemerge_ray.core import MergeSettings
+    from safemerge_ray.fleet.jobs import TASK_BYTES, ModuleJob, ScoreRequest, score_tasks
 
     requests = tuple(ScoreRequest(f"a{i}", f"/a{i}", MergeSettings()) for i in range(8))
 

@@ -13,9 +13,8 @@ import pytest
 import yaml
 
 from conftest import upload_dir
-from safemerge_ray.adapters import load_adapter
 from safemerge_ray.cli import main
-from safemerge_ray.storage import S3Dir, S3Settings, sha256_of
+from safemerge_ray.io import S3Dir, S3Settings, load_adapter, sha256_of
 from safemerge_ray.synthetic import SynthSpec, build_fixture, write_loop_data
 
 

@@ -8,10 +8,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from safemerge_ray.merge import MergeSettings, module_seed
-from safemerge_ray.repair import merge_to_dir
-from safemerge_ray.report import read_decisions
-from safemerge_ray.subspace import rho_reference
+from safemerge_ray.core import MergeSettings, module_seed, rho_reference
+from safemerge_ray.engine import merge_to_dir
+from safemerge_ray.store import read_decisions
 from safemerge_ray.synthetic import SynthSpec, build_fixture
 
 METHODS = ["linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
@@ -238,7 +237,7 @@ def test_svd_at_full_rank_is_the_exact_weighted_sum(pair, tmp_path):
 def test_layers_done_together_equal_layers_done_one_by_one_bit_for_bit(method):
     """Assembly merges (and keeps) many layers of one shape in one go: the bytes equal one layer at a time,
     signed zeros included."""
-    from safemerge_ray.merge import LINEAR_IN_B, kept_layer, kept_layers, merged_layer
+    from safemerge_ray.core import LINEAR_IN_B, kept_layer, kept_layers, merged_layer
 
     gen = torch.Generator().manual_seed(11)
     n, r, inp, out = 6, 4, 24, 16

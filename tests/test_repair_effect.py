@@ -7,10 +7,9 @@ import pytest
 from safetensors.torch import load_file
 
 from safemerge_ray.cli import main
-from safemerge_ray.report import read_decisions
-from safemerge_ray.storage import LocalDir
-from safemerge_ray.subspace import alignment_delta, lora_rho
-from safemerge_ray.tensors import Checkpoint
+from safemerge_ray.core import alignment_delta, lora_rho
+from safemerge_ray.io import Checkpoint, LocalDir
+from safemerge_ray.store import read_decisions
 
 
 @pytest.mark.parametrize("policy,method", [("safemerge", "linear"), ("safemerge", "cat"), ("safemerge", "ties"),

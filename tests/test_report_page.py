@@ -12,11 +12,12 @@ import pytest
 from PIL import Image
 
 from safemerge_ray.cli import main
-from safemerge_ray.config import load_config
-from safemerge_ray.fleet import EXIT_OK, run_fleet
-from safemerge_ray.history import fleet_status
-from safemerge_ray.report_page import render
-from safemerge_ray.storage import LocalDir
+from safemerge_ray.errors import ExitStatus
+from safemerge_ray.fleet import run_fleet
+from safemerge_ray.fleet.config import load_config
+from safemerge_ray.io import LocalDir
+from safemerge_ray.store import fleet_status
+from safemerge_ray.views import render
 
 # The page reports, in its own title, whether every image decoded; the test adds this to a copy.
 _CHECK = ("<script>window.addEventListener('load', () => { const imgs = [...document.images]; "
@@ -40,7 +41,7 @@ def _browser(*args: str) -> subprocess.CompletedProcess:
 def test_report_opens_offline_with_its_images_in_a_real_browser(local_fleet, ray_local, tmp_path, capsys):
     first = run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False)
     out = local_fleet / "merged"
-    assert main(["report", str(out)]) == EXIT_OK
+    assert main(["report", str(out)]) == ExitStatus.OK
     page_path = out / "report.html"
     assert f"report of 4 adapters, 56 layers: {out}/report.html" in capsys.readouterr().out
     page = page_path.read_text()
@@ -73,8 +74,8 @@ def test_report_opens_offline_with_its_images_in_a_real_browser(local_fleet, ray
     assert colourful > 20_000, colourful
 
     # One run's report goes beside the run, and gc leaves it there.
-    assert main(["report", str(out), "--run", first.run_id]) == EXIT_OK
+    assert main(["report", str(out), "--run", first.run_id]) == ExitStatus.OK
     assert (out / "runs" / first.run_id / "report.html").is_file()
-    assert main(["gc", str(out), "--keep", "0"]) == EXIT_OK
+    assert main(["gc", str(out), "--keep", "0"]) == ExitStatus.OK
     assert (out / "runs" / first.run_id / "report.html").is_file()
     assert main(["report", str(out), "--run", "nope"]) == 2

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from safemerge_ray.cli import main
-from safemerge_ray.output import EXIT_LOCKED, LOCK, LockHeld, RunLock
-from safemerge_ray.storage import LocalDir, S3Dir, S3Settings
+from safemerge_ray.errors import ExitStatus
+from safemerge_ray.io import LocalDir, S3Dir, S3Settings
+from safemerge_ray.store import LOCK, LockHeld, RunLock
 
 
 def _stale(lock_body: bytes) -> bytes:
@@ -25,7 +26,7 @@ def _exercise(out, read_lock, write_lock) -> None:
     first = RunLock(out, lease_s=60).acquire()
     with pytest.raises(LockHeld, match="is locked by another run .* nothing was done") as exc:
         RunLock(out, lease_s=60).acquire()
-    assert exc.value.exit_code == EXIT_LOCKED
+    assert exc.value.exit_code == ExitStatus.LOCKED
     first.release()
     second = RunLock(out, lease_s=60).acquire()  # released: free again
     # A run that died: its lease expires, and the next run takes the lock over.
@@ -85,9 +86,9 @@ def test_a_second_fleet_run_on_a_locked_output_does_nothing(local_fleet, tmp_pat
         summary = tmp_path / "second.json"
         code = main(["fleet", "--config", str(local_fleet / "fleet.yaml"), "--quiet", "--summary-json", str(summary)])
         err = capsys.readouterr().err
-        assert code == EXIT_LOCKED and err.count("\n") == 1 and "is locked by another run" in err
+        assert code == ExitStatus.LOCKED and err.count("\n") == 1 and "is locked by another run" in err
         assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["status", LOCK]
-        assert json.loads(summary.read_text())["exit_status"] == EXIT_LOCKED
+        assert json.loads(summary.read_text())["exit_status"] == ExitStatus.LOCKED
     finally:
         holder.release()
     assert not Path(out / LOCK).exists()

@@ -10,12 +10,11 @@ import pytest
 import yaml
 
 from safemerge_ray.cli import main
-from safemerge_ray.config import load_config
-from safemerge_ray.errors import SafeMergeError
-from safemerge_ray.fleet import EXIT_OK, run_fleet
-from safemerge_ray.merge import MergeSettings
-from safemerge_ray.policy import selected
-from safemerge_ray.report import read_decisions
+from safemerge_ray.core import MergeSettings, selected
+from safemerge_ray.errors import ExitStatus, SafeMergeError
+from safemerge_ray.fleet import run_fleet
+from safemerge_ray.fleet.config import load_config
+from safemerge_ray.store import read_decisions
 
 
 def _merge(pair, out, *flags):
@@ -26,12 +25,12 @@ def _merge(pair, out, *flags):
 
 @pytest.mark.parametrize("policy", ["safemerge", "safelora"])
 def test_top_k_and_fraction_repair_the_lowest_rho_layers(pair, tmp_path, capsys, policy):
-    assert _merge(pair, tmp_path / "all", "--policy", policy) == EXIT_OK
+    assert _merge(pair, tmp_path / "all", "--policy", policy) == ExitStatus.OK
     rows = read_decisions(tmp_path / "all" / "decisions.parquet")
     by_rho = [r["module"] for r in sorted(rows, key=lambda r: r["rho"])]
     for flags, k in ((["--top-k", "3"], 3), (["--fraction", "0.25"], math.ceil(0.25 * len(rows)))):
         out = tmp_path / f"k{k}"
-        assert _merge(pair, out, "--policy", policy, *flags) == EXIT_OK
+        assert _merge(pair, out, "--policy", policy, *flags) == ExitStatus.OK
         chosen = read_decisions(out / "decisions.parquet")
         assert {r["module"] for r in chosen if r["merged"]} == set(by_rho[:k])
         assert {r["action"] for r in chosen if r["merged"]} == {"merged" if policy == "safemerge" else "projected"}
@@ -60,7 +59,7 @@ def test_select_in_the_fleet_config(local_fleet, ray_local):
     raw["overrides"] = {"legal": {"select": {"top_k": 2}}}
     path.write_text(yaml.safe_dump(raw))
     report = run_fleet(load_config(path), progress=False)
-    assert report.exit_code == EXIT_OK
+    assert report.exit_code == ExitStatus.OK
     legal = next(st for st in report.adapters if st.ref.name == "legal")
     assert legal.counts["repaired"] == 2
 

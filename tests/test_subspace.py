@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from safemerge_ray.subspace import lora_rho, project_lora_b, rho_reference
+from safemerge_ray.core import lora_rho, project_lora_b, rho_reference
 
 
 def _random_case(gen, out, inn, r, low_rank=None):

@@ -11,9 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from safemerge_ray.errors import SafeMergeError
-from safemerge_ray.storage import LocalDir
+from safemerge_ray.io import Checkpoint, LocalDir, SafetensorsFile
 from safemerge_ray.synthetic import SynthSpec, make_model
-from safemerge_ray.tensors import Checkpoint, SafetensorsFile
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -435,7 +434,7 @@ def test_hub_id_without_hub_access_is_a_clear_error(monkeypatch, tmp_path):
     """A hub id is fetched for users who have the hub; here (offline) it fails with a message, not a traceback."""
     import huggingface_hub.constants
 
-    from safemerge_ray.storage import open_dir
+    from safemerge_ray.io import open_dir
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -500,7 +499,7 @@ def test_adapter_bytes_equal_safetensors_torch_api(dtype):
     """Adapters are written through safetensors' numpy API where it has the dtype: byte for byte the torch API's."""
     from safetensors.torch import save
 
-    from safemerge_ray.output import safetensors_bytes
+    from safemerge_ray.io import safetensors_bytes
 
     tensors = {k: (v * 50).to(dtype) for k, v in _sample_tensors(torch.float32).items() if k != "specials"}
     tensors["z.float32_too"] = torch.ones(3, 2)  # mixed dtypes are ordered the same way
@@ -511,7 +510,7 @@ def test_merged_adapters_are_laid_out_as_safetensors_writes_them(tmp_path):
     """float32 tensors with plain names are laid out by safemerge-ray itself: byte for byte safetensors'."""
     from safetensors.torch import save
 
-    from safemerge_ray.output import safetensors_bytes
+    from safemerge_ray.io import safetensors_bytes
 
     gen = torch.Generator().manual_seed(5)
     tensors = {f"base_model.model.model.layers.{i}.mlp.{p}.lora_{x}.weight": torch.randn(r, 24, generator=gen)
@@ -525,7 +524,7 @@ def test_merged_adapters_are_laid_out_as_safetensors_writes_them(tmp_path):
 
 
 def test_an_assembled_adapter_with_nan_or_inf_is_not_written_and_large_finite_values_are():
-    from safemerge_ray.assemble import AssembledAdapter
+    from safemerge_ray.engine import AssembledAdapter
 
     big = torch.full((4, 4), 3e38)  # finite, but their sum overflows: looked at tensor by tensor, and passes
     assert AssembledAdapter("x", {"a": torch.ones(2, 2), "b": big}, {"r": 1}, []).files()

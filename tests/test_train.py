@@ -10,7 +10,7 @@ import pytest
 
 from safemerge_ray.cli import main
 from safemerge_ray.errors import SafeMergeError
-from safemerge_ray.train import TrainSettings, lora_shape, read_examples
+from safemerge_ray.loop import TrainSettings, lora_shape, read_examples
 
 # --------------------------------------------------------------------------- data
 
@@ -96,7 +96,7 @@ def trained(fixtures_root, tmp_path_factory, ray_local):
 
 
 def test_training_lowers_the_loss_and_writes_a_manifest_last(trained):
-    from safemerge_ray.storage import sha256_of
+    from safemerge_ray.io import sha256_of
 
     out = trained / "safety-trained"
     manifest = json.loads((out / "manifest.json").read_text())

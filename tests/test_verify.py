@@ -8,11 +8,11 @@ import json
 import pytest
 
 from safemerge_ray.cli import main
-from safemerge_ray.config import load_config
-from safemerge_ray.errors import EnvironmentFailure
-from safemerge_ray.fleet import EXIT_OK, run_fleet
-from safemerge_ray.output import write_verified
-from safemerge_ray.storage import LocalDir
+from safemerge_ray.errors import EnvironmentFailure, ExitStatus
+from safemerge_ray.fleet import run_fleet
+from safemerge_ray.fleet.config import load_config
+from safemerge_ray.io import LocalDir
+from safemerge_ray.store import write_verified
 
 
 def _weights(fleet, name: str):
@@ -25,7 +25,7 @@ def test_damaged_or_deleted_published_adapters_are_found_and_redone(local_fleet,
     first = run_fleet(config, progress=False)
     manifest = json.loads((local_fleet / "merged" / "runs" / first.run_id / "manifest.json").read_text())
     assert all("version" in meta for meta in manifest["adapters"]["gsm8k"]["objects"].values())
-    assert main(["verify", str(local_fleet / "merged")]) == EXIT_OK
+    assert main(["verify", str(local_fleet / "merged")]) == ExitStatus.OK
     assert capsys.readouterr().out.count("ok ") == 4
 
     damaged = _weights(local_fleet, "gsm8k")
@@ -39,13 +39,13 @@ def test_damaged_or_deleted_published_adapters_are_found_and_redone(local_fleet,
     assert "ok   medqa" in out
 
     again = run_fleet(config, progress=False)
-    assert again.exit_code == EXIT_OK
+    assert again.exit_code == ExitStatus.OK
     assert again.by_status("committed") == ["gsm8k", "legal"]
     assert again.by_status("unchanged") == ["medqa", "support"]
     assert any("gsm8k: runs/" in w and "changed since it was published; redoing it" in w for w in again.warnings)
     assert any("legal: runs/" in w and "is missing; redoing it" in w for w in again.warnings)
-    assert main(["verify", str(local_fleet / "merged")]) == EXIT_OK
-    assert main(["verify", str(local_fleet / "merged"), "--run", again.run_id]) == EXIT_OK
+    assert main(["verify", str(local_fleet / "merged")]) == ExitStatus.OK
+    assert main(["verify", str(local_fleet / "merged"), "--run", again.run_id]) == ExitStatus.OK
 
 
 def test_a_write_that_reads_back_differently_is_an_environment_failure(tmp_path):
@@ -77,13 +77,13 @@ def test_rollback_moves_a_pointer_back_after_verifying_and_records_it(local_flee
     last_run = (merged / "status" / "last_run.json").read_bytes()
     assert json.loads((merged / "latest" / "gsm8k.json").read_text())["run_id"] == second.run_id
 
-    assert main(["rollback", str(merged), "gsm8k", "--to", first.run_id]) == EXIT_OK
+    assert main(["rollback", str(merged), "gsm8k", "--to", first.run_id]) == ExitStatus.OK
     pointer = json.loads((merged / "latest" / "gsm8k.json").read_text())
     assert pointer["run_id"] == first.run_id and pointer["path"] == f"runs/{first.run_id}/gsm8k/"
     assert (merged / "status" / "last_run.json").read_bytes() == last_run  # alerting still sees the last night
     history = [json.loads(p.read_text()) for p in sorted((merged / "status" / "history").iterdir())]
     assert [h["kind"] for h in history].count("rollback") == 1
-    assert main(["verify", str(merged), "--adapter", "gsm8k"]) == EXIT_OK
+    assert main(["verify", str(merged), "--adapter", "gsm8k"]) == ExitStatus.OK
     # The run config (tau 0.35) is the first run's: a fleet run leaves the rolled-back adapter alone.
     assert "gsm8k" in run_fleet(config, progress=False).by_status("unchanged")
 

@@ -29,7 +29,7 @@ import yaml
 from conftest import upload_dir
 from faultproxy import FaultProxy
 from raycluster import BIN, RayCluster
-from safemerge_ray.storage import S3Dir, S3Settings
+from safemerge_ray.io import S3Dir, S3Settings
 from safemerge_ray.synthetic import SynthSpec, build_fixture
 
 REPO = Path(__file__).resolve().parents[1]

@@ -167,7 +167,7 @@ data "aws_iam_policy_document" "access" {
     resources = ["${aws_s3_bucket.merged.arn}/*"]
   }
 
-  # The run lock (safemerge_ray/output.py RunLock) is released by deleting it; nothing else is deleted.
+  # The run lock (safemerge_ray/store/lock.py RunLock) is released by deleting it; nothing else is deleted.
   statement {
     sid       = "ReleaseRunLock"
     actions   = ["s3:DeleteObject"]

@@ -1,0 +1,39 @@
+"""Ray, started or joined: shared by the fleet job, `train-safety` and `eval` (Ray is imported only when called)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from .errors import EnvironmentFailure, first_line
+
+
+def init_ray(address: str | None = None, runtime_env: dict | None = None, quiet: bool = False) -> None:
+    """Join the cluster named by `address` / RAY_ADDRESS / a local `ray start`, or start a local one.
+    `quiet`: Ray's own INFO lines and the workers' output stay out of this process's output."""
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, runtime_env=runtime_env, ignore_reinit_error=True,
+                     logging_level=logging.WARNING if quiet else logging.INFO, log_to_driver=not quiet)
+        except (ConnectionError, ray.exceptions.RayError, RuntimeError) as exc:  # unreachable, bad token, ...
+            raise EnvironmentFailure(f"cannot start or join Ray (address {address or 'auto'}): "
+                                     f"{first_line(exc)}") from None
+        if threading.current_thread() is threading.main_thread():
+            # Ray's own handler aborts the process; SIGTERM (`ray job stop`, an evicted pod) should end a
+            # run as Ctrl-C does, with its run record written.
+            signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def cluster_gpus() -> float:
+    """GPUs in the cluster Ray is connected to."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0)

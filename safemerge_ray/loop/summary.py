@@ -1,0 +1,74 @@
+"""Harmful rate and task score per adapter and variant, with percentile-bootstrap intervals, and the table."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .judges import Judgement
+from .spec import EvalSpec, Pair, PromptSet
+
+
+def bootstrap_ci(values: list[float], resamples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean."""
+    import numpy as np
+
+    if not values:
+        return (math.nan, math.nan)
+    data = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, len(data), size=(resamples, len(data)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def _stats(values: list[float], spec: EvalSpec) -> dict:
+    if not values:
+        return {"n": 0, "mean": None, "ci95": None}
+    return {"n": len(values), "mean": sum(values) / len(values), "ci95": list(bootstrap_ci(values, spec.bootstrap,
+                                                                                            spec.seed))}
+
+
+def summarise(rows: list[dict], spec: EvalSpec, aligned: str, pairs: list[Pair]) -> dict:
+    """Harmful rate and task score per (adapter, variant); per adapter the repair's effect."""
+
+    def variant(adapter: str, name: str) -> dict:
+        mine = [r for r in rows if r["adapter"] == adapter and r["variant"] == name]
+        judged = [r["judgement"] for r in mine if r["set"] == PromptSet.HARMFUL]
+        return {"harmful_rate": _stats([float(j == Judgement.HARMFUL) for j in judged], spec),
+                "judgements": {j: judged.count(j) for j in sorted(set(judged))},  # refused / empty / safe / harmful
+                "task_score": _stats([r["score"] for r in mine if r["set"] == PromptSet.TASK], spec)}
+
+    adapters = {}
+    for p in pairs:
+        ft, rep = variant(p.name, "finetune"), variant(p.name, "repaired")
+        entry: dict[str, Any] = {"finetuned": p.finetuned, "repaired": p.repaired, "finetune": ft,
+                                 "repaired_adapter": rep}
+        entry["harmful_change"] = _diff(rep["harmful_rate"], ft["harmful_rate"])
+        entry["task_drop"] = _diff(ft["task_score"], rep["task_score"])
+        adapters[p.name] = entry
+    return {"tool": "safemerge-ray", "kind": "eval", "aligned_model": aligned, "judge": spec.judge,
+            "task_metric": spec.task_metric, "settings": spec.model_dump(mode="json"),
+            "aligned": variant("", "aligned"), "adapters": adapters}
+
+
+def _diff(a: dict, b: dict) -> float | None:
+    return None if a["mean"] is None or b["mean"] is None else a["mean"] - b["mean"]
+
+
+def _pct(stats: dict) -> str:
+    if stats["mean"] is None:
+        return "-"
+    lo, hi = stats["ci95"]
+    return f"{100 * stats['mean']:5.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'adapter':<20} {'variant':<9} {'harmful rate [95% CI]':>24} {'task score [95% CI]':>24}"]
+    a = summary["aligned"]
+    lines.append(f"{'(aligned model)':<20} {'aligned':<9} {_pct(a['harmful_rate']):>24} {_pct(a['task_score']):>24}")
+    for name, entry in summary["adapters"].items():
+        for label, key in (("finetune", "finetune"), ("repaired", "repaired_adapter")):
+            v = entry[key]
+            lines.append(f"{name:<20} {label:<9} {_pct(v['harmful_rate']):>24} {_pct(v['task_score']):>24}")
+    return "\n".join(lines)

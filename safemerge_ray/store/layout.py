@@ -1,0 +1,85 @@
+"""Where everything lives in a fleet output, and the names that become paths.
+
+    runs/<run_id>/<adapter>/   adapter_config.json, adapter_model.safetensors   (staged until the commit)
+    runs/<run_id>/             decisions.parquet, summary.json, manifest.json   (the manifest last: the commit)
+    latest/<adapter>.json      pointers: moved only after the manifest is written
+    status/                    lock.json (the run lock), last_run.json and history/ (run records)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import uuid
+
+from ..io import Dir, json_bytes, read_json
+
+SUMMARY = "summary.json"
+MANIFEST = "manifest.json"  # a run's commit point: written last; a run without it did not happen
+DECISIONS = "decisions.parquet"
+REPORT = "report.html"  # `safemerge-ray report` writes it beside a run (or at the output's top): not garbage
+
+
+LAST_RUN = "status/last_run.json"
+HISTORY = "status/history/"
+LOCK = "status/lock.json"
+RUNS, LATEST = "runs/", "latest/"
+
+
+def run_prefix(run_id: str) -> str:
+    return f"{RUNS}{run_id}/"
+
+
+def adapter_prefix(run_id: str, adapter: str) -> str:
+    return f"{RUNS}{run_id}/{adapter}/"
+
+
+def manifest_key(run_id: str) -> str:
+    return f"{RUNS}{run_id}/{MANIFEST}"
+
+
+def pointer_key(adapter: str) -> str:
+    return f"{LATEST}{adapter}.json"
+
+
+def read_pointer(out: Dir, adapter: str) -> dict | None:
+    """An adapter's pointer, or None when it has none (or a damaged one: the adapter is redone)."""
+    return read_json(out, pointer_key(adapter))
+
+
+def pointer_bytes(adapter: str, run_id: str, run_key: str, committed_at: str, **extra) -> bytes:
+    """`latest/<adapter>.json`: what consumers follow to an adapter's published run."""
+    return json_bytes({"adapter": adapter, "run_id": run_id, "path": adapter_prefix(run_id, adapter),
+                       "manifest": manifest_key(run_id), "run_key": run_key, "committed_at": committed_at,
+                       **extra})
+
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_run_id() -> str:
+    """The run's UTC start time and a random suffix: `20261122T035715Z-3f2a9c`."""
+    return _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def run_time(run_id: str) -> float | None:
+    """A run id starts with its UTC start time (20261122T035715Z-...)."""
+    try:
+        stamp = _dt.datetime.strptime(run_id.split("-", 1)[0], "%Y%m%dT%H%M%SZ")
+    except ValueError:
+        return None
+    return stamp.replace(tzinfo=_dt.UTC).timestamp()
+
+
+_NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
+MAX_NAME = 128  # names become file names (`latest/<name>.json` and its temp name): far below 255 bytes
+
+
+def check_adapter_name(name: str) -> str:
+    """Adapter names become output paths (`runs/<id>/<name>/`), so they must be one safe path component."""
+    if not _NAME.fullmatch(name) or name in (".", "..") or len(name) > MAX_NAME:
+        raise ValueError(f"adapter name {name[:MAX_NAME]!r} must be at most {MAX_NAME} letters, digits, '.', '_' "
+                         "or '-', starting with a letter or digit")
+    return name
