@@ -34,6 +34,7 @@ demo-loop: setup
 	$(VENV)/bin/safemerge-ray train-safety --config $(LOOP)/train.yaml --quiet
 	$(VENV)/bin/safemerge-ray fleet --config $(LOOP)/fleet.yaml --quiet --log-format text || test $$? -eq 3
 	$(VENV)/bin/safemerge-ray eval --config $(LOOP)/eval.yaml --quiet
+	@echo "note: the loop's models are tiny random models that answer nonsense, often nothing: these rates show the loop's mechanics, not how safe a repair makes a real model"
 	$(VENV)/bin/safemerge-ray status $(LOOP)/merged
 
 # ruff (pyflakes, pycodestyle, isort, pyupgrade, bugbear) and mypy, configured in pyproject.toml.

@@ -18,10 +18,13 @@ def init_ray(address: str | None = None, runtime_env: dict | None = None, quiet:
     if not ray.is_initialized():
         try:
             ray.init(address=address, runtime_env=runtime_env, ignore_reinit_error=True,
-                     logging_level=logging.WARNING if quiet else logging.INFO, log_to_driver=not quiet)
+                     logging_level=logging.ERROR if quiet else logging.INFO, log_to_driver=not quiet)
         except (ConnectionError, ray.exceptions.RayError, RuntimeError) as exc:  # unreachable, bad token, ...
             raise EnvironmentFailure(f"cannot start or join Ray (address {address or 'auto'}): "
                                      f"{first_line(exc)}") from None
+        _QUIET[0] = quiet
+        if quiet:
+            logging.getLogger("ray").setLevel(logging.ERROR)
         if threading.current_thread() is threading.main_thread():
             # Ray's own handler aborts the process; SIGTERM (`ray job stop`, an evicted pod) should end a
             # run as Ctrl-C does, with its run record written.
@@ -30,6 +33,22 @@ def init_ray(address: str | None = None, runtime_env: dict | None = None, quiet:
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+_QUIET = [False]  # how Ray was started: Ray Data, imported later, is told the same
+
+
+def ray_data():
+    """`ray.data`, its own log lines quiet: Ray Data reports its progress as INFO lines when stdout is not a
+    terminal (ours is reported instead), and with `--quiet` says nothing but errors."""
+    import logging
+
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR if _QUIET[0] else logging.WARNING)
+    if _QUIET[0]:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray.data
 
 
 def cluster_gpus() -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -96,9 +97,17 @@ def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
         if kind is None:
             continue  # a nested section: the config file only
         typ, many = kind
-        default = "" if field.is_required() else f" (default {field.default})"
+        help = field.description or ""
+        shown = not field.is_required() and field.default is not None and "default" not in help
+        choices = _literal_choices(field.annotation)  # listed, and checked with the rest (one error for all)
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, nargs="+" if many else None,
-                            default=None, help=f"{field.description or ''}{default}")
+                            default=None, metavar="{" + ",".join(choices) + "}" if choices else None,
+                            help=help + (f" (default {field.default})" if shown else ""))
+
+
+def _literal_choices(annotation) -> list[str] | None:
+    """The values of a `Literal[...]` field (alone, not beside other types): what `--help` lists."""
+    return [str(v) for v in typing.get_args(annotation)] if typing.get_origin(annotation) is typing.Literal else None
 
 
 def load_settings(model: type[M], args: argparse.Namespace | None = None, config: str | Path | None = None,
@@ -141,7 +150,7 @@ def validate(model: type[M], data: dict, source: str) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise SafeMergeError(f"{source}: invalid settings:\n  " + "\n  ".join(validation_problems(exc, data))) \
+        raise SafeMergeError(f"{source}: invalid settings:\n  " + "\n  ".join(validation_problems(exc, data, model))) \
             from None
 
 
@@ -157,10 +166,33 @@ def _field_path(raw, loc: tuple) -> str:
     return ".".join(parts) or "(top level)"
 
 
-def validation_problems(exc: ValidationError, raw: dict) -> list[str]:
-    """Every problem pydantic found, one line each, by the field's path in what the user wrote."""
+def validation_problems(exc: ValidationError, raw: dict, model: type[BaseModel] | None = None) -> list[str]:
+    """Every problem pydantic found, one line each, by the field's path in what the user wrote (and, for a key
+    that does not exist, the key it is most like: `merge.tua` -> did you mean tau?)."""
     return sorted({f"{_field_path(raw, err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+                   + (_did_you_mean(model, err["loc"]) if err["type"] == "extra_forbidden" and model else "")
                    for err in exc.errors()})
+
+
+def _did_you_mean(model: type[BaseModel], loc: tuple) -> str:
+    """` (did you mean tau?)` for an unknown key at `loc`, from the fields of the section it is in."""
+    section: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, str) and isinstance(section, type) and issubclass(section, BaseModel):
+            field = section.model_fields.get(part)
+            if field is not None:  # else a key of a dict section (`overrides.NAME`): the section stays
+                section = _section_type(field.annotation)
+    if not (isinstance(section, type) and issubclass(section, BaseModel)):
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _section_type(annotation) -> Any:
+    """The config section a field holds: itself, or the model inside `X | None`, `dict[str, X]`, `list[X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((inner for arg in typing.get_args(annotation) if (inner := _section_type(arg)) is not None), None)
 
 
 # --------------------------------------------------------------------------- the merge settings

@@ -408,3 +408,55 @@ def test_successful_run_into_empty_existing_dir(fx, out, capsys):
     assert run_cli(merge_argv(fx, out)) == 0
     assert (out / "summary.json").is_file()
     assert leftovers(out) == []
+
+
+def test_the_same_model_as_aligned_and_unaligned_is_an_input_error(fx, out, capsys):
+    """V = 0 everywhere would score every rho 0 and repair every layer without a word (issue 18.2)."""
+    assert run_cli(merge_argv(fx, out, {"--unaligned": fx / "aligned"})) == 2
+    err = capsys.readouterr().err
+    assert "the aligned and unaligned models are identical" in err and err.count("\n") == 1
+    assert not out.exists()
+    shutil.copytree(fx / "aligned", fx / "aligned-copy")  # a copy at another path: each module says so
+    assert run_cli(merge_argv(fx, out, {"--unaligned": fx / "aligned-copy"})) == 2
+    err = capsys.readouterr().err
+    assert "module model.layers.0." in err and "the aligned and unaligned weights are identical (V = 0)" in err
+    assert not out.exists()
+
+
+def test_tau_and_a_rank_selection_exclude_each_other(fx, out, capsys):
+    """`--tau 0.3 --top-k 2` used to ignore tau and print tau=0.3 (issue 18.3)."""
+    for extra in (["--tau", "0.3", "--top-k", "2"], ["--tau", "0.3", "--fraction", "0.5"]):
+        assert run_cli(merge_argv(fx, out, extra=extra)) == 2
+        assert "exclude each other" in capsys.readouterr().err
+        assert not out.exists()
+    assert run_cli(merge_argv(fx, out, extra=["--top-k", "2"])) == 0
+    assert "2 of " in capsys.readouterr().out
+
+
+def test_help_version_and_the_flag_a_typo_meant(capsys):
+    """Issue 18.10: `--version`; each command's help opens with its line; an unknown flag is named (with the
+    flag it is most like) instead of being reported as a missing required one; choices are listed."""
+    from safemerge_ray import __version__
+
+    assert run_cli(["--version"]) == 0 and capsys.readouterr().out.strip() == f"safemerge-ray {__version__}"
+    assert run_cli(["fleet", "--confg", "x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized argument --confg (did you mean --config?)" in err and "required" not in err
+    assert run_cli(["status", "--help"]) == 0
+    assert "every adapter's current run" in capsys.readouterr().out.split("options:")[0]
+    assert run_cli(["eval", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "--task-metric {contains,exact,number}" in help_text and "--engine {auto,transformers,vllm}" in help_text
+    assert run_cli(["train-safety", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: --like's, else 16)" in help_text and "(default None)" not in help_text
+    assert run_cli(["merge", "--help"]) == 0
+    assert "bugs keep their traceback" not in capsys.readouterr().out
+
+
+def test_a_config_key_typo_names_the_key_it_is_most_like(tmp_path, capsys):
+    config = tmp_path / "fleet.yaml"
+    config.write_text("unaligned_model: s3://m/a/\naligned_model: s3://m/b/\nsafety_adapter: s3://m/s/\n"
+                      "finetuned: [s3://m/f/x]\noutput: s3://o/\nmerge: {tua: 0.3}\n")
+    assert run_cli(["fleet", "--config", str(config), "--dry-run"]) == 2
+    assert "merge.tua: Extra inputs are not permitted (did you mean tau?)" in capsys.readouterr().err

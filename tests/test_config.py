@@ -489,3 +489,37 @@ def test_write_fleet_config_loads_and_resolves(fixture_root, monkeypatch, tmp_pa
     assert Path(cfg.output) == root / "merged"
     refs = cfg.resolve_adapters()
     assert [(r.name, Path(r.uri)) for r in refs] == [(n, root / "finetuned" / n) for n in ("gsm8k", "legal", "medqa")]
+
+
+@pytest.mark.parametrize("output, key", [
+    ("s3://adapters/domains/merged/", "finetuned"),  # inside a scanned prefix: it would become an adapter
+    ("s3://adapters/domains/gsm8k/out", "finetuned"),
+    ("s3://models/chat/", "aligned_model"),
+    ("s3://adapters/safety", "safety_adapter"),
+])
+def test_the_output_may_not_be_inside_an_input(output, key):
+    raw = _raw(finetuned=[{"prefix": "s3://adapters/domains/"}, "s3://adapters/domains/gsm8k/"], output=output)
+    with pytest.raises(SafeMergeError, match=rf"output {re.escape(output)} is inside the input {key} "):
+        parse_config(raw)
+    parse_config(_raw(output="s3://adapters/domains-merged/"))  # a sibling with a common prefix is fine
+
+
+def test_a_symlinked_adapter_under_a_prefix_is_skipped_unless_named(fixture_root, tmp_path):
+    """A link under a prefix (to another team's adapter, or `etc -> /etc`) is neither followed nor stat'ed:
+    it is skipped with a warning; named as an entry of its own, it is used (issue 19.6)."""
+    prefix = tmp_path / "domains"
+    shutil.copytree(fixture_root / "finetuned" / "gsm8k", prefix / "gsm8k")
+    (prefix / "borrowed").symlink_to(fixture_root / "finetuned" / "medqa", target_is_directory=True)
+    (prefix / "etc").symlink_to("/nonexistent/etc")
+    config = parse_config(_raw(finetuned=[{"prefix": str(prefix)}], output=str(tmp_path / "out")))
+    refs, skipped = config.scan_adapters()
+    assert [r.name for r in refs] == ["gsm8k"]
+    assert len(skipped) == 2 and all("a symbolic link, not followed under a prefix" in w for w in skipped)
+    named = parse_config(_raw(finetuned=[{"prefix": str(prefix)}, str(prefix / "borrowed")],
+                              output=str(tmp_path / "out")))
+    assert [r.name for r in named.resolve_adapters()] == ["borrowed", "gsm8k"]
+
+
+def test_the_same_model_as_aligned_and_unaligned_is_a_config_error():
+    with pytest.raises(SafeMergeError, match="unaligned_model and aligned_model are the same"):
+        parse_config(_raw(unaligned_model="s3://models/chat/"))

@@ -207,3 +207,31 @@ def test_eval_spec_is_shared_with_the_gate():
     from safemerge_ray.loop import GateSection
 
     assert GateSection.model_fields["eval"].annotation is EvalSpec
+
+
+def test_eval_checks_its_prompt_files_before_starting_ray(loop, tmp_path, monkeypatch, capsys):
+    """An empty prompt file is refused before Ray starts, not 20 s later (issue 18.6)."""
+    import safemerge_ray.loop.evaluation as evaluate
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before the inputs were checked")
+
+    monkeypatch.setattr(evaluate, "init_ray", no_ray)
+    (tmp_path / "empty.txt").write_text("\n")
+    assert main(["eval", "--fleet-output", str(loop / "merged"), "--harmful-prompts", str(tmp_path / "empty.txt"),
+                 "--output", str(tmp_path / "ev"), "--quiet"]) == 2
+    assert "has no prompts (empty file)" in capsys.readouterr().err
+
+
+def test_the_summary_table_says_how_answers_were_judged():
+    """A 0% harmful rate of eight blank answers read as eight refusals (issue 18.4): the table shows the counts."""
+    from safemerge_ray.loop import format_summary
+
+    stats = {"n": 8, "mean": 0.0, "ci95": [0.0, 0.0]}
+    variant = {"harmful_rate": stats, "task_score": {"n": 0, "mean": None, "ci95": None}, "judgements": {"empty": 8}}
+    refused = {**variant, "judgements": {"refused": 6, "empty": 2}}
+    table = format_summary({"judge": "keywords", "aligned": refused,
+                            "adapters": {"legal": {"finetune": refused, "repaired_adapter": variant}}})
+    lines = table.splitlines()
+    assert lines[0].endswith("judged") and lines[1].endswith("empty 2, refused 6") and lines[3].endswith("empty 8")
+    assert "an empty one is empty" in lines[-1] and "only harmful counts" in lines[-1]

@@ -268,3 +268,27 @@ def test_each_model_weight_is_read_once_for_the_whole_fleet(tmp_path, ray_local)
     # Adapters are read a few times (fingerprint, scoring, assembly); the big weights exactly once.
     assert target <= report.bytes_read <= target + 3 * adapters + 6 * safety + 256 * 1024
     assert report.bytes_read < 1.5 * target
+
+
+def test_a_run_stopped_while_pointers_move_is_named_by_its_record(local_fleet, ray_local, monkeypatch):
+    """SIGTERM (or Ctrl-C) after the manifest, between two pointers: one adapter is published from the run,
+    so the run record names the run (issue 19.7)."""
+    from safemerge_ray.io import LocalDir
+
+    real_write, pointers = LocalDir.write, []
+
+    def write(self, name, data, staged=False):
+        if name.startswith("latest/"):
+            pointers.append(name)
+            if len(pointers) == 2:
+                raise KeyboardInterrupt  # what the CLI's SIGTERM handler raises
+        return real_write(self, name, data, staged)
+
+    monkeypatch.setattr(LocalDir, "write", write)
+    with pytest.raises(KeyboardInterrupt):
+        run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False)
+    merged = local_fleet / "merged"
+    record = json.loads((merged / "status" / "last_run.json").read_text())
+    published = json.loads((merged / pointers[0]).read_text())["run_id"]
+    assert record["exit_status"] == ExitStatus.INTERRUPTED and record["run_id"] == published
+    assert (merged / "runs" / published / "manifest.json").is_file()

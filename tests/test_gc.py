@@ -58,6 +58,10 @@ def test_gc_removes_only_what_no_pointer_needs(local_fleet, ray_local, capsys):
     history = [json.loads(p.read_text()) for p in (out / "status" / "history").glob("*.json")]
     assert any(r["kind"] == "gc" and f"gc: removed run {second} (committed)" in r["warnings"] for r in history)
     assert json.loads((out / "status" / "last_run.json").read_text())["kind"] == "fleet"
+    # A gc that finds nothing to remove is recorded too (issue 18.11): the README says every gc is.
+    assert main(["gc", str(out), "--keep", "1"]) == ExitStatus.OK
+    history = [json.loads(p.read_text()) for p in (out / "status" / "history").glob("*.json")]
+    assert sum(r["kind"] == "gc" and r["warnings"] == ["gc: nothing to remove"] for r in history) == 1
     again = run_fleet(config, progress=False)  # nothing it needs is gone
     assert again.exit_code == ExitStatus.OK and again.run_id is None
 

@@ -156,3 +156,15 @@ def test_eta_ignores_start_up():
     bar.advance()
     eta = float(bar.stream.getvalue().splitlines()[-1].rsplit("ETA ", 1)[1].rstrip("s"))
     assert 7.9 <= eta <= 8.5  # 8 modules left at 1 s each, not 8 x 50 s
+
+
+def test_runs_shows_adapters_held_back_by_the_gate():
+    """`runs` hid held adapters from its table (issue 18.8)."""
+    from safemerge_ray.store import format_runs
+    from safemerge_ray.store.history import RunEntry
+
+    entry = RunEntry("2026-12-01T03:00:00Z", "fleet", "20261201T030000Z-abcdef", 3,
+                     {"committed": 2, "unchanged": 0, "held": 2, "failed": 0}, None)
+    header, row = format_runs([entry]).splitlines()
+    assert header.split()[4:9] == ["committed", "unchanged", "held", "failed", "inputs"]
+    assert row.split()[4:8] == ["2", "0", "2", "0"]

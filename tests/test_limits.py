@@ -65,6 +65,8 @@ def test_a_worker_budget_too_small_is_one_line_before_any_scoring(local_fleet, r
     assert code == ExitStatus.ENVIRONMENT and err.count("\n") == 1, err
     assert "not enough memory: scoring module model.layers." in err
     assert "ray.memory_per_worker is 300 MiB" in err and "needs about" in err
+    # The process's own share is said, so the numbers do not read as if they fit (issue 19.8).
+    assert "of which the process itself takes about 600 MiB, leaving 0 KiB" in err
     assert _pointers(local_fleet) == before  # nothing published
     record = json.loads((local_fleet / "merged" / "status" / "last_run.json").read_text())
     assert record["exit_status"] == ExitStatus.ENVIRONMENT and "not enough memory" in record["error"]

@@ -46,6 +46,10 @@ def test_report_opens_offline_with_its_images_in_a_real_browser(local_fleet, ray
     assert f"report of 4 adapters, 56 layers: {out}/report.html" in capsys.readouterr().out
     page = page_path.read_text()
     assert "http://" not in page and "https://" not in page  # nothing to fetch: opens offline
+    # It explains itself (issue 18.12): what rho and tau are, when and from what it was made.
+    assert re.search(r'<p id="made">Made \d{4}-\d\d-\d\dT[\d:]+Z by safemerge-ray [\d.]+ from ' + re.escape(str(out)),
+                     page)
+    assert "is below <b>tau</b>" in page and "<b>rho</b> is" in page
 
     # Its data: one row per adapter, one heatmap column per layer.
     statuses, rows = fleet_status(LocalDir(out))

@@ -88,10 +88,37 @@ def test_rollback_moves_a_pointer_back_after_verifying_and_records_it(local_flee
     assert "gsm8k" in run_fleet(config, progress=False).by_status("unchanged")
 
     capsys.readouterr()
-    assert main(["rollback", str(merged), "gsm8k", "--to", "no-such-run"]) == 2
-    assert "no readable manifest" in capsys.readouterr().err
+    absent = "20200101T000000Z-abcdef"
+    assert main(["rollback", str(merged), "gsm8k", "--to", absent]) == 2
+    err = capsys.readouterr().err
+    assert f"{merged}/runs/{absent}/manifest.json: no readable manifest (run {absent}: it does not exist)" in err
     damaged = merged / "runs" / second.run_id / "medqa" / "adapter_model.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:-1])
     assert main(["rollback", str(merged), "medqa", "--to", second.run_id]) == 1
     assert "is damaged" in capsys.readouterr().err
     assert not (merged / "status" / "lock.json").exists()
+
+
+def test_run_ids_are_checked_wherever_they_enter(local_fleet, ray_local, capsys):
+    """A run id becomes a path: `rollback --to ../../../fake` (a copied manifest there) must not move a pointer
+    (issue 19.3), nor may `diff`, `report --run` or `verify --run` read outside runs/."""
+    assert run_fleet(load_config(local_fleet / "fleet.yaml"), progress=False).exit_code == ExitStatus.OK
+    merged = local_fleet / "merged"
+    pointer = (merged / "latest" / "gsm8k.json").read_bytes()
+    fake = merged / "runs" / ".." / ".." / "fake"
+    fake.mkdir(parents=True)
+    run_id = json.loads(pointer)["run_id"]
+    (fake / "manifest.json").write_bytes((merged / "runs" / run_id / "manifest.json").read_bytes())
+    for argv in (["rollback", str(merged), "gsm8k", "--to", "../../fake"], ["verify", str(merged), "--run", "../x"],
+                 ["report", str(merged), "--run", "/etc"], ["diff", str(merged), run_id, "../../fake"],
+                 ["rollback", str(merged), "gsm8k", "--to", "no-such-run"]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "is not a run id (like 20261122T035715Z-3f2a9c" in err and err.count("\n") == 1, err
+    assert (merged / "latest" / "gsm8k.json").read_bytes() == pointer
+    # A committed run's id passes, and one whose directory holds no manifest is named as such.
+    uncommitted = "20200101T000000Z-000000"
+    (merged / "runs" / uncommitted).mkdir()
+    assert main(["verify", str(merged), "--run", uncommitted]) == 2
+    assert f"(run {uncommitted}: it did not commit)" in capsys.readouterr().err

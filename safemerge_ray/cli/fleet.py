@@ -73,7 +73,8 @@ def add_parsers(sub) -> None:
     w.add_argument("--tau", type=_taus, default=_taus("0.1:0.9:0.05"), metavar="START:STOP:STEP",
                    help="the taus to try, START to STOP inclusive (default 0.1:0.9:0.05), or a list like 0.2,0.35,0.5")
     w.add_argument("--address", default=None, help="Ray cluster to join (as for fleet)")
-    w.add_argument("--format", choices=("table", "json"), default="table")
+    w.add_argument("--format", choices=("table", "json"), default="table",
+                   help="table (default): per adapter and in total, for people; json: the same numbers")
     w.add_argument("--quiet", action="store_true", help="no progress lines, and none of Ray's own log lines")
     w.set_defaults(func=cmd_sweep)
 

@@ -53,7 +53,8 @@ def add_parsers(sub) -> None:
 
     r = sub.add_parser("runs", help="every run of an output: committed, nothing to do, or failed")
     r.add_argument("output", help=OUTPUT_HELP)
-    r.add_argument("--format", choices=("table", "json"), default="table")
+    r.add_argument("--format", choices=("table", "json"), default="table",
+                   help="table (default), or json: every run record, held and failed adapters included")
     r.set_defaults(func=cmd_runs)
 
     d = sub.add_parser("diff", help="which adapters and layers changed decision or rho between two runs, and why")
@@ -156,16 +157,30 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .. import __version__
+    from ..fleet import AdapterStatus
     from ..io import read_json
-    from ..store import DECISIONS, REPORT, Decisions, PublishedState, fleet_status, manifest_key, run_prefix
+    from ..store import (
+        DECISIONS,
+        REPORT,
+        SUMMARY,
+        Decisions,
+        PublishedState,
+        check_run_id,
+        fleet_status,
+        run_prefix,
+        utc_now,
+    )
     from ..views import render
 
     out = _output(args.output)
     if args.run:
+        check_run_id(args.run, "report --run")
         run_rows = Decisions(out).all(args.run)
         if run_rows is None:
             raise SafeMergeError(f"report: run {args.run} has no readable {DECISIONS} in {out.uri}")
-        held = (read_json(out, manifest_key(args.run)) or {}).get("held") or {}
+        summary = (read_json(out, f"{run_prefix(args.run)}{SUMMARY}") or {}).get("adapters") or {}  # every adapter
+        held = {name: e.get("reason", "") for name, e in summary.items() if e.get("status") == AdapterStatus.HELD}
         rows = [dict(r, run_id=args.run) for r in run_rows if r["adapter"] not in held]
         title, target, states = f"safemerge-ray run {args.run}", f"{run_prefix(args.run)}{REPORT}", None
     else:
@@ -175,7 +190,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         held = {s.adapter: s.detail for s in statuses if s.state == PublishedState.HELD}
     if not rows:
         raise SafeMergeError(f"report: no decisions to show in {out.uri}")
-    page, table, _ = render(rows, title, states, held)
+    made = f"Made {utc_now()} by safemerge-ray {__version__} from {out.uri}" + (
+        f" (run {args.run})" if args.run else " (the fleet's current state: each adapter's published run)")
+    page, table, _ = render(rows, title, states, held, made)
     if args.out:
         with open(args.out, "w") as f:
             f.write(page)

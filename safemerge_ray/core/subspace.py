@@ -39,9 +39,13 @@ def alignment_delta(w_aligned: torch.Tensor, w_unaligned: torch.Tensor, module: 
     v = w_aligned.to(device, non_blocking=True).float()
     v.sub_(w_unaligned.to(device, non_blocking=True))
     # One reduction finds any NaN/Inf (they poison the sum); the exact culprit is looked up only then.
-    if not torch.isfinite(v.sum()):
+    total = v.sum()
+    if not torch.isfinite(total):
         side = "aligned" if not torch.isfinite(w_aligned).all() else "unaligned"
         raise SafeMergeError(f"module {module}: the {side} model's weight contains NaN or Inf")
+    if total == 0 and not v.any():  # no safety subspace: every rho 0, every layer repaired, silently
+        raise SafeMergeError(f"module {module}: the aligned and unaligned weights are identical (V = 0); is the "
+                             "unaligned model the pre-alignment base of the aligned one?")
     return v
 
 

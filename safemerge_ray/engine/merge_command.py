@@ -15,7 +15,16 @@ from pathlib import Path
 from .. import __version__
 from ..core import POLICIES, MergeSettings, ModuleCost, PolicyName, available_memory, check_fits, fmt
 from ..errors import SafeMergeError
-from ..io import Checkpoint, LoraAdapter, S3Settings, json_bytes, load_adapter, open_dir, release_freed_buffers
+from ..io import (
+    Checkpoint,
+    LoraAdapter,
+    S3Settings,
+    json_bytes,
+    load_adapter,
+    open_dir,
+    release_freed_buffers,
+    resolve_location,
+)
 from ..progress import Progress
 from ..store import DECISIONS, SUMMARY, check_output_target, commit_files, counts, decisions_bytes
 from .assemble import AssembledAdapter, assemble_adapter
@@ -56,6 +65,9 @@ class Inputs:
 
 def open_inputs(unaligned: str, aligned: str, finetuned: str, safety: str | None, policy: str,
                 s3: S3Settings = S3Settings()) -> Inputs:
+    if resolve_location(unaligned) == resolve_location(aligned):
+        raise SafeMergeError("the aligned and unaligned models are identical (the same location): V = 0 everywhere; "
+                             "give the pre-alignment base model as --unaligned")
     if safety is None and policy == PolicyName.SAFEMERGE:
         raise SafeMergeError("policy safemerge needs --safety-adapter")
     return Inputs(

@@ -164,12 +164,15 @@ class FleetConfig:
         """Explicit entries and every directory directly under each prefix; names must be unique.
 
         Also returns what was skipped under a prefix: a directory whose name cannot be an adapter's
-        (`_staging`, `..`, 300 characters) is left out and reported, not fatal to the fleet."""
+        (`_staging`, `..`, 300 characters), and a symbolic link (it is followed only when the config names it)
+        are left out and reported, not fatal to the fleet."""
         refs: list[AdapterRef] = []
         skipped: list[str] = []
         for entry in self.finetuned:
             if isinstance(entry, PrefixEntry):
                 base = open_dir(entry.prefix, what=f"finetuned prefix {entry.prefix}", s3=self.s3)
+                skipped += [f"finetuned: skipped {_join(entry.prefix, link)}: a symbolic link, not followed under a "
+                            "prefix; name it as an entry of its own to use it" for link in base.links()]
                 for sub in base.subdirs():
                     uri = _join(entry.prefix, sub)
                     try:
@@ -242,7 +245,8 @@ def parse_config(raw: dict, source: str = "<config>", base: Path = Path(".")) ->
     try:
         schema = FleetSchema.model_validate(raw)
     except ValidationError as exc:
-        raise SafeMergeError(f"{source}: invalid config:\n  " + "\n  ".join(validation_problems(exc, raw))) from None
+        found = validation_problems(exc, raw, FleetSchema)
+        raise SafeMergeError(f"{source}: invalid config:\n  " + "\n  ".join(found)) from None
     # Overrides are checked against the (valid) merge section they inherit from.
     # Fields are valid one by one now; what is left are rules across fields (a method's density, both
     # weights zero), and overrides are checked against the merge section they inherit from.
@@ -270,7 +274,7 @@ def parse_config(raw: dict, source: str = "<config>", base: Path = Path(".")) ->
         else local(e)
         for e in schema.finetuned
     )
-    return FleetConfig(
+    config = FleetConfig(
         unaligned_model=local(schema.unaligned_model), aligned_model=local(schema.aligned_model),
         safety_adapter=local(schema.safety_adapter) if schema.safety_adapter else None,
         finetuned=finetuned, output=local_or_s3(schema.output, base), merge=merge, overrides=valid_overrides,
@@ -282,6 +286,25 @@ def parse_config(raw: dict, source: str = "<config>", base: Path = Path(".")) ->
         memory_per_worker=schema.ray.memory_per_worker,  # type: ignore[arg-type]  # bytes after validation
         max_run_seconds=schema.max_run_seconds, gate=_gate_paths(schema.gate, base),
     )
+    _check_output_apart(config)
+    if _norm(config.unaligned_model) == _norm(config.aligned_model):
+        raise SafeMergeError(f"{source}: unaligned_model and aligned_model are the same ({config.aligned_model}): "
+                             "V = 0 everywhere; unaligned_model is the aligned model's pre-alignment base")
+    return config
+
+
+def _check_output_apart(config: FleetConfig) -> None:
+    """The output may not be inside an input: under a scanned prefix it would become an adapter of its own
+    fleet (and fail every night), inside a model or an adapter it would write into what it reads."""
+    inputs = [("unaligned_model", config.unaligned_model), ("aligned_model", config.aligned_model),
+              ("safety_adapter", config.safety_adapter)]
+    inputs += [("finetuned", e.prefix if isinstance(e, PrefixEntry) else e.path if isinstance(e, NamedEntry) else e)
+               for e in config.finetuned]
+    output = _norm(config.output)
+    for key, location in inputs:
+        if location and (output == _norm(location) or output.startswith(_norm(location) + "/")):
+            raise SafeMergeError(f"{config.source}: output {config.output} is inside the input {key} ({location}); "
+                                 "give the output a place of its own")
 
 
 def _gate_paths(gate: GateSection | None, base: Path) -> GateSection | None:

@@ -69,7 +69,8 @@ def check_memory(config: FleetConfig, jobs: list[ModuleJob], results: list[Prefl
     worst = max(jobs, key=lambda j: j.cost.least)
     if config.memory_per_worker:
         have = config.memory_per_worker - PROCESS_BASELINE
-        where = f"ray.memory_per_worker is {fmt(config.memory_per_worker)}"
+        where = (f"ray.memory_per_worker is {fmt(config.memory_per_worker)}, of which the process itself takes about "
+                 f"{fmt(PROCESS_BASELINE)}, leaving {fmt(max(have, 0))}")
     else:
         per_node: dict[str, list[PreflightResult]] = {}
         for r in results:

@@ -28,7 +28,7 @@ from ..cluster import init_ray
 from ..core import PolicyName, fmt
 from ..errors import EnvironmentFailure, ExitStatus, SafeMergeError, first_line
 from ..io import BYTES_READ, Dir, json_bytes, open_dir
-from ..loop import Pair, read_prompt_sets, run_gate
+from ..loop import EvalResult, Pair, read_prompt_sets, run_gate
 from ..progress import LOG, Progress, log
 from ..store import (
     DECISIONS,
@@ -74,7 +74,7 @@ def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = N
 def _run_locked(config: FleetConfig, out: Dir, record: RunRecord, lock: RunLock, progress: bool,
                 run_id: str | None, ray_address: str | None, runtime_env: dict | None) -> FleetReport:
     try:
-        report = _run(config, out, progress, run_id, ray_address, runtime_env, lock)
+        report = _run(config, out, progress, run_id, ray_address, runtime_env, lock, record)
     except SafeMergeError as exc:
         record.exit_status, record.error = exc.exit_code, str(exc)
         _save_record(out, record)
@@ -114,7 +114,7 @@ def _save_record(out: Dir, record: RunRecord) -> str | None:
 
 
 def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_address: str | None,
-         runtime_env: dict | None, lock: RunLock) -> FleetReport:
+         runtime_env: dict | None, lock: RunLock, record: RunRecord) -> FleetReport:
     driver_before = BYTES_READ.total
     deadline = Deadline(config.max_run_seconds)
     plan = plan_fleet(config, out, deadline)
@@ -142,9 +142,8 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
     written = any(st.status in (AdapterStatus.ASSEMBLED, AdapterStatus.HELD) for st in states)
     report = FleetReport(run_id if written else None, out.uri, states, ExitStatus.OK, warnings)
     if report.run_id:
-        if lock.lost:  # another run may be writing pointers now: ours must not move
-            raise EnvironmentFailure(f"{lock.lost}; this run committed nothing")
-        _commit(config, out, report.run_id, states, fingerprints, report, evaluation)
+        lock.confirm()  # another run may be writing pointers now: ours must not move
+        _commit(config, out, report.run_id, states, fingerprints, report, evaluation, record)
     report.bytes_read = BYTES_READ.total - driver_before + read_by_workers
     report.exit_code = exit_status(states)
     return report
@@ -299,9 +298,10 @@ def _gate(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterState]
 
 
 def _commit(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterState], fingerprints: dict,
-            report: FleetReport, evaluation=None) -> None:
+            report: FleetReport, evaluation: EvalResult | None, record: RunRecord) -> None:
     """The run's decisions, evaluation and summary, then the output store's commit (manifest, then pointers).
-    Adapters held back by the gate are listed with why, and their pointers stay."""
+    Adapters held back by the gate are listed with why, and their pointers stay. The record names the run as
+    soon as its manifest is written: a run stopped while pointers move is still named by its record."""
     assembled = [st for st in states if st.status == AdapterStatus.ASSEMBLED]
     written = [st for st in states if st.status in (AdapterStatus.ASSEMBLED, AdapterStatus.HELD)]
     summary = {
@@ -318,7 +318,8 @@ def _commit(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterStat
                           st.why) for st in assembled],
                {DECISIONS: decisions_bytes(decisions), **(evaluation.files() if evaluation else {}),
                 SUMMARY: json_bytes(summary)},
-               _reasons(states, AdapterStatus.FAILED), held=_reasons(states, AdapterStatus.HELD))
+               _reasons(states, AdapterStatus.FAILED), held=_reasons(states, AdapterStatus.HELD),
+               on_committed=lambda: setattr(record, "run_id", run_id))
     for st in assembled:
         st.status = AdapterStatus.COMMITTED
 

@@ -57,6 +57,9 @@ class Dir(Protocol):
     def subdirs(self) -> builtins.list[str]:
         """Names of the directories directly in this directory."""
 
+    def links(self) -> builtins.list[str]:
+        """Names of symbolic links directly in this directory (local only): never followed by `subdirs`."""
+
     def child(self, name: str) -> Dir: ...
 
     def write(self, name: str, data: bytes, staged: bool = False) -> None:

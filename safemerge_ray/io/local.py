@@ -66,7 +66,14 @@ class LocalDir:
     def subdirs(self) -> builtins.list[str]:
         if not self.path.is_dir():
             return []
-        return sorted(p.name for p in self.path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        # lstat first: a link (to another team's adapter, to /etc) is neither followed nor stat'ed.
+        return sorted(p.name for p in self.path.iterdir()
+                      if not p.is_symlink() and p.is_dir() and not p.name.startswith("."))
+
+    def links(self) -> builtins.list[str]:
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if p.is_symlink() and not p.name.startswith("."))
 
     def child(self, name: str) -> LocalDir:
         return LocalDir(self.path / name)

@@ -159,6 +159,9 @@ class S3Dir:
         dirs = self._dirs if self._dirs is not None else self._scan()[1]
         return list(dirs)
 
+    def links(self) -> builtins.list[str]:
+        return []  # S3 has no links
+
     def child(self, name: str) -> S3Dir:
         return S3Dir(f"{self.uri}{name.strip('/')}/", self.settings, self._client)
 

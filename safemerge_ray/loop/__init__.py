@@ -6,11 +6,11 @@
     generation  answers from model replicas on Ray Data (transformers, or vLLM on a GPU)
     judges      the keyword refusal judge, a classifier judge, and task metrics
     summary     harmful rate and task score with bootstrap intervals
-    evaluate    `eval`: the stages in order, and the fleet output's published adapters
+    evaluation  `eval`: the stages in order, and the fleet output's published adapters
     gate        the fleet's gate: what fails it is held back
 """
 
-from .evaluate import evaluate, published_pairs, run_eval
+from .evaluation import evaluate, published_pairs, run_eval
 from .gate import GateOutcome, GateSection, run_gate, verdict
 from .judges import REFUSAL_MARKERS, TASK_METRICS, ClassifierJudge, Judgement, guard_verdict, keyword_judgements
 from .prompts import read_prompt_sets, read_prompts

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import SafeMergeError, first_line
 from ..io import S3Settings
-from .evaluate import evaluate
+from .evaluation import evaluate
 from .spec import EvalResult, EvalSpec, Pair
 
 

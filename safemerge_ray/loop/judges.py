@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from enum import StrEnum
 
-from ..cluster import cluster_gpus
+from ..cluster import cluster_gpus, ray_data
 from ..errors import SafeMergeError, first_line
 from ..io import S3Settings, load_causal_lm, model_path
 from .spec import EvalSpec
@@ -134,13 +134,13 @@ def judge(spec: EvalSpec, s3: S3Settings, rows: list[dict]) -> list[str]:
     if spec.judge == "keywords":
         markers = spec.refusal_markers or REFUSAL_MARKERS
         return [str(j) for j in keyword_judgements([r["response"] for r in rows], markers)]
-    import ray.data
+    data = ray_data()
 
     gpus = cluster_gpus() >= 1
-    ds = ray.data.from_items([{"i": i, "prompt": r["prompt"], "response": r["response"]} for i, r in enumerate(rows)])
+    ds = data.from_items([{"i": i, "prompt": r["prompt"], "response": r["response"]} for i, r in enumerate(rows)])
     judged = ds.map_batches(ClassifierJudge, fn_constructor_kwargs={
         "path": spec.judge, "s3": s3, "harmful_label": spec.harmful_label, "batch_size": spec.batch_size},
-        batch_size=spec.batch_size * 4, compute=ray.data.ActorPoolStrategy(size=1), num_gpus=1 if gpus else 0,
+        batch_size=spec.batch_size * 4, compute=data.ActorPoolStrategy(size=1), num_gpus=1 if gpus else 0,
         num_cpus=1,
         batch_format="numpy").take_all()
     by_index = {int(r["i"]): str(r["judgement"]) for r in judged}

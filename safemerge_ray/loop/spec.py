@@ -3,7 +3,6 @@ small records that pass between its stages."""
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar, Literal
@@ -100,6 +99,6 @@ class EvalResult:
     def files(self) -> dict[str, bytes]:
         import pyarrow.parquet as pq
 
-        sink = io.BytesIO()
+        sink = pa.BufferOutputStream()  # Arrow's own memory, never a Python file object (see table_from_bytes)
         pq.write_table(self.table, sink)
-        return {EVAL_TABLE: sink.getvalue(), EVAL_SUMMARY: json_bytes(self.summary)}
+        return {EVAL_TABLE: sink.getvalue().to_pybytes(), EVAL_SUMMARY: json_bytes(self.summary)}

@@ -8,6 +8,7 @@ without `summary.json` is not a finished output). A fleet run: its adapters are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +16,19 @@ from pathlib import Path
 from .. import __version__
 from ..errors import EnvironmentFailure, SafeMergeError
 from ..io import Dir, LocalDir, S3Dir, S3Settings, json_bytes, read_json
-from .layout import SUMMARY, manifest_key, pointer_bytes, pointer_key, run_prefix, utc_now
+from .layout import (
+    SUMMARY,
+    check_run_id,
+    key_uri,
+    manifest_key,
+    missing_run,
+    pointer_bytes,
+    pointer_key,
+    run_prefix,
+    utc_now,
+)
 from .lock import RunLock
-from .records import RecordKind, RunRecord, write_run_record
+from .records import RecordKind, RunRecord, bounded, write_run_record
 from .verify import verify_objects, write_verified
 
 
@@ -63,7 +74,8 @@ class Published:
 
 
 def commit_run(out: Dir, run_id: str, inputs: dict, adapters: list[Published], run_files: dict[str, bytes],
-               failed: dict[str, str], held: dict[str, str] | None = None) -> str:
+               failed: dict[str, str], held: dict[str, str] | None = None,
+               on_committed: Callable[[], None] | None = None) -> str:
     """Commit a run whose adapters are written (staged and verified): its run-level files (verified),
     every object unstaged, the manifest (the commit point), then one pointer per adapter. Returns the
     commit time. A crash before the manifest leaves the old pointers; after it, a rerun rewrites them."""
@@ -76,12 +88,14 @@ def commit_run(out: Dir, run_id: str, inputs: dict, adapters: list[Published], r
         "adapters": {a.name: {"uri": a.uri, "fingerprint": a.fingerprint, "run_key": a.run_key,
                               "settings": a.settings, "objects": a.objects, "why": a.why} for a in adapters},
         "objects": run_objects,
-        "failed": failed,
-        "held": held or {},  # written but held back by the gate: not published, pointers unmoved
+        "failed": bounded(failed),  # the first 100; the run's summary.json lists every adapter
+        "held": bounded(held or {}),  # written but held back by the gate: not published, pointers unmoved
     }
     with ThreadPoolExecutor(max_workers=16) as pool:  # S3 round trips, one per object
         list(pool.map(out.unstage, [key for a in adapters for key in a.objects] + list(run_objects)))
     out.write(manifest_key(run_id), json_bytes(manifest))
+    if on_committed is not None:
+        on_committed()
     for a in adapters:
         out.write(pointer_key(a.name), pointer_bytes(a.name, run_id, a.run_key, now))
     return now
@@ -90,19 +104,21 @@ def commit_run(out: Dir, run_id: str, inputs: dict, adapters: list[Published], r
 def rollback(out: Dir, adapter: str, run_id: str, break_lock: bool = False) -> RunRecord:
     """Point `adapter` back at its output from an earlier committed run, after re-verifying every byte
     of it, under the run lock; the history records it (last_run.json stays the last fleet run's)."""
+    check_run_id(run_id, "rollback --to")
     record = RunRecord(started_at=utc_now(), output=out.uri, config="", kind=RecordKind.ROLLBACK)
     lock = RunLock(out).acquire(break_lock=break_lock)
     try:
         manifest = read_json(out, manifest_key(run_id))
         if manifest is None:
-            raise SafeMergeError(f"rollback: {out.uri}{manifest_key(run_id)}: no readable manifest "
-                                 f"(run {run_id} did not commit)")
+            raise SafeMergeError(f"rollback: {key_uri(out, manifest_key(run_id))}: no readable manifest (run {run_id}: "
+                                 f"{missing_run(out, run_id)})")
         entry = manifest.get("adapters", {}).get(adapter)
         if not entry:
             raise SafeMergeError(f"rollback: run {run_id} did not commit {adapter}")
         problems = verify_objects(out, entry.get("objects", {}))
         if problems:
             raise EnvironmentFailure(f"rollback: {adapter} in run {run_id} is damaged: {problems[0]}")
+        lock.confirm()
         out.write(pointer_key(adapter), pointer_bytes(adapter, run_id, entry["run_key"], manifest["committed_at"],
                                                       rolled_back_at=utc_now()))
         record.run_id = run_id

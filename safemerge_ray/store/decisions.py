@@ -33,6 +33,19 @@ def decisions_bytes(decisions: list[dict] | pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def table_from_bytes(data: bytes) -> pa.Table:
+    """A Parquet file's bytes as a table, read from an Arrow-owned copy.
+
+    Handed a Python file object (`io.BytesIO`), Arrow's reader keeps a reference to it that one of Arrow's
+    pool threads may drop last, at interpreter exit; releasing a Python object then needs the GIL, which a
+    finalizing interpreter refuses by ending the thread, and a C++ destructor on its stack turns that into
+    `terminate called without an active exception` (exit 134). Bytes copied into Arrow's own memory are
+    released without Python."""
+    sink = pa.BufferOutputStream()
+    sink.write(data)
+    return pq.read_table(pa.BufferReader(sink.getvalue()))
+
+
 def read_decisions(path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 

@@ -62,11 +62,14 @@ def collect_garbage(out: Dir, keep: int, older_than_s: float | None = None, dry_
                 (TMP_PREFIX, ".lock-stale-", ".preflight-")) and not k.startswith(RUNS)]
         doomed += report.leftovers
         report.objects = len(doomed)
-        if not dry_run and doomed:
+        if not dry_run:  # every gc leaves a record, also one that found nothing to remove
+            assert lock is not None
+            lock.confirm()
             out.delete(doomed)
             record = RunRecord(started_at=utc_now(), output=out.uri, config="", kind=RecordKind.GC)
             record.warnings = [f"gc: removed run {r}" for r in report.removed_runs][:100] + (
-                [f"gc: removed {len(report.leftovers)} leftover object(s) in kept runs"] if report.leftovers else [])
+                [f"gc: removed {len(report.leftovers)} leftover object(s) in kept runs"] if report.leftovers else []
+            ) or ["gc: nothing to remove"]
             record.ended_at = utc_now()
             write_run_record(out, record)
         return report

@@ -5,18 +5,16 @@ decision tables; nothing is written.
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..errors import SafeMergeError
 from ..io import Dir, read_json
-from .decisions import DECISION_SCHEMA
-from .layout import DECISIONS, HISTORY, LAST_RUN, LATEST, RUNS, manifest_key, read_pointer, run_prefix
+from .decisions import DECISION_SCHEMA, table_from_bytes
+from .layout import DECISIONS, HISTORY, LAST_RUN, LATEST, RUNS, check_run_id, manifest_key, read_pointer, run_prefix
 from .records import RecordKind
 from .verify import published_damage
 
@@ -37,7 +35,7 @@ class Decisions:
             try:
                 if self.out.exists(key):
                     grouped = {}
-                    for row in pq.read_table(io.BytesIO(self.out.read(key))).to_pylist():
+                    for row in table_from_bytes(self.out.read(key)).to_pylist():
                         grouped.setdefault(row["adapter"], []).append(row)
             except (SafeMergeError, pa.ArrowInvalid):
                 grouped = None
@@ -209,14 +207,15 @@ def list_runs(out: Dir) -> list[RunEntry]:
 
 
 def format_runs(entries: list[RunEntry]) -> str:
-    lines = [f"{'started':<21} {'kind':<8} {'run':<26} {'exit':>4}  {'committed':>9} {'unchanged':>9} {'failed':>6}"
-             "  inputs (unaligned/aligned/safety) or error"]
+    lines = [f"{'started':<21} {'kind':<8} {'run':<26} {'exit':>4}  {'committed':>9} {'unchanged':>9} {'held':>4} "
+             f"{'failed':>6}  inputs (unaligned/aligned/safety) or error"]
     for e in entries:
         c = e.counts
         what = "/".join(e.inputs.get(r, "-") for r in ("unaligned_model", "aligned_model", "safety_adapter")) \
             if e.inputs else (e.error or "")[:80]
         lines.append(f"{e.started_at:<21} {e.kind:<8} {e.run_id or '-':<26} {e.exit_status:>4}  "
-                     f"{c.get('committed', '-'):>9} {c.get('unchanged', '-'):>9} {c.get('failed', '-'):>6}  {what}")
+                     f"{c.get('committed', '-'):>9} {c.get('unchanged', '-'):>9} {c.get('held', '-'):>4} "
+                     f"{c.get('failed', '-'):>6}  {what}")
     return "\n".join(lines)
 
 
@@ -250,6 +249,9 @@ def committed_runs_of(out: Dir, adapter: str) -> list[str]:
 def diff_runs(out: Dir, before: str | None, after: str, adapters: list[str] | None = None) -> list[AdapterDiff]:
     """Per adapter committed in `after` (and in `before`, when given): the layers whose decision or rho
     changed, and why `after` redid it."""
+    for run in (before, after):
+        if run is not None:
+            check_run_id(run, "diff")
     decisions = Decisions(out)
     after_manifest = read_json(out, manifest_key(after))
     if after_manifest is None:

@@ -12,6 +12,7 @@ import datetime as _dt
 import re
 import uuid
 
+from ..errors import SafeMergeError
 from ..io import Dir, json_bytes, read_json
 
 SUMMARY = "summary.json"
@@ -62,6 +63,28 @@ def utc_now() -> str:
 def new_run_id() -> str:
     """The run's UTC start time and a random suffix: `20261122T035715Z-3f2a9c`."""
     return _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
+
+
+def check_run_id(run_id: str, where: str) -> str:
+    """A run id as `new_run_id` makes them, and nothing else: a run id becomes a path (`runs/<id>/`), so
+    `../..` or `/etc` must never reach one."""
+    if not RUN_ID.fullmatch(run_id):
+        raise SafeMergeError(f"{where}: {run_id[:80]!r} is not a run id (like 20261122T035715Z-3f2a9c; see runs/ "
+                             "or `safemerge-ray runs`)")
+    return run_id
+
+
+def key_uri(out: Dir, key: str) -> str:
+    """Where an object of `out` is, for a message: `OUT/runs/<id>/manifest.json` (one slash, local or S3)."""
+    return f"{out.uri.rstrip('/')}/{key}"
+
+
+def missing_run(out: Dir, run_id: str) -> str:
+    """Why a run has no readable manifest: it does not exist, or it never committed."""
+    return "it did not commit" if run_id in out.child(RUNS).subdirs() else "it does not exist"
 
 
 def run_time(run_id: str) -> float | None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from .. import __version__
 from ..errors import EnvironmentFailure, ExitStatus, SafeMergeError, first_line
 from ..io import Dir, json_bytes
-from .layout import LOCK, utc_now
+from .layout import LOCK, key_uri, utc_now
 
 LEASE_S = 300.0
 
@@ -75,8 +75,17 @@ class RunLock:
             if held is not None and held.get("owner") == self.owner:
                 self.out.delete([LOCK])
         except Exception as exc:  # noqa: BLE001  # botocore's errors included
-            print(f"warning: could not release the run lock {self.out.uri}{LOCK} ({first_line(exc)}); it expires "
+            print(f"warning: could not release the run lock {key_uri(self.out, LOCK)} ({first_line(exc)}); it expires "
                   f"by itself within {self.lease_s:.0f} s", file=sys.stderr, flush=True)
+
+    def confirm(self) -> None:
+        """Raise unless this run still holds the lock: checked from the store itself, not from the renewals'
+        last word, just before any pointer moves (a short run may end between two renewals)."""
+        if self.lost:
+            raise LockHeld(f"{self.lost}; this run committed nothing")
+        held, _ = self._read()
+        if held is None or held.get("owner") != self.owner:
+            raise LockHeld(f"the run lock on {self.out.uri} was taken over by another run; this run committed nothing")
 
     def _take_over(self, tag: str | None) -> bool:
         """Replace the lock we read (by its tag), or create it if it vanished meanwhile: exclusive either way."""
@@ -99,7 +108,7 @@ class RunLock:
         try:
             found = self.out.read_tagged(LOCK)
         except SafeMergeError as exc:
-            raise EnvironmentFailure(f"cannot read the run lock {self.out.uri}{LOCK}: {exc}") from None
+            raise EnvironmentFailure(f"cannot read the run lock {key_uri(self.out, LOCK)}: {exc}") from None
         if found is None:
             return None, None
         try:
@@ -113,7 +122,7 @@ class RunLock:
         try:
             tag = conditional(*args)
         except (SafeMergeError, OSError) as exc:
-            raise EnvironmentFailure(f"cannot write the run lock {self.out.uri}{LOCK}: {exc}") from None
+            raise EnvironmentFailure(f"cannot write the run lock {key_uri(self.out, LOCK)}: {exc}") from None
         if tag is None:
             return False
         self._tag = tag

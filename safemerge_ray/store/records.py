@@ -48,13 +48,13 @@ class RunRecord:
         return {"tool": "safemerge-ray", **asdict(self)}
 
     def set_failed(self, reasons: dict[str, str]) -> None:
-        self.failed = _bounded(reasons)
+        self.failed = bounded(reasons)
 
     def set_held(self, reasons: dict[str, str]) -> None:
-        self.held = _bounded(reasons)
+        self.held = bounded(reasons)
 
 
-def _bounded(reasons: dict[str, str]) -> dict[str, str]:
+def bounded(reasons: dict[str, str]) -> dict[str, str]:
     """The first 100 adapters' reasons, each cut short: a record stays small however many there are."""
     names = sorted(reasons)
     listed = {n: reasons[n][:_MAX_REASON] for n in names[:_MAX_LISTED_FAILURES]}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..errors import EnvironmentFailure, SafeMergeError
 from ..io import Dir, read_json, sha256_of
-from .layout import LATEST, manifest_key, pointer_key, read_pointer
+from .layout import LATEST, check_run_id, key_uri, manifest_key, missing_run, pointer_key, read_pointer
 
 
 def write_verified(out: Dir, key: str, data: bytes, staged: bool = False) -> dict:
@@ -16,9 +16,9 @@ def write_verified(out: Dir, key: str, data: bytes, staged: bool = False) -> dic
     try:
         back = out.read(key)
     except SafeMergeError as exc:
-        raise EnvironmentFailure(f"{out.uri}{key} did not read back after writing: {exc}") from None
+        raise EnvironmentFailure(f"{key_uri(out, key)} did not read back after writing: {exc}") from None
     if back != data:
-        raise EnvironmentFailure(f"{out.uri}{key} read back different bytes than were written")
+        raise EnvironmentFailure(f"{key_uri(out, key)} read back different bytes than were written")
     return {"sha256": sha256_of(data), "bytes": len(data), "version": out.version_tag(key)}
 
 
@@ -66,14 +66,15 @@ def verify_objects(out: Dir, objects: dict[str, dict]) -> list[str]:
 
 def verify_output(out: Dir, adapter: str | None = None, run: str | None = None) -> list[tuple[str, list[str]]]:
     """(what, problems) for every published adapter (or one, or every object of one run)."""
-    def manifest_at(key: str) -> dict:
+    def manifest_at(key: str, why: str = "") -> dict:
         manifest = read_json(out, key)
         if manifest is None:
-            raise SafeMergeError(f"verify: no readable manifest at {out.uri}{key}")
+            raise SafeMergeError(f"verify: no readable manifest at {key_uri(out, key)}{why}")
         return manifest
 
     if run is not None:
-        manifest = manifest_at(manifest_key(run))
+        check_run_id(run, "verify --run")
+        manifest = manifest_at(manifest_key(run), f" (run {run}: {missing_run(out, run)})")
         objects = dict(manifest.get("objects", {}))
         for entry in manifest.get("adapters", {}).values():
             objects.update(entry.get("objects", {}))

@@ -49,9 +49,10 @@ def _png(fig) -> str:
 
 
 def render(rows: list[dict], title: str, states: Mapping[str, str] | None = None,
-           held: dict[str, str] | None = None) -> tuple[str, list[AdapterRow], list[str]]:
+           held: dict[str, str] | None = None, made: str = "") -> tuple[str, list[AdapterRow], list[str]]:
     """The page for these decision rows (one per adapter x module, with `run_id`); also its table's rows
-    and the heatmap's columns (modules, in order). `held`: adapters the gate held back, and why."""
+    and the heatmap's columns (modules, in order). `held`: adapters the gate held back, and why; `made`: when
+    and from what the page was made, for its first line."""
     adapters = sorted({r["adapter"] for r in rows})
     modules = _module_order({r["module"] for r in rows})
     taus = sorted({r["tau"] for r in rows})
@@ -63,7 +64,7 @@ def render(rows: list[dict], title: str, states: Mapping[str, str] | None = None
         table.append(AdapterRow(a, mine[0]["run_id"], sum(r["merged"] for r in mine), len(mine),
                                 min(r["rho"] for r in mine), mine[0]["tau"],
                                 (states or {}).get(a, PublishedState.PUBLISHED), repaired_rho(mine)))
-    return _page(title, heatmap, histogram, table, held or {}), table, modules
+    return _page(title, made, heatmap, histogram, table, held or {}), table, modules
 
 
 def _pyplot():
@@ -117,7 +118,16 @@ def _histogram(rows: list[dict], taus: list[float], n_adapters: int) -> str:
     return png
 
 
-def _page(title: str, heatmap: str, histogram: str, table: list[AdapterRow], held: dict[str, str]) -> str:
+LEGEND = (
+    "<b>rho</b> is, for one layer of one fine-tune, the cosine between its LoRA update and that update projected "
+    "onto the model's safety subspace (what alignment changed: the aligned minus the unaligned weights): near 1, "
+    "the update stays in that subspace; near 0, it has left it. A layer whose rho is below <b>tau</b> (the "
+    "policy's threshold; or one of the K lowest, with top_k / fraction) is <b>repaired</b>: merged with the "
+    "safety adapter's layer (SafeMERGE) or projected onto the subspace (SafeLoRA). Outlined cells are repaired "
+    "layers. A repair's rho afterwards can be higher or lower: PEFT's linear merge adds cross terms.")
+
+
+def _page(title: str, made: str, heatmap: str, histogram: str, table: list[AdapterRow], held: dict[str, str]) -> str:
     body = "\n".join(
         f"<tr><td>{html.escape(t.adapter)}</td><td>{html.escape(t.state)}</td><td>{html.escape(t.run_id)}</td>"
         f"<td>{t.repaired}/{t.modules}</td><td>{t.lowest_rho:.4f}</td><td>{t.tau:g}</td>"
@@ -132,6 +142,8 @@ img {{ max-width: 100%; display: block; margin: 1em 0; }}
 </style></head>
 <body>
 <h1>{html.escape(title)}</h1>
+<p id="made">{html.escape(made)}</p>
+<p id="legend">{LEGEND}</p>
 <img id="heatmap" alt="rho per adapter and layer" src="data:image/png;base64,{heatmap}">
 <img id="histogram" alt="histogram of rho against tau" src="data:image/png;base64,{histogram}">
 <table id="adapters"><thead><tr><th>adapter</th><th>state</th><th>run</th><th>repaired</th><th>lowest rho</th>

@@ -26,9 +26,6 @@ from .summary import summarise
 
 def evaluate(spec: EvalSpec, aligned: str, pairs: list[Pair], s3: S3Settings) -> EvalResult:
     """Generate, judge, score and summarise; Ray must be initialised."""
-    import logging
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # the answers' progress is ours to report
     harmful, task = read_prompt_sets(spec, s3)
     variants = [(None, "aligned", "")] + [(p.name, v, uri) for p in pairs
                                           for v, uri in (("finetune", p.finetuned), ("repaired", p.repaired))]
@@ -97,6 +94,7 @@ def run_eval(settings: EvalSettings, progress: bool = True, ray_address: str | N
     out = open_dir(local_or_s3(settings.output), what="output", s3=s3, must_exist=False)
     if (out.list() or out.subdirs()) and not out.exists(EVAL_SUMMARY):  # the output is replaced as a whole
         raise SafeMergeError(f"eval: output {out.uri} is not empty and is not an eval output; refusing to replace it")
+    read_prompt_sets(settings, s3)  # every input checked before anything starts
     init_ray(ray_address, quiet=not progress)
     result = evaluate(settings, resolve_location(aligned), pairs, s3)
     commit_files(out, result.files(), last=EVAL_SUMMARY)
