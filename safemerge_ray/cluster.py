@@ -18,13 +18,13 @@ def init_ray(address: str | None = None, runtime_env: dict | None = None, quiet:
     if not ray.is_initialized():
         try:
             ray.init(address=address, runtime_env=runtime_env, ignore_reinit_error=True,
-                     logging_level=logging.ERROR if quiet else logging.INFO, log_to_driver=not quiet)
+                     logging_level=logging.CRITICAL if quiet else logging.INFO, log_to_driver=not quiet)
         except (ConnectionError, ray.exceptions.RayError, RuntimeError) as exc:  # unreachable, bad token, ...
             raise EnvironmentFailure(f"cannot start or join Ray (address {address or 'auto'}): "
                                      f"{first_line(exc)}") from None
         _QUIET[0] = quiet
-        if quiet:
-            logging.getLogger("ray").setLevel(logging.ERROR)
+        if quiet:  # Ray's warnings and error reports (a lost worker's dump) too: the run reports what matters
+            logging.getLogger("ray").setLevel(logging.CRITICAL)
         if threading.current_thread() is threading.main_thread():
             # Ray's own handler aborts the process; SIGTERM (`ray job stop`, an evicted pod) should end a
             # run as Ctrl-C does, with its run record written.

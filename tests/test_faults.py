@@ -577,3 +577,36 @@ def test_a_hung_store_is_cut_off_at_the_deadline(s3_inputs, s3_endpoint, s3_clie
         again = run_fleet(load_config(_fleet_yaml(tmp_path / "again.yaml", s3_inputs, proxy.endpoint, output)),
                           progress=False)
     assert again.exit_code == ExitStatus.OK and _published(s3_client, output) == undisturbed
+
+
+def test_a_frozen_store_past_the_deadline_ends_the_run_within_its_bound(s3_inputs, s3_endpoint, tmp_path,
+                                                                         ray_local):
+    """The store frozen (every request held, no answer, as by SIGSTOP) from the first tensor read on: scoring
+    stops at max_run_seconds, the run record and the lock's release get min(30 s, 10%) more between them,
+    and then the run ends (issue 19.2: it used to sit in botocore's 60 s x 8 attempts, 870 s past the
+    deadline)."""
+    output = _output(s3_inputs, "frozen")
+    deadline_s = 30
+    tensor_read, frozen = _tensor_read(s3_inputs), threading.Event()
+
+    def everything_once_scoring_starts(method, path, headers):
+        if tensor_read(method, path, headers):
+            frozen.set()
+        return frozen.is_set()
+
+    with FaultProxy(s3_endpoint) as proxy:
+        config = load_config(_fleet_yaml(tmp_path / "fleet.yaml", s3_inputs, proxy.endpoint, output,
+                                         max_run_seconds=deadline_s))
+        thaw = proxy.hold(everything_once_scoring_starts)
+        started = time.monotonic()
+        try:
+            report = _run_in_thread(config).result(timeout=RUN_TIMEOUT_S)
+            took = time.monotonic() - started
+        finally:
+            thaw.set()
+    bound = min(30, 0.1 * deadline_s)
+    print(f"frozen store: the run ended {took:.1f} s after it started (max_run_seconds {deadline_s}, bound {bound:g})")
+    assert frozen.is_set() and took < deadline_s + bound + 8, took  # 8 s: planning, worker start-up, Ray's kill
+    assert report.exit_code == ExitStatus.ENVIRONMENT and report.by_status("failed") == NAMES
+    assert any(w.startswith("the run record could not be written") and "did not finish within" in w
+               for w in report.warnings), report.warnings

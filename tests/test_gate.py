@@ -193,3 +193,31 @@ def test_past_the_deadline_no_evaluation_starts_and_every_written_adapter_is_hel
     assert _gate(parse_config(raw, base=tmp_path), LocalDir(tmp_path), "r1", states, deadline) is None
     assert [st.status for st in states] == ["held", "failed", "held"]
     assert states[0].reason == "gate: not evaluated: the run's deadline (max_run_seconds) passed"
+
+
+def test_an_evaluation_running_at_the_deadline_is_not_waited_for(tmp_path, monkeypatch):
+    """The gate's evaluation is bounded by max_run_seconds: one still running then holds every adapter, and
+    the run goes on to commit nothing and end (issue 19.9)."""
+    import threading
+    import time
+
+    import safemerge_ray.fleet.run as run
+    from safemerge_ray.core import MergeSettings
+    from safemerge_ray.fleet import AdapterState
+    from safemerge_ray.fleet.config import AdapterRef
+    from safemerge_ray.fleet.jobs import Deadline
+    from safemerge_ray.io import LocalDir
+
+    finish = threading.Event()
+    monkeypatch.setattr(run, "run_gate", lambda *args: finish.wait(60))  # an evaluation that outlasts the run
+    raw = {"unaligned_model": "u", "aligned_model": "a", "safety_adapter": "s", "finetuned": ["f"], "output": "o",
+           "gate": {"eval": {"harmful_prompts": "h.txt"}, "max_harmful_rate": 0.1}}
+    states = [AdapterState(AdapterRef(n, f"/x/{n}"), MergeSettings(), status="assembled") for n in ("a", "b")]
+    started = time.monotonic()
+    try:
+        assert run._gate(parse_config(raw, base=tmp_path), LocalDir(tmp_path), "r1", states, Deadline(1.0)) is None
+        assert time.monotonic() - started < 30
+    finally:
+        finish.set()
+    assert [st.status for st in states] == ["held", "held"]
+    assert states[0].reason == "gate: not evaluated within the run's max_run_seconds"

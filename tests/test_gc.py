@@ -79,3 +79,21 @@ def test_gc_waits_for_no_run(local_fleet, ray_local, capsys):
         main(["gc", str(out), "--keep", "0", "--older-than", "soon"])
     assert exc.value.code == 2
     assert "expected an age like 7d" in capsys.readouterr().err
+
+
+def test_gc_keeps_the_newest_run_records(tmp_path, capsys):
+    """status/history/ is pruned too (issue 19.9): the newest N records stay, older ones go, and `--older-than`
+    spares what is younger."""
+    from safemerge_ray.io import LocalDir, json_bytes
+    from safemerge_ray.store import HISTORY
+
+    out = LocalDir(tmp_path / "merged")
+    names = [f"2026{month:02d}01T030000Z-no-run-{month:06x}.json" for month in range(1, 13)]
+    for name in names:
+        out.write(f"{HISTORY}{name}", json_bytes({"tool": "safemerge-ray", "kind": "fleet"}))
+    assert main(["gc", str(out.path), "--keep", "1", "--history-keep", "5"]) == ExitStatus.OK
+    assert "removed 7 run record(s) beyond the newest 5" in capsys.readouterr().out
+    left = sorted(out.child(HISTORY).list())
+    assert [n for n in left if n in names] == names[-5:] and len(left) == 6  # and the gc's own record
+    assert main(["gc", str(out.path), "--keep", "1", "--history-keep", "0", "--older-than", "100000d"]) == 0
+    assert len(out.child(HISTORY).list()) == 7

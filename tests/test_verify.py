@@ -122,3 +122,36 @@ def test_run_ids_are_checked_wherever_they_enter(local_fleet, ray_local, capsys)
     (merged / "runs" / uncommitted).mkdir()
     assert main(["verify", str(merged), "--run", uncommitted]) == 2
     assert f"(run {uncommitted}: it did not commit)" in capsys.readouterr().err
+
+
+def test_damage_that_keeps_size_and_mtime_is_redone_when_published_bytes_are_verified(local_fleet, ray_local,
+                                                                                      capsys):
+    """Bit rot (same size, same mtime) passes the nightly version-tag check; `fleet --verify-published` (or
+    `verify_published: weekly`, when due) re-hashes what it would leave unchanged and redoes it (issue 19.4)."""
+    import os
+
+    config_path = local_fleet / "fleet.yaml"
+    first = run_fleet(load_config(config_path), progress=False)
+    merged = local_fleet / "merged"
+    weights = merged / "runs" / first.run_id / "legal" / "adapter_model.safetensors"
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x40  # one bit of the last tensor
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert "legal" in run_fleet(load_config(config_path), progress=False).by_status("unchanged")  # not seen
+    assert main(["verify", str(merged)]) == 1
+    capsys.readouterr()
+    assert main(["fleet", "--config", str(config_path), "--quiet", "--verify-published", "--log-format", "text"]) == 0
+    printed = capsys.readouterr().out
+    assert "legal" in printed and "published copy damaged: runs/" in printed and "sha256 or size differs" in printed
+    assert main(["verify", str(merged)]) == ExitStatus.OK
+    # On a schedule: due when no run has verified yet, then not again within the interval.
+    config_path.write_text(config_path.read_text() + "verify_published: weekly\n")
+    verified = merged / "status" / "verified.json"
+    before = json.loads(verified.read_text())["time"]
+    run_fleet(load_config(config_path), progress=False)
+    assert json.loads(verified.read_text())["time"] == before  # verified by the --verify-published run: not due
+    verified.unlink()
+    run_fleet(load_config(config_path), progress=False)
+    assert json.loads(verified.read_text())["time"] > before

@@ -187,18 +187,19 @@ resource "aws_iam_role_policy" "access" {
 }
 
 # `safemerge-ray gc` deletes runs that no pointer needs and the leftovers of failed attempts, all under
-# runs/. The nightly job never needs this: attach the policy to the operator's (or a gc CronJob's) role.
+# runs/, and run records beyond the newest it keeps, under status/history/. The nightly job never needs
+# this: attach the policy to the operator's (or a gc CronJob's) role.
 data "aws_iam_policy_document" "gc" {
   source_policy_documents = [data.aws_iam_policy_document.access.json]
   statement {
     sid       = "DeleteOldRuns"
     actions   = ["s3:DeleteObject"]
-    resources = ["${aws_s3_bucket.merged.arn}/*runs/*"]
+    resources = ["${aws_s3_bucket.merged.arn}/*runs/*", "${aws_s3_bucket.merged.arn}/*status/history/*"]
   }
 }
 
 resource "aws_iam_policy" "gc" {
   name        = "${var.name}-gc"
-  description = "safemerge-ray gc: the job's access plus deleting unneeded runs under runs/"
+  description = "safemerge-ray gc: the job's access plus deleting unneeded runs and old run records"
   policy      = data.aws_iam_policy_document.gc.json
 }

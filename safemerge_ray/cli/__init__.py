@@ -11,4 +11,6 @@
 
 from .entry import build_parser, main
 
-__all__ = ["build_parser", "main"]
+__all__ = [
+    "build_parser", "main",
+]

@@ -45,6 +45,9 @@ def add_parsers(sub) -> None:
 
     f.add_argument("--dry-run", action="store_true",
                    help="plan and print what would be redone and why; start no Ray, write nothing")
+    f.add_argument("--verify-published", action="store_true",
+                   help="re-read and re-hash every published adapter this run would leave unchanged, and redo what "
+                        "differs (the nightly check compares version tags only; see verify_published)")
     f.add_argument("--break-lock", action="store_true",
                    help="take the output's run lock even if another run's lease is still valid (operators only)")
     f.add_argument("--record-line", action="store_true", help=argparse.SUPPRESS)  # for `submit`: see RECORD_LINE
@@ -101,6 +104,8 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     try:
         runtime_env = json_arg(args.runtime_env_json, "--runtime-env-json")
         config = load_config(args.config)
+        if args.verify_published:
+            config = replace(config, verify_published="always")
         report = run_fleet(config, progress=not args.quiet, ray_address=args.address, runtime_env=runtime_env,
                            break_lock=args.break_lock)
     except SafeMergeError as exc:

@@ -69,6 +69,8 @@ def add_parsers(sub) -> None:
                    help="keep the newest K committed runs besides every run a pointer names (rollback targets)")
     g.add_argument("--older-than", type=_duration, default=None, metavar="AGE",
                    help="only remove what is older than AGE (e.g. 7d, 12h, 30m, or seconds)")
+    g.add_argument("--history-keep", type=int, default=400, metavar="N",
+                   help="keep the newest N run records in status/history/ (default 400: over a year of nights)")
     g.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
     g.add_argument("--break-lock", action="store_true", help="take the run lock even if a run holds it")
     g.set_defaults(func=cmd_gc)
@@ -108,12 +110,15 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from ..store import collect_garbage
 
     out = open_dir(args.output, what="output")
-    report = collect_garbage(out, args.keep, args.older_than, dry_run=args.dry_run, break_lock=args.break_lock)
+    report = collect_garbage(out, args.keep, args.older_than, dry_run=args.dry_run, break_lock=args.break_lock,
+                             history_keep=args.history_keep)
     verb = "would remove" if args.dry_run else "removed"
     for run in report.removed_runs:
         print(f"{verb} run {run}")
     if report.leftovers:
         print(f"{verb} {len(report.leftovers)} leftover object(s) of failed attempts and interrupted writes")
+    if report.records:
+        print(f"{verb} {len(report.records)} run record(s) beyond the newest {args.history_keep}")
     print(f"{verb} {report.objects} object(s); kept {len(report.kept_runs)} run(s) in {out.uri}")
     return ExitStatus.OK
 

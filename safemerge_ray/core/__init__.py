@@ -34,9 +34,8 @@ from .subspace import (
 
 __all__ = [
     "FIELD_CHECKS", "LINEAR_IN_B", "METHODS", "POLICIES", "PROCESS_BASELINE", "SELECTIONS", "SELECTION_FIELDS",
-    "LayerAction", "Lora", "MergeSettings", "ModuleCost", "PolicyName", "Repair", "Selection",
-    "alignment_delta", "available_memory", "below_tau", "check_fits", "check_same_shape", "fmt", "kept_layer",
-    "kept_layers", "lora_rho", "may_be_selected", "merge_layer", "merged_layer", "module_seed", "natural_key",
-    "needs_projection", "project", "project_lora_b", "projected_layer", "rho_from_projections", "rho_reference",
-    "selected",
+    "LayerAction", "Lora", "MergeSettings", "ModuleCost", "PolicyName", "Repair", "Selection", "alignment_delta",
+    "available_memory", "below_tau", "check_fits", "check_same_shape", "fmt", "kept_layer", "kept_layers",
+    "lora_rho", "may_be_selected", "merge_layer", "merged_layer", "module_seed", "natural_key", "needs_projection",
+    "project", "project_lora_b", "projected_layer", "rho_from_projections", "rho_reference", "selected",
 ]

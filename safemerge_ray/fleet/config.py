@@ -114,6 +114,9 @@ class FleetSchema(Strict):
     max_run_seconds: float | None = None
     # An evaluation every repaired adapter must pass to be published (README: the gate). Unset: no gate.
     gate: GateSection | None = None
+    # How often a run re-reads and re-hashes what it would leave unchanged (the nightly check compares version
+    # tags only: damage that keeps size and mtime is found by this): never, daily, weekly or always.
+    verify_published: Literal["never", "daily", "weekly", "always"] = "never"
 
     @field_validator("max_run_seconds")
     @classmethod
@@ -153,6 +156,7 @@ class FleetConfig:
     memory_per_worker: int | None = None  # bytes; None: the cluster's memory resource / workers
     max_run_seconds: float | None = None
     gate: GateSection | None = None  # its file paths absolute
+    verify_published: str = "never"  # never | daily | weekly | always (`fleet --verify-published`: always)
 
     def settings_for(self, adapter: str) -> MergeSettings:
         return self.overrides.get(adapter, self.merge)
@@ -285,6 +289,7 @@ def parse_config(raw: dict, source: str = "<config>", base: Path = Path(".")) ->
         device=schema.ray.device, source=source, start_timeout_s=schema.ray.start_timeout_s,
         memory_per_worker=schema.ray.memory_per_worker,  # type: ignore[arg-type]  # bytes after validation
         max_run_seconds=schema.max_run_seconds, gate=_gate_paths(schema.gate, base),
+        verify_published=schema.verify_published,
     )
     _check_output_apart(config)
     if _norm(config.unaligned_model) == _norm(config.aligned_model):

@@ -162,6 +162,9 @@ def balance(tasks: list[ScoreTask], n: int) -> list[list[ScoreTask]]:
     return [sorted(s, key=lambda t: natural_key(t.jobs[0].module)) for s in shards if s]
 
 
+CLEANUP_S = 30.0  # at most this long past the deadline for a hung store (see Deadline.cleanup_s)
+
+
 class Deadline:
     """`max_run_seconds` from the run's start; `None` seconds: no deadline."""
 
@@ -169,12 +172,23 @@ class Deadline:
         self.seconds = seconds
         self.at = time.time() + seconds if seconds else None  # wall clock: it travels to workers
         self.missed = 0  # adapters failed for it
+        self._cleanup_until: float | None = None  # see cleanup_s
 
     def passed(self) -> bool:
         return self.at is not None and time.time() >= self.at
 
     def wait_s(self, most: float) -> float:
         return most if self.at is None else max(0.0, min(most, self.at - time.time()))
+
+    def cleanup_s(self) -> float | None:
+        """Once the deadline has passed, how long the store calls still owed (the run record, the lock's
+        release) may still take: together at most the smaller of 30 s and 10% of max_run_seconds, counted
+        from the first of them. None before the deadline."""
+        if not self.seconds or not self.passed():
+            return None
+        if self._cleanup_until is None:
+            self._cleanup_until = time.time() + min(CLEANUP_S, 0.1 * self.seconds)
+        return max(0.0, self._cleanup_until - time.time())
 
     def warnings(self) -> list[str]:
         return [f"max_run_seconds ({self.seconds:g} s) reached: {self.missed} adapter(s) not finished; their "

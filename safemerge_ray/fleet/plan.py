@@ -121,9 +121,11 @@ class FleetPlan:
                                      else "; ".join(st.why)) for st in self.states}
 
 
-def plan_fleet(config: FleetConfig, out: Dir, deadline: Deadline | None = None, redo_all: bool = False) -> FleetPlan:
+def plan_fleet(config: FleetConfig, out: Dir, deadline: Deadline | None = None, redo_all: bool = False,
+               rehash: bool = False) -> FleetPlan:
     """Every adapter: unchanged (its published output is still right and intact), pending (and why), or
-    failed (unreadable or invalid, alone). `redo_all`: every valid adapter is pending (a sweep)."""
+    failed (unreadable or invalid, alone). `redo_all`: every valid adapter is pending (a sweep). `rehash`:
+    "intact" means every published byte hashes as its manifest says, not only the version tags."""
     deadline = deadline or Deadline(None)
     s3 = config.s3
     refs, skipped = config.scan_adapters()
@@ -154,7 +156,7 @@ def plan_fleet(config: FleetConfig, out: Dir, deadline: Deadline | None = None, 
             pointer = read_pointer(out, st.ref.name)  # damaged: the adapter is redone
             st.previous_run = pointer.get("run_id") if pointer else None
             if pointer and pointer.get("run_key") == st.run_key and not redo_all:
-                damage = published_damage(out, st.ref.name, pointer, manifests)
+                damage = published_damage(out, st.ref.name, pointer, manifests, rehash)
                 if damage is None:
                     st.status = AdapterStatus.UNCHANGED
                     continue

@@ -18,8 +18,14 @@ nothing to do or one stopped by an error, leaves a run record (`status/last_run.
 from __future__ import annotations
 
 import contextlib
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
+from typing import TypeVar
 
 import pyarrow as pa
 
@@ -27,12 +33,13 @@ from .. import __version__
 from ..cluster import init_ray
 from ..core import PolicyName, fmt
 from ..errors import EnvironmentFailure, ExitStatus, SafeMergeError, first_line
-from ..io import BYTES_READ, Dir, json_bytes, open_dir
+from ..io import BYTES_READ, Dir, json_bytes, open_dir, read_json
 from ..loop import EvalResult, Pair, read_prompt_sets, run_gate
 from ..progress import LOG, Progress, log
 from ..store import (
     DECISIONS,
     SUMMARY,
+    VERIFIED,
     Published,
     RunLock,
     RunRecord,
@@ -50,6 +57,7 @@ from .pool import check_memory, gather, preflight, start_workers, worker_lost
 from .report import FleetReport, exit_status
 
 _log = partial(log, "fleet")
+T = TypeVar("T")
 
 
 def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = None,
@@ -62,32 +70,37 @@ def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = N
     the report, or to the error as `run_record`.
     """
     LOG.run_id = None  # set once this run has an id
+    deadline = Deadline(config.max_run_seconds)
     out = open_dir(config.output, what="output", s3=config.s3, must_exist=False)
     record = RunRecord(started_at=utc_now(), output=out.uri, config=config.source)
     lock = RunLock(out).acquire(break_lock=break_lock)
     try:
-        return _run_locked(config, out, record, lock, progress, run_id, ray_address, runtime_env)
+        return _run_locked(config, out, record, lock, deadline, progress, run_id, ray_address, runtime_env)
     finally:
-        lock.release()
+        try:
+            _within(lock.release, deadline.cleanup_s(), "releasing the run lock past max_run_seconds")
+        except EnvironmentFailure as exc:
+            print(f"warning: {exc}; the lock expires by itself within {lock.lease_s:.0f} s", file=sys.stderr,
+                  flush=True)
 
 
-def _run_locked(config: FleetConfig, out: Dir, record: RunRecord, lock: RunLock, progress: bool,
-                run_id: str | None, ray_address: str | None, runtime_env: dict | None) -> FleetReport:
+def _run_locked(config: FleetConfig, out: Dir, record: RunRecord, lock: RunLock, deadline: Deadline,
+                progress: bool, run_id: str | None, ray_address: str | None, runtime_env: dict | None) -> FleetReport:
     try:
-        report = _run(config, out, progress, run_id, ray_address, runtime_env, lock, record)
+        report = _run(config, out, progress, run_id, ray_address, runtime_env, lock, record, deadline)
     except SafeMergeError as exc:
         record.exit_status, record.error = exc.exit_code, str(exc)
-        _save_record(out, record)
+        _save_record(out, record, deadline)
         exc.run_record = record
         raise
     except KeyboardInterrupt:  # also SIGTERM (`ray job stop`, a pod evicted): the CLI turns it into this
         record.exit_status = ExitStatus.INTERRUPTED
         record.error = "interrupted; pointers moved only for a completed commit"
-        _save_record(out, record)
+        _save_record(out, record, deadline)
         raise
     except Exception as exc:  # a bug or an unexpected Ray error: keep its traceback, but say so in the record
         record.exit_status, record.error = ExitStatus.ENVIRONMENT, f"{type(exc).__name__}: {first_line(exc)}"
-        _save_record(out, record)
+        _save_record(out, record, deadline)
         raise
     record.run_id, record.exit_status = report.run_id, report.exit_code
     record.counts = {"adapters": len(report.adapters), **{str(s): len(report.by_status(s)) for s in (
@@ -95,7 +108,7 @@ def _run_locked(config: FleetConfig, out: Dir, record: RunRecord, lock: RunLock,
     record.set_failed(_reasons(report.adapters, AdapterStatus.FAILED))
     record.set_held(_reasons(report.adapters, AdapterStatus.HELD))
     record.warnings = report.warnings[:100]
-    problem = _save_record(out, record)
+    problem = _save_record(out, record, deadline)
     if problem:
         report.warnings.append(problem)
         report.exit_code = report.exit_code or ExitStatus.ENVIRONMENT  # a run nobody can see did not go well
@@ -104,20 +117,48 @@ def _run_locked(config: FleetConfig, out: Dir, record: RunRecord, lock: RunLock,
     return report
 
 
-def _save_record(out: Dir, record: RunRecord) -> str | None:
+def _save_record(out: Dir, record: RunRecord, deadline: Deadline) -> str | None:
     record.ended_at = utc_now()
     try:
-        write_run_record(out, record)
+        _within(lambda: write_run_record(out, record), deadline.cleanup_s(),
+                "writing the run record past max_run_seconds (the store does not answer)")
     except (SafeMergeError, OSError) as exc:
         return f"the run record could not be written to {out.uri}: {exc}"
     return None
 
 
+def _within(call: Callable[[], T], seconds: float | None, what: str) -> T:
+    """call(), but given `seconds`, for at most that long (an EnvironmentFailure after it): a store that hangs
+    (no answer, no error, botocore waiting out its timeouts and retries) or an evaluation still running must not
+    keep the run past its deadline. The call goes on in a daemon thread, which does not hold up the exit."""
+    if seconds is None:
+        return call()
+    result: list = []
+
+    def target() -> None:
+        try:
+            result.append((True, call()))
+        except BaseException as exc:  # noqa: BLE001  # handed to the caller's thread
+            result.append((False, exc))
+
+    thread = threading.Thread(target=target, name=f"safemerge-within-{seconds:g}s", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not result:
+        raise EnvironmentFailure(f"{what} did not finish within {seconds:g} s")
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
+
+
 def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_address: str | None,
-         runtime_env: dict | None, lock: RunLock, record: RunRecord) -> FleetReport:
+         runtime_env: dict | None, lock: RunLock, record: RunRecord, deadline: Deadline) -> FleetReport:
     driver_before = BYTES_READ.total
-    deadline = Deadline(config.max_run_seconds)
-    plan = plan_fleet(config, out, deadline)
+    rehash = _verification_due(config.verify_published, out)
+    plan = plan_fleet(config, out, deadline, rehash=rehash)
+    if rehash and not deadline.passed():
+        out.write(VERIFIED, json_bytes({"verified_at": utc_now(), "time": time.time()}))
     states, fingerprints, warnings, pending = plan.states, plan.fingerprints, plan.warnings, plan.pending
     _log(f"{len(states)} adapters: {len(pending)} to repair, "
          f"{len(plan.by_status(AdapterStatus.UNCHANGED))} unchanged, {len(plan.by_status(AdapterStatus.FAILED))} "
@@ -288,7 +329,14 @@ def _gate(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterState]
     _log(f"gate: evaluating {len(assembled)} repaired adapters")
     pairs = [Pair(st.ref.name, st.ref.uri, f"{out.uri.rstrip('/')}/{adapter_prefix(run_id, st.ref.name)}")
              for st in assembled]
-    outcome = run_gate(config.gate, config.aligned_model, pairs, config.s3)
+    gate = config.gate
+    try:  # an evaluation still running at the deadline is not waited for: nothing unchecked is published
+        outcome = _within(lambda: run_gate(gate, config.aligned_model, pairs, config.s3),
+                          deadline.wait_s(math.inf) if deadline.at is not None else None, "the gate's evaluation")
+    except EnvironmentFailure:
+        for st in assembled:
+            st.status, st.reason = AdapterStatus.HELD, "gate: not evaluated within the run's max_run_seconds"
+        return None
     for st in assembled:
         st.gate = outcome.numbers.get(st.ref.name)
         if st.ref.name in outcome.held:
@@ -338,6 +386,18 @@ def _adapter_summary(st: AdapterState) -> dict:
     if st.gate:
         entry["gate"] = st.gate
     return entry
+
+
+VERIFY_EVERY_S = {"always": 0.0, "daily": 86400.0, "weekly": 7 * 86400.0}
+
+
+def _verification_due(schedule: str, out: Dir) -> bool:
+    """Whether this run re-hashes what it would leave unchanged: `always`, or the schedule's interval has
+    passed since a run last did (status/verified.json)."""
+    if schedule not in VERIFY_EVERY_S:
+        return False
+    last = (read_json(out, VERIFIED) or {}).get("time")
+    return not isinstance(last, (int, float)) or time.time() - last >= VERIFY_EVERY_S[schedule]
 
 
 def _reasons(states: list[AdapterState], status: AdapterStatus) -> dict[str, str]:

@@ -16,7 +16,7 @@ import pyarrow as pa
 from ..cluster import init_ray
 from ..errors import SafeMergeError
 from ..io import S3Settings, local_or_s3, open_dir, read_json, resolve_location
-from ..store import LATEST, commit_files, read_pointer
+from ..store import commit_files, published_names, read_pointer
 from .generation import generate
 from .judges import TASK_METRICS, judge
 from .prompts import read_prompt_sets
@@ -59,7 +59,7 @@ def published_pairs(fleet_output: str, s3: S3Settings, only: list[str] | None = 
     """Every published adapter of a fleet output (or `only` these), with the fine-tune it was made from;
     and the aligned model its runs used."""
     out = open_dir(local_or_s3(fleet_output), what="fleet_output", s3=s3)
-    names = sorted(n.removesuffix(".json") for n in out.child(LATEST).list() if n.endswith(".json"))
+    names = published_names(out)
     if only:
         missing = sorted(set(only) - set(names))
         if missing:

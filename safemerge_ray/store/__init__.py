@@ -40,6 +40,7 @@ from .layout import (
     REPORT,
     RUNS,
     SUMMARY,
+    VERIFIED,
     adapter_prefix,
     check_adapter_name,
     check_run_id,
@@ -48,6 +49,7 @@ from .layout import (
     new_run_id,
     pointer_bytes,
     pointer_key,
+    published_names,
     read_pointer,
     run_prefix,
     utc_now,
@@ -57,13 +59,13 @@ from .records import RecordKind, RunRecord, write_run_record
 from .verify import cached_manifest, published_damage, published_intact, verify_objects, verify_output, write_verified
 
 __all__ = [
-    "DECISIONS", "DECISION_SCHEMA", "HISTORY", "LAST_RUN", "LATEST", "LEASE_S", "LOCK", "MANIFEST", "REPORT", "RUNS",
-    "SUMMARY", "AdapterStatus", "Decisions", "GarbageReport", "LockHeld", "NextRun", "Planned", "Published",
-    "PublishedState", "RecordKind", "RunLock", "RunRecord", "adapter_prefix", "cached_manifest",
+    "DECISIONS", "DECISION_SCHEMA", "HISTORY", "LAST_RUN", "LATEST", "LEASE_S", "LOCK", "MANIFEST", "REPORT",
+    "RUNS", "SUMMARY", "VERIFIED", "AdapterStatus", "Decisions", "GarbageReport", "LockHeld", "NextRun", "Planned",
+    "Published", "PublishedState", "RecordKind", "RunLock", "RunRecord", "adapter_prefix", "cached_manifest",
     "check_adapter_name", "check_output_target", "check_run_id", "collect_garbage", "commit_files", "commit_run",
     "committed_runs_of", "counts", "current_decisions_table", "decisions_bytes", "decisions_table", "diff_runs",
-    "fleet_status", "format_diff", "format_runs", "format_status", "key_uri", "list_runs", "manifest_key", "new_run_id",
-    "pointer_bytes", "pointer_key", "published_damage", "published_intact", "read_decisions", "read_pointer",
-    "repaired_rho", "rollback", "run_prefix", "status_json", "utc_now", "verify_objects", "verify_output",
-    "write_run_record", "write_verified",
+    "fleet_status", "format_diff", "format_runs", "format_status", "key_uri", "list_runs", "manifest_key",
+    "new_run_id", "pointer_bytes", "pointer_key", "published_damage", "published_intact", "published_names",
+    "read_decisions", "read_pointer", "repaired_rho", "rollback", "run_prefix", "status_json", "utc_now",
+    "verify_objects", "verify_output", "write_run_record", "write_verified",
 ]

@@ -14,7 +14,18 @@ import pyarrow as pa
 from ..errors import SafeMergeError
 from ..io import Dir, read_json
 from .decisions import DECISION_SCHEMA, table_from_bytes
-from .layout import DECISIONS, HISTORY, LAST_RUN, LATEST, RUNS, check_run_id, manifest_key, read_pointer, run_prefix
+from .layout import (
+    DECISIONS,
+    HISTORY,
+    LAST_RUN,
+    LATEST,
+    RUNS,
+    check_run_id,
+    manifest_key,
+    published_names,
+    read_pointer,
+    run_prefix,
+)
 from .records import RecordKind
 from .verify import published_damage
 
@@ -99,7 +110,7 @@ def fleet_status(out: Dir, plan: dict[str, Planned] | None = None) -> tuple[list
     """Every published adapter (and, with the fleet's plan, every adapter of the fleet): its current run,
     when, layers repaired / total, lowest rho, and whether it is stale (the next run would redo it: why),
     orphaned (no longer in the fleet), damaged, or unpublished. Also the current decisions, one table."""
-    names = sorted(n.removesuffix(".json") for n in out.child(LATEST).list() if n.endswith(".json"))
+    names = published_names(out)
     manifests: dict[str, dict | None] = {}
     decisions = Decisions(out)
     statuses, rows = [], []

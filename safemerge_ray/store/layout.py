@@ -24,6 +24,7 @@ REPORT = "report.html"  # `safemerge-ray report` writes it beside a run (or at t
 LAST_RUN = "status/last_run.json"
 HISTORY = "status/history/"
 LOCK = "status/lock.json"
+VERIFIED = "status/verified.json"  # when a run last re-hashed every published adapter (verify_published)
 RUNS, LATEST = "runs/", "latest/"
 
 
@@ -41,6 +42,11 @@ def manifest_key(run_id: str) -> str:
 
 def pointer_key(adapter: str) -> str:
     return f"{LATEST}{adapter}.json"
+
+
+def published_names(out: Dir) -> list[str]:
+    """Every adapter with a pointer (`latest/<adapter>.json`), sorted."""
+    return sorted(n.removesuffix(".json") for n in out.child(LATEST).list() if n.endswith(".json"))
 
 
 def read_pointer(out: Dir, adapter: str) -> dict | None:

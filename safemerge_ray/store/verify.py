@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..errors import EnvironmentFailure, SafeMergeError
 from ..io import Dir, read_json, sha256_of
-from .layout import LATEST, check_run_id, key_uri, manifest_key, missing_run, pointer_key, read_pointer
+from .layout import check_run_id, key_uri, manifest_key, missing_run, pointer_key, published_names, read_pointer
 
 
 def write_verified(out: Dir, key: str, data: bytes, staged: bool = False) -> dict:
@@ -29,13 +29,18 @@ def cached_manifest(out: Dir, key: str, manifests: dict[str, dict | None]) -> di
     return manifests[key]
 
 
-def published_damage(out: Dir, adapter: str, pointer: dict, manifests: dict[str, dict | None]) -> str | None:
-    """None if the adapter its pointer names is published intact (its manifest's objects, by version tag);
+def published_damage(out: Dir, adapter: str, pointer: dict, manifests: dict[str, dict | None],
+                     rehash: bool = False) -> str | None:
+    """None if the adapter its pointer names is published intact: its manifest's objects, by version tag (a
+    listing), or with `rehash` read again and hashed (what finds damage that kept size and mtime).
     `manifests` caches the runs' manifests across adapters."""
     key = str(pointer.get("manifest", ""))
     entry = (cached_manifest(out, key, manifests) or {}).get("adapters", {}).get(adapter)
     if not entry:
         return f"its published run's manifest ({key or 'none'}) is missing or does not list it"
+    if rehash:
+        problems = verify_objects(out, entry.get("objects", {}))
+        return problems[0] if problems else None
     return published_intact(out, entry.get("objects", {}))
 
 
@@ -79,8 +84,7 @@ def verify_output(out: Dir, adapter: str | None = None, run: str | None = None) 
         for entry in manifest.get("adapters", {}).values():
             objects.update(entry.get("objects", {}))
         return [(f"run {run}", verify_objects(out, objects))]
-    pointers = out.child(LATEST).list()
-    names = [adapter] if adapter else sorted(n.removesuffix(".json") for n in pointers if n.endswith(".json"))
+    names = [adapter] if adapter else published_names(out)
     if not names:
         raise SafeMergeError(f"verify: {out.uri} has no published adapters (no latest/*.json)")
     results = []

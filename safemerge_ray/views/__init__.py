@@ -7,4 +7,6 @@
 from .report_page import AdapterRow, render
 from .tables import format_table
 
-__all__ = ["AdapterRow", "format_table", "render"]
+__all__ = [
+    "AdapterRow", "format_table", "render",
+]
