@@ -79,12 +79,9 @@ class LocalDir:
         return LocalDir(self.path / name)
 
     def write(self, name: str, data: bytes, staged: bool = False) -> None:
-        target = self._file(name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}"  # short, whatever the target's name
+        tmp = self._staged_copy(name, data)
         try:
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
+            os.replace(tmp, self._file(name))
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -120,11 +117,16 @@ class LocalDir:
                 (stage / name).write_bytes(data)
 
     def _staged_copy(self, name: str, data: bytes) -> Path:
-        """`data` in a temporary file beside `name`'s place: complete before anything links or renames it."""
+        """`data` in a temporary file beside `name`'s place (a short name, whatever the target's): complete
+        before anything links or renames it; nothing is left behind if writing it fails."""
         target = self._file(name)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}"
-        tmp.write_bytes(data)
+        try:
+            tmp.write_bytes(data)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return tmp
 
     def create_exclusive(self, name: str, data: bytes) -> str | None:
@@ -164,12 +166,7 @@ class LocalDir:
                 current = f.read()
             if not same_file or sha256_of(current) != tag:
                 return None
-            tmp = self._staged_copy(name, data)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            self.write(name, data)
             return sha256_of(data)
         finally:
             os.close(fd)  # releases the flock
