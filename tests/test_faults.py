@@ -34,6 +34,7 @@ from safemerge_ray.cli import main
 from safemerge_ray.errors import ExitStatus
 from safemerge_ray.fleet import run_fleet
 from safemerge_ray.fleet.config import load_config
+from safemerge_ray.fleet.jobs import cleanup_bound
 from safemerge_ray.store import LOCK
 
 pytestmark = pytest.mark.slow
@@ -604,7 +605,7 @@ def test_a_frozen_store_past_the_deadline_ends_the_run_within_its_bound(s3_input
             took = time.monotonic() - started
         finally:
             thaw.set()
-    bound = min(30, 0.1 * deadline_s)
+    bound = cleanup_bound(deadline_s)  # min(30 s, 10%), at least 5 s
     print(f"frozen store: the run ended {took:.1f} s after it started (max_run_seconds {deadline_s}, bound {bound:g})")
     assert frozen.is_set() and took < deadline_s + bound + 8, took  # 8 s: planning, worker start-up, Ray's kill
     assert report.exit_code == ExitStatus.ENVIRONMENT and report.by_status("failed") == NAMES

@@ -162,7 +162,13 @@ def balance(tasks: list[ScoreTask], n: int) -> list[list[ScoreTask]]:
     return [sorted(s, key=lambda t: natural_key(t.jobs[0].module)) for s in shards if s]
 
 
-CLEANUP_S = 30.0  # at most this long past the deadline for a hung store (see Deadline.cleanup_s)
+CLEANUP_S = 30.0  # at most this long past the deadline for a hung store (see Deadline.cleanup_s) ...
+CLEANUP_MIN_S = 5.0  # ... and at least this long, so that a healthy store is never cut off
+
+
+def cleanup_bound(max_run_seconds: float) -> float:
+    """How long past the deadline the store calls still owed may take, together."""
+    return min(CLEANUP_S, max(CLEANUP_MIN_S, 0.1 * max_run_seconds))
 
 
 class Deadline:
@@ -182,12 +188,12 @@ class Deadline:
 
     def cleanup_s(self) -> float | None:
         """Once the deadline has passed, how long the store calls still owed (the run record, the lock's
-        release) may still take: together at most the smaller of 30 s and 10% of max_run_seconds, counted
-        from the first of them. None before the deadline."""
+        release) may still take: together the smaller of 30 s and 10% of max_run_seconds (but at least 5 s:
+        a healthy store answers within it), counted from the first of them. None before the deadline."""
         if not self.seconds or not self.passed():
             return None
         if self._cleanup_until is None:
-            self._cleanup_until = time.time() + min(CLEANUP_S, 0.1 * self.seconds)
+            self._cleanup_until = time.time() + cleanup_bound(self.seconds)
         return max(0.0, self._cleanup_until - time.time())
 
     def warnings(self) -> list[str]:
