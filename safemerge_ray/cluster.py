@@ -51,6 +51,22 @@ def ray_data():
     return ray.data
 
 
+def map_on_actors(ds, cls: type, kwargs: dict, batch_size: int, replicas: int, gpus: bool):
+    """`ds` through a pool of `replicas` actors of `cls` (a model loaded once per actor), numpy batches.
+
+    No actor restarts (Ray Data's default is endless): an actor that dies loading its model would be
+    restarted forever, and Ray cannot honour restarts of actors whose constructor arguments live in the
+    object store, as Ray Data's do (ray-project/ray#53727). A lost actor fails the work; the gate then
+    publishes nothing, and the next run evaluates again."""
+    import warnings
+
+    with warnings.catch_warnings():  # max_restarts has no named parameter yet; Ray's own docs name this one
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_size=batch_size,
+                              compute=ray_data().ActorPoolStrategy(size=replicas), num_gpus=1 if gpus else 0,
+                              num_cpus=1, batch_format="numpy", max_restarts=0)
+
+
 def cluster_gpus() -> float:
     """GPUs in the cluster Ray is connected to."""
     import ray

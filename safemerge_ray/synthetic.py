@@ -224,7 +224,7 @@ def write_loop_configs(root: str | Path, output: str = "merged", steps: int = 40
                   "like": "finetuned/gsm8k", "workers": 2, "max_steps": steps, "save_steps": max(1, steps // 2),
                   "learning_rate": 0.01},
         "fleet": {"unaligned_model": "unaligned", "aligned_model": "aligned",
-                  "safety_adapter": "safety-trained/adapter", "finetuned": [{"prefix": "finetuned"}], "output": output,
+                  "safety_adapter": "safety-trained", "finetuned": [{"prefix": "finetuned"}], "output": output,
                   "gate": {"eval": evals, "max_harmful_rate": 0.5}},
         "eval": {"fleet_output": output, "output": "eval", **evals},
     }

@@ -5,7 +5,10 @@ repaired adapter."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -190,6 +193,25 @@ def test_eval_generates_judges_and_summarises_every_variant(loop, classifier, tm
     aligned = [r["response"] for r in harmful if r["variant"] == "aligned"]
     assert replica.generate("", prompts) == aligned  # the adapters switched off: the aligned model
     assert here != aligned
+
+
+def test_quiet_means_nothing_on_stderr_for_a_gated_fleet_and_eval(loop, tmp_path):
+    """In fresh processes, each starting its own local Ray (Ray's C++ warnings, Ray Data's INFO lines, the
+    token warning would all reach stderr): a gated `fleet --quiet` and `eval --quiet` print nothing there."""
+    import yaml
+
+    raw = yaml.safe_load((loop / "fleet.yaml").read_text())
+    evals = {"harmful_prompts": "data/harmful.txt", "task_prompts": "data/task.jsonl", "max_new_tokens": 4, "limit": 3}
+    raw.update(output=str(tmp_path / "gated"), gate={"eval": evals, "max_harmful_rate": 1.0})
+    (loop / "gated.yaml").write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    for args in (["fleet", "--config", "gated.yaml", "--quiet"],
+                 ["eval", "--fleet-output", str(tmp_path / "gated"), "--output", str(tmp_path / "ev"), "--quiet",
+                  *[f"--{k.replace('_', '-')}={v}" for k, v in evals.items()]]):
+        proc = subprocess.run([sys.executable, "-m", "safemerge_ray", *args], capture_output=True, text=True,
+                              cwd=loop, env=env, timeout=400)
+        assert proc.returncode == 0 and proc.stderr == "", (args[0], proc.stderr[-2000:])
+        assert proc.stdout  # the result itself is still printed
 
 
 def test_eval_settings_errors_are_one_line(loop, tmp_path, capsys):

@@ -53,6 +53,57 @@ def test_every_bad_line_is_listed_up_to_ten_and_an_empty_file_is_an_error():
         read_examples(b"\n  \n", "d.jsonl")
 
 
+# --------------------------------------------------------------------------- versions
+
+
+def _publish_from(src, out, run_id: str) -> dict:
+    from safemerge_ray.io import LocalDir
+    from safemerge_ray.loop.train import ADAPTER_FILES, KIND, publish
+
+    manifest = {"kind": KIND, "run_id": run_id}
+    publish(LocalDir(out), run_id, {n: (src / n).read_bytes() for n in ADAPTER_FILES}, manifest)
+    return manifest
+
+
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)
+def test_each_training_publishes_a_version_and_a_reader_of_the_last_keeps_its_bytes(pair, tmp_path):
+    from safemerge_ray.io import LocalDir, load_adapter
+
+    out = tmp_path / "safety-out"
+    legacy = out / "adapter"  # an output written before versions
+    shutil.copytree(pair / "safety", legacy)
+    (out / "manifest.json").write_text(json.dumps({"kind": "safety-adapter", "run_id": "old"}))
+    assert load_adapter(LocalDir(out), "safety").uri == str(legacy)  # the output stands for its adapter
+    before = {p.name: p.read_bytes() for p in legacy.iterdir()}
+
+    _publish_from(pair / "safety", out, "r1")
+    assert load_adapter(LocalDir(out), "safety").uri == str(out / "adapters/r1")
+    assert {p.name: p.read_bytes() for p in legacy.iterdir()} == before  # read under the old manifest: unchanged
+    _publish_from(pair / "finetuned/gsm8k", out, "r2")
+    assert not legacy.exists() and sorted(p.name for p in (out / "adapters").iterdir()) == ["r1", "r2"]
+    _publish_from(pair / "safety", out, "r3")
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == ["r2", "r3"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["adapter"] == "adapters/r3" and set(manifest["objects"]) == {
+        "adapters/r3/adapter_config.json", "adapters/r3/adapter_model.safetensors"}
+
+
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)
+def test_a_fleet_pins_the_version_named_when_it_starts(pair, tmp_path):
+    from safemerge_ray.fleet import parse_config
+    from safemerge_ray.fleet.plan import pin_safety_adapter
+
+    out = tmp_path / "safety-out"
+    _publish_from(pair / "safety", out, "r1")
+    raw = {"unaligned_model": str(pair / "unaligned"), "aligned_model": str(pair / "aligned"),
+           "safety_adapter": str(out), "finetuned": [str(pair / "finetuned/gsm8k")], "output": str(tmp_path / "f")}
+    config = parse_config(raw, "fleet.yaml")
+    assert pin_safety_adapter(config).safety_adapter == str(out / "adapters/r1")
+    (out / "manifest.json").write_text(json.dumps({"kind": "safety-adapter", "adapter": "../elsewhere"}))
+    with pytest.raises(SafeMergeError, match="names no adapter version"):
+        pin_safety_adapter(config)
+
+
 def test_the_lora_shape_defaults_to_the_fine_tunes(pair):
     shape = lora_shape(TrainSettings(aligned_model="x", data="d", output="o", like=str(pair / "finetuned/gsm8k")))
     assert (shape.rank, shape.alpha) == (4, 8)
@@ -118,12 +169,15 @@ def test_the_trained_adapter_loads_and_repairs_a_fine_tune(trained, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    adapter = trained / "safety-trained" / "adapter"
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(trained / "aligned"), adapter)
+    out = trained / "safety-trained"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["adapter"] == f"adapters/{manifest['run_id']}" and not (out / "adapter").exists()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(trained / "aligned"),
+                                      out / manifest["adapter"])
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(torch.count_nonzero(b) > 0 for b in lora_b)  # trained: B left zero-init
     code = main(["merge", "--unaligned", str(trained / "unaligned"), "--aligned", str(trained / "aligned"),
-                 "--safety-adapter", str(adapter), "--finetuned", str(trained / "finetuned/gsm8k"),
+                 "--safety-adapter", str(out), "--finetuned", str(trained / "finetuned/gsm8k"),
                  "--out", str(tmp_path / "repaired"), "--quiet"])
     assert code == 0 and (tmp_path / "repaired" / "adapter_model.safetensors").exists()
 

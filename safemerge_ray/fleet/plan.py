@@ -5,7 +5,7 @@ one scoring job per module for the pending ones."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +16,7 @@ from .. import __version__
 from ..core import POLICIES, MergeSettings, ModuleCost
 from ..engine import ModulePlan, ModuleScore, plan_adapter
 from ..errors import SafeMergeError
-from ..io import Checkpoint, Dir, LocalDir, load_adapter, open_dir, sha256_of
+from ..io import Checkpoint, Dir, LocalDir, load_adapter, open_dir, published_version, sha256_of
 from ..store import NextRun, Planned, cached_manifest, published_damage, read_pointer
 from .config import AdapterRef, FleetConfig
 from .jobs import Deadline, Failure, ModuleJob, ScoreRequest
@@ -171,6 +171,16 @@ def plan_fleet(config: FleetConfig, out: Dir, deadline: Deadline | None = None, 
         except SafeMergeError as exc:  # unreadable or invalid: this adapter fails alone
             st.fail(Failure.of(exc))
     return FleetPlan(states, fingerprints, warnings)
+
+
+def pin_safety_adapter(config: FleetConfig) -> FleetConfig:
+    """A `train-safety` output given as the safety adapter stands for the version its manifest names when
+    the run starts: every stage and worker reads that version, and the run's manifest names it."""
+    if not config.safety_adapter:
+        return config
+    store = published_version(open_dir(config.safety_adapter, what="safety adapter", s3=config.s3),
+                              "safety adapter")
+    return replace(config, safety_adapter=store.uri)
 
 
 def check_output_outlives_job(out: LocalDir) -> None:

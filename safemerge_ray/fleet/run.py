@@ -52,7 +52,7 @@ from ..store import (
 )
 from .config import FleetConfig
 from .jobs import Deadline, Failure, ModuleJob, ScoreTask, balance, score_tasks
-from .plan import AdapterState, AdapterStatus, FleetPlan, plan_fleet, plan_jobs
+from .plan import AdapterState, AdapterStatus, FleetPlan, pin_safety_adapter, plan_fleet, plan_jobs
 from .pool import check_memory, gather, preflight, start_workers, worker_lost
 from .report import FleetReport, exit_status
 
@@ -156,6 +156,7 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
          runtime_env: dict | None, lock: RunLock, record: RunRecord, deadline: Deadline) -> FleetReport:
     driver_before = BYTES_READ.total
     rehash = _verification_due(config.verify_published, out)
+    config = pin_safety_adapter(config)
     plan = plan_fleet(config, out, deadline, rehash=rehash)
     if rehash and not deadline.passed():
         out.write(VERIFIED, json_bytes({"verified_at": utc_now(), "time": time.time()}))
@@ -195,6 +196,7 @@ def score_fleet(config: FleetConfig, progress: bool = True, ray_address: str | N
     """Every valid adapter's rho per module, scored once on Ray whatever is published; writes nothing.
     (SafeLoRA adapters are scored as SafeMERGE ones: rho is the same, and no projection is needed.)"""
     out = open_dir(config.output, what="output", s3=config.s3, must_exist=False)
+    config = pin_safety_adapter(config)
     plan = plan_fleet(config, out, redo_all=True)
     pending = plan.pending
     if not pending:

@@ -13,12 +13,15 @@ written byte-exactly, and untrusted JSON read with bounds.
 from .adapters import (
     CONFIG,
     PREFIX,
+    TRAINED_KIND,
+    TRAINED_MANIFEST,
     WEIGHTS,
     FactorRows,
     LoraAdapter,
     LoraModule,
     adapter_files,
     load_adapter,
+    published_version,
     read_factor_rows,
 )
 from .dirs import BYTES_READ, STAGED_TAG, TMP_PREFIX, Dir, json_bytes, read_json, sha256_of
@@ -30,10 +33,10 @@ from .tensors import Checkpoint, SafetensorsFile, float32_finite, release_freed_
 from .untrusted import check_pattern, json_depth, load_json
 
 __all__ = [
-    "BYTES_READ", "CONFIG", "HUB", "PREFIX", "STAGED_TAG", "TMP_PREFIX", "WEIGHTS", "Checkpoint", "Dir",
-    "FactorRows", "LocalDir", "LoraAdapter", "LoraModule", "S3Dir", "S3Settings", "SafetensorsFile",
-    "adapter_files", "cache_root", "check_pattern", "float32_finite", "is_hub_id", "json_bytes", "json_depth",
-    "load_adapter", "load_causal_lm", "load_json", "load_tokenizer", "local_copy", "local_or_s3", "local_path",
-    "model_path", "open_dir", "read_factor_rows", "read_file", "read_json", "release_freed_buffers",
-    "resolve_location", "safetensors_bytes", "save_tensors", "sha256_of",
+    "BYTES_READ", "CONFIG", "HUB", "PREFIX", "STAGED_TAG", "TMP_PREFIX", "TRAINED_KIND", "TRAINED_MANIFEST",
+    "WEIGHTS", "Checkpoint", "Dir", "FactorRows", "LocalDir", "LoraAdapter", "LoraModule", "S3Dir", "S3Settings",
+    "SafetensorsFile", "adapter_files", "cache_root", "check_pattern", "float32_finite", "is_hub_id",
+    "json_bytes", "json_depth", "load_adapter", "load_causal_lm", "load_json", "load_tokenizer", "local_copy",
+    "local_or_s3", "local_path", "model_path", "open_dir", "published_version", "read_factor_rows", "read_file",
+    "read_json", "release_freed_buffers", "resolve_location", "safetensors_bytes", "save_tensors", "sha256_of"
 ]

@@ -154,12 +154,36 @@ def read_factor_rows(adapters: list[LoraAdapter], modules: list[str],
     return FactorRows(rows, offsets, {a.uri: k for k, a in enumerate(adapters) if a.uri not in failed}), failed
 
 
+# `train-safety` publishes each adapter under a new version and names it in its manifest, written last;
+# given as an adapter, its output stands for the version named there, so a second training never changes
+# the bytes under someone reading the first.
+TRAINED_MANIFEST = "manifest.json"
+TRAINED_KIND = "safety-adapter"
+_VERSION = re.compile(r"adapter|adapters/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def published_version(store: Dir, what: str) -> Dir:
+    """The adapter directory `store` stands for: itself, or the version a train-safety manifest names."""
+    if store.exists(CONFIG) or not store.exists(TRAINED_MANIFEST):
+        return store
+    manifest = load_json(store.read(TRAINED_MANIFEST), f"{what}: corrupt {TRAINED_MANIFEST} in {store.uri}",
+                         _MAX_CONFIG)
+    if not isinstance(manifest, dict) or manifest.get("kind") != TRAINED_KIND:
+        return store
+    version = manifest.get("adapter", "adapter")  # outputs written before versions: adapter/
+    if not isinstance(version, str) or not _VERSION.fullmatch(version):
+        raise SafeMergeError(f"{what}: {store.uri.rstrip('/')}/{TRAINED_MANIFEST} names no adapter version "
+                             f"({version!r})")
+    return store.child(version)
+
+
 def load_adapter(store: Dir, what: str) -> LoraAdapter:
     """Parse an adapter directory: its config and safetensors header; tensors stay on storage.
 
     The fingerprint hashes the config, the header and the weights file's version tag (size and mtime
     locally, the ETag on S3), like a model's: a fleet of large adapters is not read twice to hash it.
     """
+    store = published_version(store, what)
     if not store.exists(CONFIG):
         pickles = [n for n in store.list() if n.startswith("adapter_model.") and n != WEIGHTS]
         hint = f" (found {', '.join(pickles)})" if pickles else ""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from ..cluster import cluster_gpus, ray_data
+from ..cluster import cluster_gpus, map_on_actors, ray_data
 from ..errors import SafeMergeError
 from ..io import S3Settings, load_adapter, load_causal_lm, load_tokenizer, local_copy, model_path, open_dir
 from ..progress import log
@@ -132,9 +132,7 @@ def generate(spec: EvalSpec, aligned: str, s3: S3Settings, rows: list[dict], pai
         kwargs["max_lora_rank"] = _max_rank(pairs, s3)
     rows = sorted(rows, key=lambda r: (r["lora"], r["set"], r["prompt_id"]))  # a batch mostly shares an adapter
     ds = data.from_items(rows, override_num_blocks=max(1, min(len(rows) // spec.batch_size, 64)))
-    answered = ds.map_batches(replica, fn_constructor_kwargs=kwargs, batch_size=spec.batch_size * 4,
-                              compute=data.ActorPoolStrategy(size=spec.replicas), num_gpus=1 if gpus else 0,
-                              num_cpus=1, batch_format="numpy")
+    answered = map_on_actors(ds, replica, kwargs, spec.batch_size * 4, spec.replicas, gpus)
     log("eval", f"{len(rows)} answers to generate on {spec.replicas} {engine} replica(s)")
     return [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in answered.take_all()]
 

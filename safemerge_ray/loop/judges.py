@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from enum import StrEnum
 
-from ..cluster import cluster_gpus, ray_data
+from ..cluster import cluster_gpus, map_on_actors, ray_data
 from ..errors import SafeMergeError, first_line
 from ..io import S3Settings, load_causal_lm, model_path
 from .spec import EvalSpec
@@ -138,10 +138,7 @@ def judge(spec: EvalSpec, s3: S3Settings, rows: list[dict]) -> list[str]:
 
     gpus = cluster_gpus() >= 1
     ds = data.from_items([{"i": i, "prompt": r["prompt"], "response": r["response"]} for i, r in enumerate(rows)])
-    judged = ds.map_batches(ClassifierJudge, fn_constructor_kwargs={
-        "path": spec.judge, "s3": s3, "harmful_label": spec.harmful_label, "batch_size": spec.batch_size},
-        batch_size=spec.batch_size * 4, compute=data.ActorPoolStrategy(size=1), num_gpus=1 if gpus else 0,
-        num_cpus=1,
-        batch_format="numpy").take_all()
+    kwargs = {"path": spec.judge, "s3": s3, "harmful_label": spec.harmful_label, "batch_size": spec.batch_size}
+    judged = map_on_actors(ds, ClassifierJudge, kwargs, spec.batch_size * 4, 1, gpus).take_all()
     by_index = {int(r["i"]): str(r["judgement"]) for r in judged}
     return [by_index[i] for i in range(len(rows))]

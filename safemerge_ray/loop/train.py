@@ -4,9 +4,10 @@ The driver checks the data (every bad line named), reads the LoRA shape from a f
 a `TorchTrainer` (data-parallel workers, GPU when there is one). Each worker trains with TRL's
 `SFTTrainer` and PEFT; rank 0 reports full Hugging Face checkpoints (adapter, optimizer, step) to Ray
 Train's storage under `OUTPUT/checkpoints/`, so a restarted worker group resumes from the last one.
-The driver publishes the final adapter to `OUTPUT/adapter/` and writes `OUTPUT/manifest.json` last:
-the adapter's sha256s, the base model's and the data's fingerprints, the settings and the loss curve.
-Give `OUTPUT/adapter` to `merge` or `fleet` as the safety adapter.
+The driver publishes the final adapter under a new version, `OUTPUT/adapters/RUN/`, and writes
+`OUTPUT/manifest.json` last: the version, the adapter's sha256s, the base model's and the data's
+fingerprints, the settings and the loss curve. Give `OUTPUT` to `merge` or `fleet` as the safety adapter:
+it stands for the version its manifest names, so a second training never changes bytes under a reader.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..cluster import cluster_gpus, init_ray
 from ..errors import EnvironmentFailure, SafeMergeError, first_line
 from ..io import (
+    TRAINED_KIND,
+    TRAINED_MANIFEST,
     Checkpoint,
+    Dir,
     LocalDir,
     S3Settings,
     json_bytes,
@@ -42,10 +46,11 @@ from ..options import S3Section
 from ..progress import log
 from ..store import new_run_id, utc_now, write_verified
 
-MANIFEST = "manifest.json"
-ADAPTER = "adapter/"
+MANIFEST = TRAINED_MANIFEST
+VERSIONS = "adapters/"  # one directory per run; the manifest names the current one
+LEGACY = "adapter"  # where outputs written before versions keep their adapter
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-KIND = "safety-adapter"
+KIND = TRAINED_KIND
 _ROLES = ("system", "user", "assistant")
 MAX_LISTED = 10  # bad lines named in one error
 
@@ -317,8 +322,6 @@ def train_safety(settings: TrainSettings, progress: bool = True, ray_address: st
             raise EnvironmentFailure(f"the last checkpoint ({result.checkpoint.path}) holds no final adapter")
         files = {name: (final / "adapter" / name).read_bytes() for name in ADAPTER_FILES}
         losses = json.loads((final / "losses.json").read_text())
-    objects = {f"{ADAPTER}{name}": write_verified(out, f"{ADAPTER}{name}", data) for name, data in files.items()}
-    load_adapter(out.child(ADAPTER.rstrip("/")), "trained safety adapter")  # what merge and fleet will read
     manifest = {
         "tool": "safemerge-ray", "kind": KIND, "run_id": run_id, "created_at": utc_now(),
         "aligned_model": {"uri": aligned, "fingerprint": base.fingerprint()},
@@ -328,13 +331,26 @@ def train_safety(settings: TrainSettings, progress: bool = True, ray_address: st
         "settings": settings.model_dump(mode="json", exclude={"s3"}),
         "steps": losses[-1][0] if losses else 0, "losses": losses,
         "checkpoints": f"{out.uri.rstrip('/')}/checkpoints/{run_id}",
-        "objects": objects,
     }
-    out.write(MANIFEST, json_bytes(manifest))
-    adapter = f"{out.uri.rstrip('/')}/{ADAPTER.rstrip('/')}"
+    version = publish(out, run_id, files, manifest)
     log("train", f"loss {losses[0][1]:.4f} -> {losses[-1][1]:.4f} over {manifest['steps']} steps; "
-                 f"safety adapter: {adapter}")
-    return TrainResult(adapter, manifest)
+                 f"safety adapter: {out.uri} (now {version})")
+    return TrainResult(out.uri, manifest)
+
+
+def publish(out: Dir, run_id: str, files: dict[str, bytes], manifest: dict) -> str:
+    """The adapter under a new version, verified, then the manifest naming it, written last. Versions
+    other than this one and the one the previous manifest named (someone may still be reading it) go."""
+    previous = read_json(out, MANIFEST)  # check_output made sure it is ours, or absent
+    version = f"{VERSIONS}{run_id}"
+    manifest["objects"] = {f"{version}/{n}": write_verified(out, f"{version}/{n}", d) for n, d in files.items()}
+    load_adapter(out.child(version), "trained safety adapter")  # what merge and fleet will read
+    manifest["adapter"] = version
+    out.write(MANIFEST, json_bytes(manifest))
+    keep = {version, str((previous or {}).get("adapter", LEGACY))}
+    stale = [key for key in out.walk(VERSIONS) + out.walk(f"{LEGACY}/") if key.rsplit("/", 1)[0] not in keep]
+    out.delete(stale)
+    return version
 
 
 def _use_gpu(settings: TrainSettings) -> bool:
