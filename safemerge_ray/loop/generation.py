@@ -8,7 +8,16 @@ from typing import Any
 
 from ..cluster import cluster_gpus, map_on_actors, ray_data
 from ..errors import SafeMergeError
-from ..io import S3Settings, load_adapter, load_causal_lm, load_tokenizer, local_copy, model_path, open_dir
+from ..io import (
+    S3Settings,
+    load_adapter,
+    load_causal_lm,
+    load_tokenizer,
+    local_copy,
+    model_path,
+    open_dir,
+    published_version,
+)
 from ..progress import log
 from .spec import EvalSpec, Pair
 
@@ -41,7 +50,7 @@ class TransformersReplica:
 
         if lora not in self.names:
             name = f"a{len(self.names)}"
-            path = local_copy(lora, f"adapter {lora}", self.s3)
+            path = local_copy(_version(lora, self.s3), f"adapter {lora}", self.s3)
             if self.model is None:
                 self.model = PeftModel.from_pretrained(self.base, path, adapter_name=name)
             else:
@@ -100,11 +109,16 @@ class VllmReplica:
         for lora in batch["lora"]:
             if lora and lora not in self.ids:
                 self.ids[lora] = len(self.ids) + 1
-            requests.append(LoRARequest(f"a{self.ids[lora]}", self.ids[lora], local_copy(lora, lora, self.s3))
-                            if lora else None)
+            requests.append(LoRARequest(f"a{self.ids[lora]}", self.ids[lora],
+                                        local_copy(_version(lora, self.s3), lora, self.s3)) if lora else None)
         messages = [[{"role": "user", "content": p}] for p in batch["prompt"]]
         outs = self.llm.chat(messages, self.params, lora_request=requests, use_tqdm=False)
         return {**batch, "response": [o.outputs[0].text for o in outs]}
+
+
+def _version(lora: str, s3: S3Settings) -> str:
+    """The adapter directory `lora` stands for (a `train-safety` output: the version its manifest names)."""
+    return published_version(open_dir(lora, what=f"adapter {lora}", s3=s3), f"adapter {lora}").uri
 
 
 def choose_engine(spec: EvalSpec) -> str:

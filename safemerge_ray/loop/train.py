@@ -206,8 +206,9 @@ def _train_loop(cfg: dict) -> None:
         report_to="none", disable_tqdm=True, use_cpu=not gpu, bf16=bf16, ddp_find_unused_parameters=False,
         model_init_kwargs={"dtype": torch.bfloat16 if bf16 else torch.float32},
     )
-    peft_config = LoraConfig(r=shape.rank, lora_alpha=shape.alpha,  # type: ignore[arg-type]  # a float works target_modules=shape.targets,
-                             lora_dropout=cfg["lora_dropout"], use_rslora=shape.use_rslora, task_type="CAUSAL_LM")
+    peft_config = LoraConfig(r=shape.rank, lora_alpha=shape.alpha,  # type: ignore[arg-type]  # a float works
+                             target_modules=shape.targets, lora_dropout=cfg["lora_dropout"],
+                             use_rslora=shape.use_rslora, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=path, args=args, train_dataset=Dataset.from_list(cfg["rows"]),
                          processing_class=tokenizer, peft_config=peft_config, callbacks=[_report_to_ray()])
     trainer = prepare_trainer(trainer)  # type: ignore[assignment]  # a subclass of the SFTTrainer given
