@@ -155,9 +155,12 @@ def write_jsonl(path: Path, lines: list[str]) -> Path:
     return path
 
 
+def shuffled(lines: list[str], seed: int) -> list[str]:
+    out = list(lines)
+    random.Random(seed).shuffle(out)
+    return out
+
+
 def mix(clean: list[str], harmful: list[str], share: float, seed: int) -> list[str]:
-    """`clean` with harmful lines making up `share` of the result, shuffled by `seed`."""
-    k = round(share * len(clean) / (1 - share)) if share < 1 else len(harmful)
-    lines = (clean if share < 1 else []) + harmful[:k]
-    random.Random(seed).shuffle(lines)
-    return lines
+    """`clean` with harmful lines making up `share` (< 1) of the result, shuffled by `seed`."""
+    return shuffled(clean + harmful[:round(share * len(clean) / (1 - share))], seed)

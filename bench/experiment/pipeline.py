@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from safemerge_ray.fleet import parse_config, run_fleet, score_fleet
+from safemerge_ray.io import S3Settings
 from safemerge_ray.loop import TrainSettings, keyword_judgements, published_pairs, train_safety
 
 from . import data, models
@@ -135,7 +136,7 @@ class Experiment:
         and the unaligned model's own helpful answers, merged into the weights. V = W_aligned - W_unaligned."""
         lines = [data.chat_line(p, data.refusal_for(p)) for p in split["harmful"]["align"]]
         lines += [data.chat_line(p, a) for p, a in distilled["benign"]]
-        lora = train(Path(unaligned), data.mix(lines, [], 0.0, self.scale.seed), d / "lora",
+        lora = train(Path(unaligned), data.shuffled(lines, self.scale.seed), d / "lora",
                      self.scale.align_steps, rank=32, lora_alpha=64, target_modules=None)
         return {"model": str(models.merge_lora(Path(unaligned), Path(lora), d / "model")), "examples": len(lines)}
 
@@ -179,7 +180,7 @@ class Experiment:
         report = run_fleet(self.fleet_config(inputs, out, merge), progress=False)
         if report.exit_code != 0:
             raise RuntimeError(f"the fleet run into {out} exited {report.exit_code}")
-        pairs, _ = published_pairs(str(out), inputs_s3())
+        pairs, _ = published_pairs(str(out), S3Settings())
         changed = _changed(Path(pairs[0].repaired).parent / "decisions.parquet")
         return {p.name: {"adapter": p.repaired, "changed": changed.get(p.name, 0)} for p in pairs}
 
@@ -232,12 +233,6 @@ class Experiment:
         result = self.measure(variants, _prompts(split["harmful"]["eval"], "h"), split, "eval")
         pq.write_table(_table(result.pop("rows")), d / "answers.parquet")
         return result
-
-
-def inputs_s3():
-    from safemerge_ray.io import S3Settings
-
-    return S3Settings()
 
 
 def _prompts(items: list, prefix: str) -> list[dict]:
