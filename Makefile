@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO := build/demo
 LOOP := build/loop
 
-.PHONY: setup browser demo demo-loop lint test test-fast test-quick clean bench bench-quick bench-scale \
+.PHONY: setup browser prometheus-tools tracking-server demo demo-loop lint test test-fast test-quick clean bench bench-quick bench-scale \
 	experiment experiment-smoke experiment-wheels
 
 setup: $(STAMP)
@@ -15,8 +15,18 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --upgrade pip
 	# constraints.txt pins torch to the CPU wheel; the package itself accepts any recent torch.
-	$(PY) -m pip install -qq -c constraints.txt -e '.[test,experiment]'
+	$(PY) -m pip install -qq -c constraints.txt -e '.[test,experiment,mlflow]'
 	touch $(STAMP)
+
+# The MLflow tracking server the tests start (tests/services.py), in a virtualenv of its own: MLflow's server
+# pins an older pyarrow than the package's. Only the client (mlflow-skinny) is in .venv.
+MLFLOW_SERVER := build/mlflow-server
+tracking-server: $(MLFLOW_SERVER)/.installed
+
+$(MLFLOW_SERVER)/.installed:
+	test -x $(MLFLOW_SERVER)/bin/python || $(PYTHON) -m venv $(MLFLOW_SERVER)
+	$(MLFLOW_SERVER)/bin/python -m pip install -qq mlflow==3.17.2
+	touch $@
 
 # A synthetic fleet (a small Llama-style model pair, a safety adapter, 8 domain fine-tunes) in a
 # local store, repaired by the fleet job on a local Ray.
@@ -63,14 +73,20 @@ lint: setup
 browser:
 	command -v chromium >/dev/null || apt-get install -y -qq chromium
 
+# The alert rules' checks (tests/test_alerts.py: promtool check/test rules) and the Pushgateway the metrics tests
+# push to (tests/services.py): Debian's packages `prometheus` (it ships promtool) and `prometheus-pushgateway`.
+prometheus-tools:
+	command -v promtool >/dev/null || apt-get install -y -qq --no-install-recommends prometheus
+	command -v prometheus-pushgateway >/dev/null || apt-get install -y -qq --no-install-recommends prometheus-pushgateway
+
 # Everything: lint, then the whole suite (local Ray, SeaweedFS S3, `ray start` clusters, k8s manifests,
 # the report in Chromium).
-test: setup browser lint
+test: setup browser prometheus-tools tracking-server lint
 	$(PY) -m pytest -q
 
 # The fast unit tests alone: no Ray, no S3 server, no cluster, no manifest linters (markers: tests/conftest.py).
 test-fast: setup
-	$(PY) -m pytest -q -m "not ray and not s3 and not cluster and not k8s and not slow"
+	$(PY) -m pytest -q -m "not ray and not s3 and not cluster and not k8s and not prometheus and not slow"
 
 # Everything but the slow fault tests.
 test-quick: setup lint

@@ -34,7 +34,7 @@ class Strict(BaseModel):
     @classmethod
     def _no_booleans_for_numbers(cls, v, info):
         # YAML reads `yes`/`true` as booleans; pydantic would quietly take them as 1.
-        if isinstance(v, bool):
+        if isinstance(v, bool) and cls.model_fields[info.field_name].annotation is not bool:
             raise ValueError("expected a number or string, got a boolean")
         return v
 

@@ -9,7 +9,16 @@ ARCHS = ("llama", "qwen2")
 
 # --------------------------------------------------------------------------- markers
 # Markers follow from what a test uses (its fixtures, transitively, and its module), so they cannot drift:
-# `pytest -m "not ray and not s3 and not cluster and not k8s"` (`make test-fast`) runs the fast unit tests.
+# `pytest -m "not ray and not s3 and not cluster and not k8s and not prometheus"` (`make test-fast`) runs the fast
+# unit tests.
+MARKERS = {  # registered here, beside the rule that sets them (the others are in pyproject.toml)
+    "prometheus": "runs promtool or a Pushgateway (Debian's prometheus, prometheus-pushgateway: make prometheus-tools)",
+}
+
+
+def pytest_configure(config):
+    for name, what in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {what}")
 
 
 def _markers_for(item) -> set[str]:
@@ -23,6 +32,8 @@ def _markers_for(item) -> set[str]:
         marks.add("cluster")
     if item.path.name == "test_k8s.py":
         marks.add("k8s")
+    if item.path.name == "test_alerts.py" or "pushgateway" in names:
+        marks.add("prometheus")
     return marks
 
 
@@ -179,3 +190,8 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# --------------------------------------------------------------------------- service integrations (tests/services.py)
+
+from services import mlflow_server, pushgateway  # noqa: E402, F401

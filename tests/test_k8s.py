@@ -3,13 +3,15 @@
 Every overlay under k8s/overlays is rendered with `kubectl kustomize` (no cluster needed), as is each
 overlay with its nightly schedule swapped (RayCronJob <-> standing RayCluster + CronJob), and every
 rendered document validates: KubeRay kinds against the CRD schemas in shared/schemas/kuberay plus the
-operator's own admission rules, their pod templates and all core kinds with kubernetes-validate.
-Then the manifests are checked against the code they run: the entrypoints and the CronJob's command
-parse with the CLI's parser, the fleet config parses with the config module and fits the worker
-groups, images are the package's version, memory requests follow the sizing formula of k8s/README.md,
-the config mount matches the config path, and infra/ agrees with all of it. Each check is a function
-returning its problems; `test_each_check_catches_its_breakage` breaks a copy of the manifests once per
-check and requires the check to notice.
+operator's own admission rules, their pod templates and all core kinds with kubernetes-validate, the
+Prometheus Operator's PrometheusRule (no schema offline) against the structure of its CRD (its rules are
+promtool's to check: tests/test_alerts.py). Then the manifests are checked against the code they run: the
+entrypoints and the CronJob's command parse with the CLI's parser, the fleet config parses with the config
+module and fits the worker groups, images are the package's version, memory requests follow the sizing
+formula of k8s/README.md, the config mount matches the config path, every RayCluster a RayJob creates is
+deleted however the job ends, the alerts have metrics to read, and infra/ agrees with all of it. Each check
+is a function returning its problems; `test_each_check_catches_its_breakage` breaks a copy of the manifests
+once per check and requires the check to notice.
 """
 
 from __future__ import annotations
@@ -51,6 +53,35 @@ AUTH_SECRET, AUTH_KEY = "safemerge-ray-auth", "auth_token"
 OUT_OF_BAND_SECRETS = {"prod": {AUTH_SECRET}}  # created by hand (k8s/README.md), never rendered
 DEV_ONLY_IMAGES = {"dev": re.compile(r"^chrislusf/seaweedfs:\d+\.\d+$")}
 SCHEDULE_COMPONENTS = ("../../components/raycronjob", "../../components/standing-cluster")
+
+# Kinds of other operators, with no CRD schema in shared/schemas: their structure as the operator's CRD
+# defines it (PrometheusRule: prometheus-operator v0.82, example/prometheus-operator-crd/
+# monitoring.coreos.com_prometheusrules.yaml), unknown fields rejected as `kubectl apply` (strict field
+# validation) does. What the rules say is promtool's to check (tests/test_alerts.py).
+_DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?"
+                                          r"(([0-9]+)s)?(([0-9]+)ms)?)$"}
+_STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"},
+        "metadata": {"type": "object"},
+        "spec": {"type": "object", "additionalProperties": False, "properties": {"groups": {
+            "type": "array", "items": {
+                "type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+                    "name": {"type": "string", "minLength": 1}, "interval": _DURATION, "query_offset": _DURATION,
+                    "limit": {"type": "integer"}, "labels": _STRINGS,
+                    "partial_response_strategy": {"type": "string", "pattern": "^(?i)(abort|warn)?$"},
+                    "rules": {"type": "array", "items": {
+                        "type": "object", "required": ["expr"], "additionalProperties": False,
+                        "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],  # exactly one
+                        "properties": {
+                            "alert": {"type": "string"}, "record": {"type": "string"},
+                            "expr": {"type": ["string", "integer"]}, "for": _DURATION,
+                            "keep_firing_for": {**_DURATION, "minLength": 1}, "labels": _STRINGS,
+                            "annotations": _STRINGS}}}}}}}}},
+}
+OTHER_OPERATOR_KINDS = {("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE_SCHEMA}
 
 
 # --------------------------------------------------------------------------- rendering
@@ -196,7 +227,12 @@ def _validate(doc: dict) -> None:
         for _, pod in _pod_specs(doc):  # CRD schemas embed pod templates loosely: check them as the API server would
             kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": pod},
                                          kubernetes_validate.latest_version(), strict=True)
-    else:
+    elif (group_version, kind) in OTHER_OPERATOR_KINDS:
+        jsonschema.Draft7Validator(OTHER_OPERATOR_KINDS[group_version, kind]).validate(doc)
+        # Its metadata is a core ObjectMeta: check it as one (on a ConfigMap carrying it).
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc["metadata"]},
+                                     kubernetes_validate.latest_version(), strict=True)
+    else:  # a kind neither core nor known here fails: kubernetes-validate has no schema for it
         kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
 
 
@@ -223,6 +259,7 @@ def _kuberay_admission(doc: dict) -> list[str]:
             problems.append("ttlSecondsAfterFinished needs shutdownAfterJobFinishes")
         if job.get("activeDeadlineSeconds", 1) <= 0 or job.get("backoffLimit", 0) < 0:
             problems.append("activeDeadlineSeconds must be > 0 and backoffLimit >= 0")
+        problems += _deletion_strategy_admission(job)
     spec = _cluster_spec(doc)
     autoscaling = spec.get("enableInTreeAutoscaling", False)
     for group in spec.get("workerGroupSpecs", []):
@@ -233,6 +270,44 @@ def _kuberay_admission(doc: dict) -> list[str]:
             problems.append(f"worker group {group['groupName']}: needs minReplicas <= replicas <= maxReplicas")
     if spec.get("authOptions", {}).get("mode") == "token" and _version(spec.get("rayVersion", "0")) < (2, 52, 0):
         problems.append("authOptions.mode token needs rayVersion >= 2.52.0")
+    return problems
+
+
+_DELETION_ORDER = ("DeleteWorkers", "DeleteCluster", "DeleteSelf")  # TTLs must not decrease along it
+
+
+def _deletion_strategy_admission(job: dict) -> list[str]:
+    """KubeRay's checks of spec.deletionStrategy (validateDeletionConfiguration, v1.6/v1.7) and the CRD's CEL rules
+    on a deletion condition, which jsonschema does not evaluate."""
+    strategy = job.get("deletionStrategy")
+    if strategy is None:
+        return []
+    problems, rules = [], strategy.get("deletionRules") or []
+    legacy = "onSuccess" in strategy or "onFailure" in strategy
+    if rules and job.get("shutdownAfterJobFinishes"):
+        problems.append("shutdownAfterJobFinishes and deletionStrategy.deletionRules are mutually exclusive")
+    if rules and legacy:
+        problems.append("deletionRules and the legacy onSuccess/onFailure cannot be used together")
+    if not rules and not ("onSuccess" in strategy and "onFailure" in strategy):
+        problems.append("deletionStrategy needs both onSuccess and onFailure, or deletionRules")
+    autoscaling = (job.get("rayClusterSpec") or {}).get("enableInTreeAutoscaling", False)
+    ttls: dict[tuple[str, str], dict[str, int]] = {}
+    for i, rule in enumerate(rules):
+        condition = rule.get("condition", {})
+        keys = [k for k in ("jobStatus", "jobDeploymentStatus") if k in condition]
+        if len(keys) != 1:
+            problems.append(f"deletionRules[{i}]: exactly one of jobStatus and jobDeploymentStatus, got {keys}")
+            continue
+        if rule["policy"] == "DeleteWorkers" and autoscaling:
+            problems.append(f"deletionRules[{i}]: DeleteWorkers is not supported with autoscaling")
+        by_policy = ttls.setdefault((keys[0], condition[keys[0]]), {})
+        if rule["policy"] in by_policy:
+            problems.append(f"deletionRules[{i}]: duplicate {rule['policy']} on {keys[0]} {condition[keys[0]]}")
+        by_policy[rule["policy"]] = condition.get("ttlSeconds", 0)
+    for (key, value), by_policy in ttls.items():
+        ordered = [by_policy[p] for p in _DELETION_ORDER if p in by_policy]
+        if ordered != sorted(ordered):
+            problems.append(f"{key} {value}: TTLs must grow DeleteWorkers <= DeleteCluster <= DeleteSelf: {by_policy}")
     return problems
 
 
@@ -545,8 +620,58 @@ def check_credentials(render: str, docs: list[dict]) -> list[str]:
     return problems
 
 
+_REMOVES_CLUSTER = ("DeleteCluster", "DeleteSelf")  # DeleteSelf: the RayCluster goes with its owner, the RayJob
+
+
+def check_cluster_cleanup(render: str, docs: list[dict]) -> list[str]:
+    """Every RayCluster a RayJob creates is deleted however the run ends, a hung one included (KubeRay v1.6/v1.7,
+    rayjob_controller.go). A deadline (activeDeadlineSeconds) ends a hung run: JobDeploymentStatus Failed, reason
+    DeadlineExceeded, while the Ray job still runs (jobStatus RUNNING). shutdownAfterJobFinishes deletes the
+    cluster at either terminal JobDeploymentStatus (Complete, Failed), whatever the jobStatus. deletionRules
+    delete only on a condition they name: they need one on jobStatus SUCCEEDED and one on jobDeploymentStatus
+    Failed (a rule on jobStatus FAILED does not replace it), and still miss a Ray job stopped by hand (Complete,
+    jobStatus STOPPED, which no condition can name), which is why the manifests use shutdownAfterJobFinishes.
+    The legacy onSuccess/onFailure read jobStatus alone."""
+    problems = []
+    for doc in docs:
+        job = _job_spec(doc)
+        if job is None or job.get("clusterSelector"):
+            continue  # a RayJob on an existing cluster never deletes it
+        where = _name(doc)
+        if not job.get("activeDeadlineSeconds"):
+            problems.append(f"{where}: no activeDeadlineSeconds, so a hung run never ends and its cluster stays")
+        strategy = job.get("deletionStrategy") or {}
+        rules = strategy.get("deletionRules") or []
+        covered = {(k, c[k]) for r in rules if r.get("policy") in _REMOVES_CLUSTER
+                   for c in [r.get("condition", {})] for k in ("jobStatus", "jobDeploymentStatus") if k in c}
+        if rules:
+            for needed, when in ((("jobStatus", "SUCCEEDED"), "a run that succeeded"),
+                                 (("jobDeploymentStatus", "Failed"), "a failed run, or one past its deadline whose "
+                                                                     "Ray job still runs")):
+                if needed not in covered:
+                    problems.append(f"{where}: no deletion rule ({'/'.join(_REMOVES_CLUSTER)}) on {needed[0]} "
+                                    f"{needed[1]}: {when} keeps its RayCluster forever")
+        elif strategy:
+            problems.append(f"{where}: deletionStrategy onSuccess/onFailure reads jobStatus alone: a run past its "
+                            "deadline (jobStatus RUNNING) keeps its RayCluster")
+        elif not job.get("shutdownAfterJobFinishes"):
+            problems.append(f"{where}: neither shutdownAfterJobFinishes nor deletionRules: its RayCluster stays")
+    return problems
+
+
+def check_monitoring(render: str, docs: list[dict]) -> list[str]:
+    """Where the alerts are deployed (a PrometheusRule), the fleet config pushes the metrics they read."""
+    rules = [_name(d) for d in docs if d["kind"] == "PrometheusRule"]
+    metrics = _fleet_config_raw(docs).get("metrics") or {}
+    if rules and not metrics.get("pushgateway"):
+        return [f"{', '.join(rules)} alerts on the runs' metrics, but the fleet config pushes none (no "
+                "metrics.pushgateway): SafeMergeNoRecentSuccess would fire a day after it is applied"]
+    return []
+
+
 CHECKS = [check_entrypoints, check_cronjob_command, check_fleet_config, check_images, check_worker_memory,
-          check_config_mount, check_references, check_ray_auth, check_credentials]
+          check_config_mount, check_references, check_ray_auth, check_credentials, check_cluster_cleanup,
+          check_monitoring]
 
 
 # --------------------------------------------------------------------------- tests: rendering and schemas
@@ -593,6 +718,11 @@ def _first(kind: str, render: str = "prod") -> dict:
      ["resources"]["requests"].__setitem__("memory", "6 GB")),
     ("CronJob", lambda d: d["spec"].__setitem__("schedulee", "0 2 * * *")),
     ("Deployment", lambda d: d["spec"]["template"]["spec"]["containers"][0].__setitem__("portz", [])),
+    ("PrometheusRule", lambda d: d["spec"]["groups"][0]["rules"][0].pop("expr")),
+    ("PrometheusRule", lambda d: d["spec"]["groups"][0]["rules"][0].__setitem__("annotation", {})),
+    ("PrometheusRule", lambda d: d["spec"]["groups"][0]["rules"][0].__setitem__("record", "x")),
+    ("PrometheusRule", lambda d: d["spec"]["groups"][0]["rules"][1].__setitem__("for", "26 hours")),
+    ("PrometheusRule", lambda d: d["metadata"].__setitem__("label", {"release": "x"})),
 ])
 def test_validation_catches_a_broken_manifest(kind, breakage):
     if KUBECTL is None:
@@ -603,12 +733,58 @@ def test_validation_catches_a_broken_manifest(kind, breakage):
         _validate(doc)
 
 
+# Deletion rules that leave no RayCluster behind but a stopped one's (check_cluster_cleanup): the alternative to
+# shutdownAfterJobFinishes, also deleting the RayJob after a week.
+LEAK_FREE_RULES = [
+    {"policy": "DeleteCluster", "condition": {"jobStatus": "SUCCEEDED", "ttlSeconds": 3600}},
+    {"policy": "DeleteCluster", "condition": {"jobDeploymentStatus": "Failed", "ttlSeconds": 3600}},
+    {"policy": "DeleteSelf", "condition": {"jobStatus": "SUCCEEDED", "ttlSeconds": 604800}},
+    {"policy": "DeleteSelf", "condition": {"jobDeploymentStatus": "Failed", "ttlSeconds": 604800}},
+]
+# The same keyed on jobStatus alone: a run past its deadline (JobDeploymentStatus Failed, jobStatus RUNNING) leaks.
+JOB_STATUS_ONLY_RULES = [{"policy": "DeleteCluster", "condition": {"jobStatus": s, "ttlSeconds": 3600}}
+                         for s in ("SUCCEEDED", "FAILED")]
+
+
+def _with_rules(doc: dict, rules: list[dict] | None = None, **fields) -> dict:
+    """A RayCronJob's (or RayJob's) job switched from shutdownAfterJobFinishes to deletionRules; returns the job."""
+    job = _job_spec(doc)
+    for key in ("shutdownAfterJobFinishes", "ttlSecondsAfterFinished"):
+        job.pop(key, None)
+    job["deletionStrategy"] = {"deletionRules": copy.deepcopy(LEAK_FREE_RULES if rules is None else rules)}
+    job.update(fields)
+    return job
+
+
+def test_deletion_rules_that_name_a_failed_deployment_are_an_accepted_alternative():
+    """The rules of LEAK_FREE_RULES instead of shutdownAfterJobFinishes validate, pass the operator's admission and
+    the clean-up check; the same rules keyed on jobStatus alone fail the check."""
+    if KUBECTL is None:
+        _missing("kubectl")
+    doc = _first("RayCronJob")
+    _with_rules(doc)
+    _validate(doc)
+    assert _kuberay_admission(doc) == [] and check_cluster_cleanup("prod", [doc]) == []
+    _with_rules(doc, rules=JOB_STATUS_ONLY_RULES)
+    assert _kuberay_admission(doc) == [] and check_cluster_cleanup("prod", [doc])
+
+
 @pytest.mark.parametrize("kind,breakage", [
     ("RayCronJob", lambda d: d["spec"].__setitem__("schedule", "CRON_TZ=UTC 0 2 * * *")),
     ("RayCronJob", lambda d: d["metadata"].__setitem__("name", "safemerge-nightly-fleet-wide-remerge-job")),
     ("RayJob", lambda d: d["spec"].__setitem__("shutdownAfterJobFinishes", False)),
     ("RayJob", lambda d: d["spec"]["rayClusterSpec"].__setitem__("rayVersion", "2.50.0")),
     ("RayJob", lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].__setitem__("minReplicas", 9)),
+    ("RayCronJob", lambda d: _with_rules(d, shutdownAfterJobFinishes=True)),  # rules exclude it
+    ("RayCronJob", lambda d: _with_rules(d, ttlSecondsAfterFinished=3600)),  # which the TTL needs
+    ("RayCronJob", lambda d: _with_rules(d, rules=[  # one condition names one status
+        {"policy": "DeleteCluster", "condition": {"jobStatus": "FAILED", "jobDeploymentStatus": "Failed"}}])),
+    ("RayCronJob", lambda d: _with_rules(d, rules=[  # DeleteSelf before DeleteCluster
+        {"policy": "DeleteCluster", "condition": {"jobStatus": "SUCCEEDED", "ttlSeconds": 3600}},
+        {"policy": "DeleteSelf", "condition": {"jobStatus": "SUCCEEDED", "ttlSeconds": 60}}])),
+    ("RayCronJob", lambda d: _with_rules(d, rules=[*LEAK_FREE_RULES, LEAK_FREE_RULES[0]])),  # a duplicate
+    ("RayCronJob", lambda d: _with_rules(d)["deletionStrategy"].__setitem__("onSuccess", {"policy": "DeleteCluster"})),
+    ("RayJob", lambda d: d["spec"].__setitem__("deletionStrategy", {"onSuccess": {"policy": "DeleteCluster"}})),
 ])
 def test_admission_rules_catch_a_broken_manifest(kind, breakage):
     if KUBECTL is None:
@@ -708,6 +884,21 @@ BREAKAGES = [  # (check, rendering, what breaks, how)
      lambda docs: _first_worker_container(docs)["env"].append({"name": "AWS_ACCESS_KEY_ID", "value": "AKIA..."})),
     (check_credentials, "dev", "RayJob not parked",
      lambda docs: next(d for d in docs if d["kind"] == "RayJob")["spec"].__setitem__("suspend", False)),
+    (check_cluster_cleanup, "prod", "deletion rules on jobStatus only (a run past its deadline leaks)",
+     lambda docs: _with_rules(next(d for d in docs if d["kind"] == "RayCronJob"), rules=JOB_STATUS_ONLY_RULES)),
+    (check_cluster_cleanup, "prod", "RayCronJob without shutdownAfterJobFinishes",
+     lambda docs: next(d for d in docs if d["kind"] == "RayCronJob")["spec"]["jobTemplate"].pop(
+         "shutdownAfterJobFinishes")),
+    (check_cluster_cleanup, "prod", "legacy onSuccess/onFailure instead of rules",
+     lambda docs: _first_job(docs).update(deletionStrategy={"onSuccess": {"policy": "DeleteCluster"},
+                                                            "onFailure": {"policy": "DeleteCluster"}})),
+    (check_cluster_cleanup, "dev", "parked RayJob without shutdownAfterJobFinishes",
+     lambda docs: next(d for d in docs if d["kind"] == "RayJob")["spec"].pop("shutdownAfterJobFinishes")),
+    (check_cluster_cleanup, "dev+raycronjob", "no activeDeadlineSeconds",
+     lambda docs: next(d for d in docs if d["kind"] == "RayCronJob")["spec"]["jobTemplate"].pop(
+         "activeDeadlineSeconds")),
+    (check_monitoring, "prod", "alerts deployed, metrics not pushed",
+     lambda docs: _edit_config(docs, "metrics", None)),
 ]
 
 
@@ -870,7 +1061,36 @@ def test_terraform_validates(tmp_path):
 def test_readme_states_the_requirements():
     readme = (K8S / "README.md").read_text()
     for needed in ("v1.6.0", "--feature-gates=RayCronJob=true", "kubectl apply -k k8s/overlays/prod",
-                   f"{AUTH_SECRET}", "last_run.json", "components/standing-cluster"):
+                   f"{AUTH_SECRET}", "last_run.json", "components/standing-cluster", "deletionRules",
+                   "jobDeploymentStatus", "components/monitoring", "infra/prometheus/safemerge-alerts.yaml"):
         assert needed in readme, f"k8s/README.md does not state {needed!r}"
     values = yaml.safe_load((K8S / "operator" / "kuberay-operator-values.yaml").read_text())
     assert {"name": "RayCronJob", "enabled": True} in values["featureGates"]
+
+
+def _uncommented(text: str, keys: tuple[str, ...]) -> str:
+    """The config with its commented-out top-level sections `# KEY:` (and their `#   ...` lines) put back."""
+    out, inside = [], False
+    for line in text.splitlines():
+        if re.fullmatch(rf"# ({'|'.join(keys)}):.*", line):
+            inside = True
+            out.append(line[2:])
+        elif inside and line.startswith("#   "):
+            out.append(line[2:])
+        else:
+            inside = False
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+@pytest.mark.parametrize("overlay", sorted(p.parent.name for p in (K8S / "overlays").glob("*/fleet.yaml")))
+def test_fleet_configs_service_sections_parse_commented_or_not(overlay):
+    """Each overlay's fleet config parses with its commented metrics:/tracking: sections put back too, so that
+    uncommenting them (k8s/README.md) gives a config the job accepts; and no overlay leaves both unset and
+    unexplained."""
+    text = (K8S / "overlays" / overlay / "fleet.yaml").read_text()
+    full = yaml.safe_load(_uncommented(text, ("metrics", "tracking")))
+    assert {"metrics", "tracking"} <= set(full), f"{overlay}/fleet.yaml: no metrics: or tracking:, not even commented"
+    config = parse_config(copy.deepcopy(full), source=f"{overlay}/fleet.yaml (uncommented)")
+    assert config.metrics is not None and config.tracking is not None
+    assert config.metrics.grouping.get("fleet") == overlay, "one Pushgateway group per fleet: grouping {fleet: OVERLAY}"

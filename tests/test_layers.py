@@ -27,7 +27,7 @@ LAYERS = {
     "core": 1,
     "io": 2, "progress": 2,
     "options": 3, "cluster": 3, "store": 3,
-    "engine": 4,
+    "engine": 4, "service": 4,
     "loop": 5,
     "fleet": 6,
     "views": 7, "synthetic": 7,

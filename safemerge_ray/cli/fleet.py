@@ -10,6 +10,7 @@ import sys
 from dataclasses import replace
 
 from ..errors import ExitStatus, SafeMergeError
+from ..service import add_service_flags, with_flags
 from .records import emit_record, error_record, json_arg
 
 
@@ -51,6 +52,7 @@ def add_parsers(sub) -> None:
     f.add_argument("--break-lock", action="store_true",
                    help="take the output's run lock even if another run's lease is still valid (operators only)")
     f.add_argument("--record-line", action="store_true", help=argparse.SUPPRESS)  # for `submit`: see RECORD_LINE
+    add_service_flags(f)
 
     f.set_defaults(func=cmd_fleet)
 
@@ -106,6 +108,8 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         if args.verify_published:
             config = replace(config, verify_published="always")
+        metrics, tracking = with_flags(config.metrics, config.tracking, args)
+        config = replace(config, metrics=metrics, tracking=tracking)
         report = run_fleet(config, progress=not args.quiet, ray_address=args.address, runtime_env=runtime_env,
                            break_lock=args.break_lock)
     except SafeMergeError as exc:
@@ -118,9 +122,24 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         _log_outcomes(report)
     else:
         print(format_report(report))
+        for line in _reported_to(config, report.record):
+            print(line)
     assert report.record is not None
     emit_record(report.record.to_dict(), args.summary_json, args.record_line)
     return report.exit_code
+
+
+def _reported_to(config, record) -> list[str]:
+    """Where the run's metrics and tracked run went (a failure to get there is among the warnings)."""
+    lines = []
+    if config.metrics and not any(w.startswith("metrics:") for w in record.warnings):
+        groups = ", ".join(f"{k}={v}" for k, v in {"job": config.metrics.job, "command": "fleet",
+                                                   **config.metrics.grouping}.items())
+        lines.append(f"metrics: pushed to {config.metrics.pushgateway} ({groups})")
+    if config.tracking and record.tracked_run:
+        lines.append(f"tracking: MLflow run {record.tracked_run} in experiment {config.tracking.experiment!r} at "
+                     f"{config.tracking.mlflow}")
+    return lines
 
 
 def _dry_run(config) -> int:

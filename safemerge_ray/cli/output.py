@@ -1,4 +1,4 @@
-"""Commands on a fleet output: `verify`, `rollback`, `gc`, `status`, `report`, `runs`, `diff`."""
+"""Commands on a fleet output: `verify`, `rollback`, `gc`, `status`, `report`, `runs`, `diff`, `export`."""
 
 from __future__ import annotations
 
@@ -81,6 +81,24 @@ def add_parsers(sub) -> None:
     b.add_argument("--to", required=True, metavar="RUN", help="the run id (see OUTPUT/runs/ or status/history/)")
     b.add_argument("--break-lock", action="store_true", help="take the output's run lock even if held")
     b.set_defaults(func=cmd_rollback)
+
+    _add_export_parser(sub)
+
+
+def _add_export_parser(sub) -> None:
+    e = sub.add_parser("export", help="copy the published adapters, verified, to a directory or s3:// prefix for "
+                                      "serving: DEST/<adapter>@<run_id>/ per version, DEST/<adapter> -> the current "
+                                      "one (local), DEST/index.json (docs/serving.md)")
+    e.add_argument("output", help=OUTPUT_HELP)
+    e.add_argument("--to", required=True, metavar="DEST", dest="dest",
+                   help="a local directory (created if its parent exists; vLLM's VLLM_LORA_RESOLVER_CACHE_DIR or "
+                        "--lora-modules read it) or s3://bucket/prefix (LoRAX adapter ids)")
+    e.add_argument("--keep", type=int, default=None, metavar="N",
+                   help="keep the newest N versions of each adapter exported, and always its current one "
+                        "(default: keep every version)")
+    e.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                   help="export only these adapters (default: every adapter with a latest/ pointer)")
+    e.set_defaults(func=cmd_export)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -232,3 +250,24 @@ def cmd_diff(args: argparse.Namespace) -> int:
         raise SafeMergeError("diff: give two runs (RUN_A RUN_B), or --adapter NAME for its last two runs")
     print(format_diff(diff_runs(out, before, after, [args.adapter] if args.adapter else None)))
     return ExitStatus.OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """0: every adapter is in DEST; 3: some failed (the others are exported); 4: none is."""
+    from ..service import ExportOutcome, export_published, open_target
+
+    report = export_published(_output(args.output), open_target(args.dest), only=args.only, keep=args.keep)
+    for a in report.adapters:
+        if a.outcome == ExportOutcome.FAILED:
+            print(f"safemerge-ray: error: export of {a.adapter}: {a.detail}", file=sys.stderr)
+        else:
+            print(f"{a.outcome:<14} {a.version}")
+    for version in report.removed:
+        print(f"{'removed':<14} {version}")
+    exported, present = report.count(ExportOutcome.EXPORTED), report.count(ExportOutcome.PRESENT)
+    failed = report.count(ExportOutcome.FAILED)
+    print(f"{exported} exported, {present} already there, {failed} failed, {len(report.removed)} old version(s) "
+          f"removed in {report.dest}")
+    if not failed:
+        return ExitStatus.OK
+    return ExitStatus.PARTIAL if exported + present else ExitStatus.FAILED

@@ -18,6 +18,7 @@ from ..errors import SafeMergeError
 from ..io import S3Settings, local_or_s3, open_dir, resolve_location
 from ..loop import GateSection
 from ..options import S3Section, Strict, merge_section, relative_to, validation_problems
+from ..service import MetricsSection, TrackingSection
 from ..store import check_adapter_name
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
@@ -117,6 +118,12 @@ class FleetSchema(Strict):
     # How often a run re-reads and re-hashes what it would leave unchanged (the nightly check compares version
     # tags only: damage that keeps size and mtime is found by this): never, daily, weekly or always.
     verify_published: Literal["never", "daily", "weekly", "always"] = "never"
+    # Each run's metrics to a Prometheus Pushgateway, and each run to MLflow (README: monitoring). Unset: off.
+    metrics: MetricsSection | None = None
+    tracking: TrackingSection | None = None
+    # A command run after every commit, with the run record as JSON on stdin (README: serving). Its failure
+    # is reported (exit status 1), and never un-publishes.
+    on_publish: list[str] | str | None = None
 
     @field_validator("max_run_seconds")
     @classmethod
@@ -157,6 +164,9 @@ class FleetConfig:
     max_run_seconds: float | None = None
     gate: GateSection | None = None  # its file paths absolute
     verify_published: str = "never"  # never | daily | weekly | always (`fleet --verify-published`: always)
+    metrics: MetricsSection | None = None
+    tracking: TrackingSection | None = None
+    on_publish: tuple[str, ...] | None = None  # argv; a string in the config runs through `sh -c`
 
     def settings_for(self, adapter: str) -> MergeSettings:
         return self.overrides.get(adapter, self.merge)
@@ -289,13 +299,20 @@ def parse_config(raw: dict, source: str = "<config>", base: Path = Path(".")) ->
         device=schema.ray.device, source=source, start_timeout_s=schema.ray.start_timeout_s,
         memory_per_worker=schema.ray.memory_per_worker,  # type: ignore[arg-type]  # bytes after validation
         max_run_seconds=schema.max_run_seconds, gate=_gate_paths(schema.gate, base),
-        verify_published=schema.verify_published,
+        verify_published=schema.verify_published, metrics=schema.metrics, tracking=schema.tracking,
+        on_publish=_command(schema.on_publish),
     )
     _check_output_apart(config)
     if _norm(config.unaligned_model) == _norm(config.aligned_model):
         raise SafeMergeError(f"{source}: unaligned_model and aligned_model are the same ({config.aligned_model}): "
                              "V = 0 everywhere; unaligned_model is the aligned model's pre-alignment base")
     return config
+
+
+def _command(value: list[str] | str | None) -> tuple[str, ...] | None:
+    if not value:
+        return None
+    return ("sh", "-c", value) if isinstance(value, str) else tuple(value)
 
 
 def _check_output_apart(config: FleetConfig) -> None:

@@ -40,6 +40,7 @@ from ..store import (
     DECISIONS,
     SUMMARY,
     VERIFIED,
+    LockHeld,
     Published,
     RunLock,
     RunRecord,
@@ -55,6 +56,7 @@ from .jobs import Deadline, Failure, ModuleJob, ScoreTask, balance, score_tasks
 from .plan import AdapterState, AdapterStatus, FleetPlan, pin_safety_adapter, plan_fleet, plan_jobs
 from .pool import check_memory, gather, preflight, start_workers, worker_lost
 from .report import FleetReport, exit_status
+from .reporting import report_fleet_run
 
 _log = partial(log, "fleet")
 T = TypeVar("T")
@@ -73,7 +75,14 @@ def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = N
     deadline = Deadline(config.max_run_seconds)
     out = open_dir(config.output, what="output", s3=config.s3, must_exist=False)
     record = RunRecord(started_at=utc_now(), output=out.uri, config=config.source)
-    lock = RunLock(out).acquire(break_lock=break_lock)
+    try:
+        lock = RunLock(out).acquire(break_lock=break_lock)
+    except LockHeld as exc:  # another run's output: its record is not ours to write, but the night is reported
+        record.exit_status, record.error = exc.exit_code, str(exc)
+        report_fleet_run(config, None, record)
+        for warning in record.warnings:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+        raise
     try:
         return _run_locked(config, out, record, lock, deadline, progress, run_id, ray_address, runtime_env)
     finally:
@@ -90,17 +99,17 @@ def _run_locked(config: FleetConfig, out: Dir, record: RunRecord, lock: RunLock,
         report = _run(config, out, progress, run_id, ray_address, runtime_env, lock, record, deadline)
     except SafeMergeError as exc:
         record.exit_status, record.error = exc.exit_code, str(exc)
-        _save_record(out, record, deadline)
+        _save_record(config, out, record, deadline)
         exc.run_record = record
         raise
     except KeyboardInterrupt:  # also SIGTERM (`ray job stop`, a pod evicted): the CLI turns it into this
         record.exit_status = ExitStatus.INTERRUPTED
         record.error = "interrupted; pointers moved only for a completed commit"
-        _save_record(out, record, deadline)
+        _save_record(config, out, record, deadline)
         raise
     except Exception as exc:  # a bug or an unexpected Ray error: keep its traceback, but say so in the record
         record.exit_status, record.error = ExitStatus.ENVIRONMENT, f"{type(exc).__name__}: {first_line(exc)}"
-        _save_record(out, record, deadline)
+        _save_record(config, out, record, deadline)
         raise
     record.run_id, record.exit_status = report.run_id, report.exit_code
     record.counts = {"adapters": len(report.adapters), **{str(s): len(report.by_status(s)) for s in (
@@ -108,7 +117,8 @@ def _run_locked(config: FleetConfig, out: Dir, record: RunRecord, lock: RunLock,
     record.set_failed(_reasons(report.adapters, AdapterStatus.FAILED))
     record.set_held(_reasons(report.adapters, AdapterStatus.HELD))
     record.warnings = report.warnings[:100]
-    problem = _save_record(out, record, deadline)
+    problem = _save_record(config, out, record, deadline)
+    report.warnings, report.exit_code = record.warnings, record.exit_status  # on_publish's, metrics', tracking's
     if problem:
         report.warnings.append(problem)
         report.exit_code = report.exit_code or ExitStatus.ENVIRONMENT  # a run nobody can see did not go well
@@ -117,8 +127,10 @@ def _run_locked(config: FleetConfig, out: Dir, record: RunRecord, lock: RunLock,
     return report
 
 
-def _save_record(out: Dir, record: RunRecord, deadline: Deadline) -> str | None:
+def _save_record(config: FleetConfig, out: Dir, record: RunRecord, deadline: Deadline) -> str | None:
+    """The run's reports (on_publish, metrics, tracking: their warnings go into it), then its record."""
     record.ended_at = utc_now()
+    report_fleet_run(config, out, record)
     try:
         _within(lambda: write_run_record(out, record), deadline.cleanup_s(),
                 "writing the run record past max_run_seconds (the store does not answer)")

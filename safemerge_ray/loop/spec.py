@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..io import json_bytes
 from ..options import S3Section
+from ..service import MetricsSection, TrackingSection
 from ..store import check_adapter_name
 
 VARIANTS = ("aligned", "finetune", "repaired")
@@ -75,6 +76,8 @@ class EvalSettings(EvalSpec):
     only: list[str] | None = Field(None, description="only these adapters of the fleet output")
     output: str = Field(description="where eval.parquet and eval.json go (dir or s3://)")
     s3: S3Section = S3Section()
+    metrics: MetricsSection | None = None  # README: monitoring
+    tracking: TrackingSection | None = None
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def summarise(rows: list[dict], spec: EvalSpec, aligned: str, pairs: list[Pair])
         entry["task_drop"] = _diff(ft["task_score"], rep["task_score"])
         adapters[p.name] = entry
     return {"tool": "safemerge-ray", "kind": "eval", "aligned_model": aligned, "judge": spec.judge,
-            "task_metric": spec.task_metric, "settings": spec.model_dump(mode="json"),
+            "task_metric": spec.task_metric, "settings": spec.model_dump(mode="json", exclude={"metrics", "tracking"}),
             "aligned": variant("", "aligned"), "adapters": adapters}
 
 

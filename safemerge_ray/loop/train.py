@@ -44,6 +44,7 @@ from ..io import (
 )
 from ..options import S3Section
 from ..progress import log
+from ..service import MetricsSection, TrackingSection
 from ..store import new_run_id, utc_now, write_verified
 
 MANIFEST = TRAINED_MANIFEST
@@ -82,6 +83,8 @@ class TrainSettings(BaseModel):
     save_steps: int = Field(50, ge=1, description="checkpoint every this many steps")
     seed: int = Field(0, description="seed for initialisation and data order")
     s3: S3Section = S3Section()
+    metrics: MetricsSection | None = None  # README: monitoring
+    tracking: TrackingSection | None = None
 
 
 @dataclass(frozen=True)
@@ -329,7 +332,7 @@ def train_safety(settings: TrainSettings, progress: bool = True, ray_address: st
         "data": {"uri": settings.data, "sha256": sha256_of(data), "examples": len(rows)},
         "lora": {"r": shape.rank, "lora_alpha": shape.alpha, "target_modules": shape.targets,
                  "use_rslora": shape.use_rslora},
-        "settings": settings.model_dump(mode="json", exclude={"s3"}),
+        "settings": settings.model_dump(mode="json", exclude={"s3", "metrics", "tracking"}),
         "steps": losses[-1][0] if losses else 0, "losses": losses,
         "checkpoints": f"{out.uri.rstrip('/')}/checkpoints/{run_id}",
     }

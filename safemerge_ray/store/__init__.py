@@ -11,7 +11,7 @@
 """
 
 from .commit import Published, check_output_target, commit_files, commit_run, rollback
-from .decisions import DECISION_SCHEMA, counts, decisions_bytes, decisions_table, read_decisions
+from .decisions import DECISION_SCHEMA, counts, decisions_bytes, decisions_table, read_decisions, table_from_bytes
 from .gc import GarbageReport, collect_garbage
 from .history import (
     AdapterStatus,
@@ -52,7 +52,9 @@ from .layout import (
     published_names,
     read_pointer,
     run_prefix,
+    split_versioned_name,
     utc_now,
+    versioned_name,
 )
 from .lock import LEASE_S, LockHeld, RunLock
 from .records import RecordKind, RunRecord, write_run_record
@@ -66,6 +68,8 @@ __all__ = [
     "committed_runs_of", "counts", "current_decisions_table", "decisions_bytes", "decisions_table", "diff_runs",
     "fleet_status", "format_diff", "format_runs", "format_status", "key_uri", "list_runs", "manifest_key",
     "new_run_id", "pointer_bytes", "pointer_key", "published_damage", "published_intact", "published_names",
-    "read_decisions", "read_pointer", "repaired_rho", "rollback", "run_prefix", "status_json", "utc_now",
+    "read_decisions", "read_pointer", "repaired_rho", "rollback", "run_prefix", "status_json", "table_from_bytes",
+    "utc_now",
     "verify_objects", "verify_output", "write_run_record", "write_verified",
+    "split_versioned_name", "versioned_name",
 ]

@@ -25,6 +25,7 @@ from .layout import (
     published_names,
     read_pointer,
     run_prefix,
+    versioned_name,
 )
 from .records import RecordKind
 from .verify import published_damage
@@ -104,6 +105,7 @@ class AdapterStatus:
     lowest_rho: float | None = None
     repaired_rho: tuple[float, float] | None = None  # mean rho of the repaired layers, before and after repair
     detail: str = ""  # why damaged / stale / orphaned / failed
+    version: str | None = None  # its stable name, `<adapter>@<run_id>` (what `export` and serving load)
 
 
 def fleet_status(out: Dir, plan: dict[str, Planned] | None = None) -> tuple[list[AdapterStatus], list[dict]]:
@@ -129,7 +131,8 @@ def fleet_status(out: Dir, plan: dict[str, Planned] | None = None) -> tuple[list
         rows += [dict(r, run_id=run_id) for r in mine]
         status = AdapterStatus(name, PublishedState.PUBLISHED, run_id, pointer.get("committed_at"),
                                sum(r["merged"] for r in mine) if mine else None, len(mine) or None,
-                               min((r["rho"] for r in mine), default=None), repaired_rho(mine))
+                               min((r["rho"] for r in mine), default=None), repaired_rho(mine),
+                               version=versioned_name(name, run_id))
         damage = published_damage(out, name, pointer, manifests)
         if damage:
             status.state, status.detail = PublishedState.DAMAGED, damage
@@ -160,13 +163,15 @@ def repaired_rho(rows: list[dict]) -> tuple[float, float] | None:
 
 
 def format_status(statuses: list[AdapterStatus]) -> str:
-    lines = [f"{'adapter':<20} {'state':<11} {'run':<26} {'repaired':>9} {'min rho':>8} {'repaired rho':>15}  detail"]
+    width = max([len("version")] + [len(s.version or "-") for s in statuses])
+    lines = [f"{'adapter':<20} {'state':<11} {'run':<26} {'repaired':>9} {'min rho':>8} {'repaired rho':>15}  "
+             f"{'version':<{width}}  detail"]
     for s in statuses:
         repaired = f"{s.repaired}/{s.modules}" if s.modules else "-"
         rho = f"{s.lowest_rho:.4f}" if s.lowest_rho is not None else "-"
         moved = f"{s.repaired_rho[0]:.3f} -> {s.repaired_rho[1]:.3f}" if s.repaired_rho else "-"
         lines.append(f"{s.adapter:<20} {s.state:<11} {s.run_id or '-':<26} {repaired:>9} {rho:>8} {moved:>15}  "
-                     f"{s.detail}")
+                     f"{s.version or '-':<{width}}  {s.detail}".rstrip())
     counts: dict[str, int] = {}
     for s in statuses:
         counts[s.state] = counts.get(s.state, 0) + 1

@@ -3,6 +3,7 @@
     runs/<run_id>/<adapter>/   adapter_config.json, adapter_model.safetensors   (staged until the commit)
     runs/<run_id>/             decisions.parquet, summary.json, manifest.json   (the manifest last: the commit)
     latest/<adapter>.json      pointers: moved only after the manifest is written
+                               (an adapter's versioned name, `<adapter>@<run_id>`, is its pointer's run)
     status/                    lock.json (the run lock), last_run.json and history/ (run records)
 """
 
@@ -52,6 +53,21 @@ def published_names(out: Dir) -> list[str]:
 def read_pointer(out: Dir, adapter: str) -> dict | None:
     """An adapter's pointer, or None when it has none (or a damaged one: the adapter is redone)."""
     return read_json(out, pointer_key(adapter))
+
+
+def versioned_name(adapter: str, run_id: str) -> str:
+    """An adapter's stable name, `<adapter>@<run_id>`: one published version, whatever its pointer does later.
+    Derived from a pointer's adapter and run, so outputs written before it existed have one too ('@' is never
+    in an adapter name or a run id)."""
+    return f"{adapter}@{run_id}"
+
+
+def split_versioned_name(name: str) -> tuple[str, str] | None:
+    """(adapter, run_id) of a versioned name, or None when `name` is not one."""
+    adapter, at, run_id = name.partition("@")
+    if not at or not RUN_ID.fullmatch(run_id) or not _NAME.fullmatch(adapter) or len(adapter) > MAX_NAME:
+        return None
+    return adapter, run_id
 
 
 def pointer_bytes(adapter: str, run_id: str, run_key: str, committed_at: str, **extra) -> bytes:

@@ -36,6 +36,7 @@ class RunRecord:
     failed: dict[str, str] = field(default_factory=dict)  # adapter -> reason (the first 100)
     held: dict[str, str] = field(default_factory=dict)  # adapter -> why the gate held it back (the first 100)
     warnings: list[str] = field(default_factory=list)  # skipped directories, unused overrides (the first 100)
+    tracked_run: str | None = None  # the run's MLflow run id, when it was tracked
     tool_version: str = __version__
     kind: str = RecordKind.FLEET
 
