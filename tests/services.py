@@ -69,7 +69,10 @@ def pushgateway(tmp_path_factory) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("pushgateway") / "pushgateway.log"
-    with server([binary, f"--web.listen-address=127.0.0.1:{port}"], f"{url}/-/ready", log, "the Pushgateway", 30):
+    # A persistence file of its own: Debian's build persists to /var/lib/prometheus by default, which would
+    # carry one session's groups into the next.
+    argv = [binary, f"--web.listen-address=127.0.0.1:{port}", f"--persistence.file={log.parent / 'pushgateway.data'}"]
+    with server(argv, f"{url}/-/ready", log, "the Pushgateway", 30):
         yield url
 
 

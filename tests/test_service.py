@@ -176,7 +176,9 @@ def test_a_fleet_run_is_tracked_in_mlflow(local_fleet, mlflow_server, ray_local,
     assert not record["warnings"]
     client = MlflowClient(tracking_uri=mlflow_server)
     (run,) = client.search_runs([client.get_experiment_by_name("fleet-nights").experiment_id])
-    assert f"tracking: MLflow run {run.info.run_id} in experiment 'fleet-nights'" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"tracking: MLflow run {run.info.run_id} in experiment 'fleet-nights'" in out
+    assert "View run" not in out  # MLflow's own line on stdout, which a JSON log would not survive
     assert run.info.run_id == record["tracked_run"] and run.info.status == "FINISHED"
     assert run.data.tags["safemerge.run_id"] == record["run_id"] and run.data.tags["safemerge.exit_status"] == "0"
     assert run.data.params["merge.policy"] == "safemerge" and run.data.params["merge.tau"] == str(config.merge.tau)

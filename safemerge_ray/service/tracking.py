@@ -3,6 +3,7 @@ files. The client is `mlflow-skinny` (the `mlflow` extra); the tracking server i
 
 from __future__ import annotations
 
+import os
 import re
 
 from .. import __version__
@@ -23,6 +24,9 @@ def track_run(section: TrackingSection, run: TrackedRun) -> str:
         from mlflow.tracking import MlflowClient
     except ImportError:
         raise SafeMergeError("tracking: needs MLflow's client: pip install 'safemerge-ray[mlflow]'") from None
+    # MLflow writes "View run ... at" to stdout when a run ends: stdout is the command's (its JSON log lines too),
+    # and the run's id is printed by us.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     client = MlflowClient(tracking_uri=section.mlflow)
     experiment = client.get_experiment_by_name(section.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(section.experiment)
