@@ -53,3 +53,19 @@ def test_safelora_projection_is_c_times_b():
     b = torch.randn(24, 4, generator=gen)
     c = v.double() @ v.double().T / torch.linalg.matrix_norm(v.double())
     assert torch.allclose(project_lora_b(v, b).double(), c @ b.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_an_adapters_projection_has_the_same_bits_in_any_batch():
+    """P = V V^T B (hence rho and SafeLoRA's C B) for one adapter is bit-identical alone (as `merge` scores it) and
+    beside any peers (as a fleet's batch of any size does): every projection GEMM has one shape. One wide GEMM
+    of N * r columns gave different last bits for different N."""
+    from safemerge_ray.core import PANEL, project
+
+    gen = torch.Generator().manual_seed(7)
+    v = torch.randn(256, 256, generator=gen)
+    b = torch.randn(1, 256, 8, generator=gen)
+    alone = project(v, b)[0]
+    for peers in (1, 2, 7, 8, 20):
+        batch = torch.cat([torch.randn(peers, 256, 8, generator=gen), b])  # b last: at every offset in a panel
+        assert torch.equal(project(v, batch)[-1], alone), peers
+    assert torch.allclose(alone, v @ (v.T @ b[0]), rtol=1e-4, atol=1e-3) and PANEL % 8 == 0

@@ -23,6 +23,7 @@ from .policy import (
 )
 from .settings import FIELD_CHECKS, SELECTION_FIELDS, MergeSettings, PolicyName, Selection
 from .subspace import (
+    PANEL,
     alignment_delta,
     check_same_shape,
     lora_rho,
@@ -30,12 +31,13 @@ from .subspace import (
     project_lora_b,
     rho_from_projections,
     rho_reference,
+    safelora_b,
 )
 
 __all__ = [
-    "FIELD_CHECKS", "LINEAR_IN_B", "METHODS", "POLICIES", "PROCESS_BASELINE", "SELECTIONS", "SELECTION_FIELDS",
+    "FIELD_CHECKS", "LINEAR_IN_B", "PANEL", "METHODS", "POLICIES", "PROCESS_BASELINE", "SELECTIONS", "SELECTION_FIELDS",
     "LayerAction", "Lora", "MergeSettings", "ModuleCost", "PolicyName", "Repair", "Selection", "alignment_delta",
     "available_memory", "below_tau", "check_fits", "check_same_shape", "fmt", "kept_layer", "kept_layers",
     "lora_rho", "may_be_selected", "merge_layer", "merged_layer", "module_seed", "natural_key", "needs_projection",
-    "project", "project_lora_b", "projected_layer", "rho_from_projections", "rho_reference", "selected",
+    "project", "project_lora_b", "projected_layer", "rho_from_projections", "rho_reference", "safelora_b", "selected",
 ]

@@ -10,7 +10,7 @@ Per target module, with `V = W_aligned - W_unaligned` ([out, in]) and the public
     <C dW, dW> ∝ tr(B^T P G),  ||C dW||^2 ∝ tr(P^T P G),  ||dW||^2 = tr(B^T B G)
 
 (the common factor 1/||V||_F cancels in the cosine; so does the LoRA scaling), which costs
-O(out * in * r) per adapter, and for N adapters of one module is one GEMM of width N * r.
+O(out * in * r) per adapter, and for N adapters of one module is GEMMs over N * r columns (`project`).
 """
 
 from __future__ import annotations
@@ -75,11 +75,25 @@ def stack_factors(loras: Sequence[tuple[torch.Tensor, torch.Tensor]],
     return a_all, b_all
 
 
+# Columns of B per projection GEMM. A GEMM's result for one column depends on the GEMM's shape (BLAS picks its
+# kernels and blocking by shape), not on the columns beside it: with every GEMM one fixed shape, an adapter's P
+# has the same bits alone (`merge`) and in any batch of any fleet. 64 keeps each GEMM compute-bound while a
+# single rank-16 adapter pays for 4x its own columns.
+PANEL = 64
+
+
 def project(v: torch.Tensor, b_all: torch.Tensor) -> torch.Tensor:
-    """P = V (V^T B) for every B of [N, out, r]: the two big GEMMs, shared by every adapter."""
+    """P = V (V^T B) for every B of [N, out, r], shared by every adapter: B's N * r columns side by side, in
+    GEMMs of PANEL columns each (the last panel zero-padded), so that V is read once per panel."""
     n, out, r = b_all.shape
-    b_wide = b_all.permute(1, 0, 2).reshape(out, n * r)
-    return (v @ (v.T @ b_wide)).reshape(out, n, r).permute(1, 0, 2)
+    width = n * r
+    panels = -(-width // PANEL)
+    b_wide = torch.zeros(out, panels * PANEL, dtype=v.dtype, device=v.device)
+    b_wide[:, :width] = b_all.permute(1, 0, 2).reshape(out, width)
+    p_wide = torch.empty_like(b_wide)
+    for k in range(0, panels * PANEL, PANEL):
+        p_wide[:, k:k + PANEL] = v @ (v.T @ b_wide[:, k:k + PANEL])
+    return p_wide[:, :width].reshape(out, n, r).permute(1, 0, 2)
 
 
 def rho_from_projections(a_all: torch.Tensor, b_all: torch.Tensor, p_all: torch.Tensor) -> torch.Tensor:
@@ -95,8 +109,13 @@ def rho_from_projections(a_all: torch.Tensor, b_all: torch.Tensor, p_all: torch.
 
 
 def project_lora_b(v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """SafeLoRA's projected B: C B = V (V^T B) / ||V||_F, float32 on CPU."""
-    return ((v @ (v.T @ b.to(v.device, torch.float32))) / torch.linalg.matrix_norm(v)).cpu()
+    """SafeLoRA's projected B: C B = V (V^T B) / ||V||_F, float32 on CPU (the bits a fleet's batch gives it)."""
+    return safelora_b(project(v, b.to(v.device, torch.float32)[None])[0], torch.linalg.matrix_norm(v))
+
+
+def safelora_b(p: torch.Tensor, v_norm: torch.Tensor) -> torch.Tensor:
+    """C B from an adapter's P = V V^T B (`project`) and ||V||_F: float32 on CPU."""
+    return (p / v_norm).contiguous().cpu()
 
 
 def rho_reference(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:

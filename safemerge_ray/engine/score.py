@@ -21,8 +21,8 @@ from ..core import (
     may_be_selected,
     needs_projection,
     project,
-    project_lora_b,
     rho_from_projections,
+    safelora_b,
 )
 from ..errors import SafeMergeError
 from ..io import Checkpoint
@@ -99,9 +99,13 @@ def score_module(module: str, v: torch.Tensor, a_all: torch.Tensor, b_all: torch
     projections: list[torch.Tensor | None] = []
     repaired: list[tuple[int, tuple[torch.Tensor, torch.Tensor]]] = []
     linear: dict[str, list[int]] = {}  # method -> adapters whose repair is a merge linear in B
+    v_norm: torch.Tensor | None = None
     for i, (rho, s) in enumerate(zip(rhos, settings, strict=True)):
         a, b = a_all[i], b_all[i]
-        projected = project_lora_b(v, b) if needs_projection(s, rho) else None
+        projected = None
+        if needs_projection(s, rho):  # SafeLoRA's C B: its V V^T B is in the batch already
+            v_norm = torch.linalg.matrix_norm(v) if v_norm is None else v_norm
+            projected = safelora_b(p_all[i], v_norm)
         projections.append(projected)
         if repairs is None or not may_be_selected(s, rho):
             continue
