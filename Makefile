@@ -102,6 +102,7 @@ bench-quick: setup
 bench: setup
 	$(PY) bench/fleet_bench.py --json build/bench/results.json
 	$(PY) bench/scale.py --json build/bench-scale/results.json
+	$(PY) bench/projection.py
 
 bench-scale: setup
 	$(PY) bench/scale.py --json build/bench-scale/results.json

@@ -77,8 +77,8 @@ def stack_factors(loras: Sequence[tuple[torch.Tensor, torch.Tensor]],
 
 # Columns of B per projection GEMM. A GEMM's result for one column depends on the GEMM's shape (BLAS picks its
 # kernels and blocking by shape), not on the columns beside it: with every GEMM one fixed shape, an adapter's P
-# has the same bits alone (`merge`) and in any batch of any fleet. At 128 a fleet's GEMMs run within ~10% of one
-# wide GEMM (N = 64, rank 16, 4096-wide) while `merge` of one rank-16 adapter pays for 8x its own columns.
+# has the same bits alone (`merge`) and in any batch of any fleet. At 128 a fleet's GEMMs run within 10-27% of
+# one wide GEMM (BENCHMARKS.md: projection) while `merge` of one rank-16 adapter pays for 8x its own columns.
 PANEL = 128
 
 
