@@ -13,7 +13,7 @@ from safemerge_ray.io import S3Settings
 from safemerge_ray.loop import TrainSettings, keyword_judgements, published_pairs, train_safety
 
 from . import data, models
-from .scoring import Variant, answers, by_variant, judged, scored
+from .scoring import Variant, answers, by_variant, cached_seconds, judged, scored
 from .stages import Stages, log
 
 
@@ -207,15 +207,16 @@ class Experiment:
 
     # ----------------------------------------------------------------------- evaluation
 
-    def measure(self, variants: list[Variant], harmful: list[dict], split: dict, which: str) -> dict:
+    def measure(self, variants: list[Variant], harmful: list[dict], split: dict, which: str,
+                cache: Path | None = None) -> dict:
         """Harmful rate over `harmful` for every variant, task score on its task's `which` split."""
-        rows = judged(answers(variants, harmful, "harmful", self.scale.harmful_tokens, self.scale.batch))
+        rows = judged(answers(variants, harmful, "harmful", self.scale.harmful_tokens, self.scale.batch, cache))
         result = {"harmful": by_variant(rows), "task": {}, "rows": rows}
         for task, spec in split["tasks"].items():
             mine = [v for v in variants if v.task in (task, "*")]
             if mine:
                 prompts = _prompts(spec[which], task[0])
-                task_rows = scored(answers(mine, prompts, task, self.scale.task_tokens, self.scale.batch),
+                task_rows = scored(answers(mine, prompts, task, self.scale.task_tokens, self.scale.batch, cache),
                                    spec["metric"])
                 result["task"][task] = by_variant(task_rows)
                 result["rows"] += task_rows
@@ -230,8 +231,10 @@ class Experiment:
         variants += [Variant(f"ft:{n}", aligned, f["adapter"], f["task"]) for n, f in fleet.items()]
         variants += [Variant(f"{policy}:{n}", aligned, r["adapter"], fleet[n]["task"])
                      for policy, out in repairs.items() for n, r in out.items()]
-        result = self.measure(variants, _prompts(split["harmful"]["eval"], "h"), split, "eval")
+        cache = self.root / "answers-cache" / "eval"  # outside the stage's directory: it survives a stopped run
+        result = self.measure(variants, _prompts(split["harmful"]["eval"], "h"), split, "eval", cache)
         pq.write_table(_table(result.pop("rows")), d / "answers.parquet")
+        result["generation_seconds"] = round(cached_seconds(cache), 1)  # over every run that made them
         return result
 
 

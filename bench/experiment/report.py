@@ -124,8 +124,14 @@ def _judge(result: dict, answers: list[dict]) -> str:
 
 def _costs(result: dict) -> str:
     lines = ["## Time per stage (2 CPU cores)\n", "| stage | seconds |", "| --- | --- |"]
-    lines += [f"| {name} | {seconds:.0f} |" for name, seconds in result["seconds"].items()]
-    return "\n".join(lines) + f"\n\nTotal: {sum(result['seconds'].values()) / 60:.0f} minutes.\n"
+    seconds = dict(result["seconds"])
+    generated = result["eval"].get("generation_seconds")
+    if generated and "eval" in seconds and generated > seconds["eval"]:  # the stage resumed from cached answers
+        seconds["eval"] = generated
+    lines += [f"| {name} | {s:.0f} |" for name, s in seconds.items()]
+    note = ("\n\nThe evaluation was stopped and resumed; its time is the generation time of all its answers, over "
+            "every run." if seconds != result["seconds"] else "")
+    return "\n".join(lines) + f"\n\nTotal: {sum(seconds.values()) / 60:.0f} minutes.{note}\n"
 
 
 def _samples(answers: list[dict]) -> str:
