@@ -14,8 +14,6 @@ from ..service import Command, RunOutcome, TrackedRun, report_run, run_on_publis
 from ..store import DECISIONS, MANIFEST, REPORT, SUMMARY, RunRecord, run_prefix, table_from_bytes
 from .config import FleetConfig
 
-OUTCOMES = ("committed", "unchanged", "held", "failed")
-
 
 def _epoch(stamp: str) -> float:
     return _dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=_dt.UTC).timestamp()
@@ -24,7 +22,7 @@ def _epoch(stamp: str) -> float:
 def outcome_of(record: RunRecord) -> RunOutcome:
     adapters = {**{n: "failed" for n in record.failed if n != "..."}, **{n: "held" for n in record.held if n != "..."}}
     return RunOutcome(Command.FLEET, _epoch(record.started_at), record.exit_status, run_id=record.run_id,
-                      counts={k: record.counts.get(k, 0) for k in OUTCOMES}, adapters=adapters, error=record.error)
+                      counts=dict(record.counts), adapters=adapters, error=record.error)
 
 
 def report_fleet_run(config: FleetConfig, out: Dir | None, record: RunRecord) -> None:
