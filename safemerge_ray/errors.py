@@ -1,6 +1,11 @@
 """The errors a user sees as one line, not a traceback, and the exit status each one means."""
 
+import threading
+from collections.abc import Callable
 from enum import IntEnum
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class ExitStatus(IntEnum):
@@ -38,3 +43,32 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 
 class NoCredentials(EnvironmentFailure):
     """boto3's standard chain found no AWS credentials in this process."""
+
+
+class TimedOut(EnvironmentFailure):
+    """A call that gave no answer within its time: a store, a gateway or an evaluation that hangs."""
+
+
+def call_within(call: Callable[[], T], seconds: float | None, what: str) -> T:
+    """call(), but given `seconds`, for at most that long (TimedOut after it): a server that hangs (no answer, no
+    error, a client waiting out its timeouts and retries) must not hold a run past its deadline. The call goes on
+    in a daemon thread, which does not hold up the exit; its own exception is raised here."""
+    if seconds is None:
+        return call()
+    result: list[tuple[bool, object]] = []
+
+    def target() -> None:
+        try:
+            result.append((True, call()))
+        except BaseException as exc:  # noqa: BLE001  # handed to the caller's thread
+            result.append((False, exc))
+
+    thread = threading.Thread(target=target, name=f"safemerge-within-{seconds:g}s", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not result:
+        raise TimedOut(f"{what} did not finish within {seconds:g} s")
+    ok, value = result[0]
+    if not ok:
+        raise value  # type: ignore[misc]  # the call's own exception
+    return value  # type: ignore[return-value]

@@ -20,19 +20,16 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
-from typing import TypeVar
 
 import pyarrow as pa
 
 from .. import __version__
 from ..cluster import init_ray
 from ..core import PolicyName, fmt
-from ..errors import EnvironmentFailure, ExitStatus, SafeMergeError, first_line
+from ..errors import EnvironmentFailure, ExitStatus, SafeMergeError, call_within, first_line
 from ..io import BYTES_READ, Dir, json_bytes, open_dir, read_json
 from ..loop import EvalResult, Pair, read_prompt_sets, run_gate
 from ..progress import LOG, Progress, log
@@ -59,7 +56,6 @@ from .report import FleetReport, exit_status
 from .reporting import report_fleet_run
 
 _log = partial(log, "fleet")
-T = TypeVar("T")
 
 
 def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = None,
@@ -87,7 +83,7 @@ def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = N
         return _run_locked(config, out, record, lock, deadline, progress, run_id, ray_address, runtime_env)
     finally:
         try:
-            _within(lock.release, deadline.cleanup_s(), "releasing the run lock past max_run_seconds")
+            call_within(lock.release, deadline.cleanup_s(), "releasing the run lock past max_run_seconds")
         except EnvironmentFailure as exc:
             print(f"warning: {exc}; the lock expires by itself within {lock.lease_s:.0f} s", file=sys.stderr,
                   flush=True)
@@ -132,36 +128,11 @@ def _save_record(config: FleetConfig, out: Dir, record: RunRecord, deadline: Dea
     record.ended_at = utc_now()
     report_fleet_run(config, out, record)
     try:
-        _within(lambda: write_run_record(out, record), deadline.cleanup_s(),
+        call_within(lambda: write_run_record(out, record), deadline.cleanup_s(),
                 "writing the run record past max_run_seconds (the store does not answer)")
     except (SafeMergeError, OSError) as exc:
         return f"the run record could not be written to {out.uri}: {exc}"
     return None
-
-
-def _within(call: Callable[[], T], seconds: float | None, what: str) -> T:
-    """call(), but given `seconds`, for at most that long (an EnvironmentFailure after it): a store that hangs
-    (no answer, no error, botocore waiting out its timeouts and retries) or an evaluation still running must not
-    keep the run past its deadline. The call goes on in a daemon thread, which does not hold up the exit."""
-    if seconds is None:
-        return call()
-    result: list = []
-
-    def target() -> None:
-        try:
-            result.append((True, call()))
-        except BaseException as exc:  # noqa: BLE001  # handed to the caller's thread
-            result.append((False, exc))
-
-    thread = threading.Thread(target=target, name=f"safemerge-within-{seconds:g}s", daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if not result:
-        raise EnvironmentFailure(f"{what} did not finish within {seconds:g} s")
-    ok, value = result[0]
-    if not ok:
-        raise value
-    return value
 
 
 def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_address: str | None,
@@ -345,7 +316,7 @@ def _gate(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterState]
              for st in assembled]
     gate = config.gate
     try:  # an evaluation still running at the deadline is not waited for: nothing unchecked is published
-        outcome = _within(lambda: run_gate(gate, config.aligned_model, pairs, config.s3),
+        outcome = call_within(lambda: run_gate(gate, config.aligned_model, pairs, config.s3),
                           deadline.wait_s(math.inf) if deadline.at is not None else None, "the gate's evaluation")
     except EnvironmentFailure:
         for st in assembled:

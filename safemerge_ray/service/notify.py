@@ -6,19 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
 
-from ..errors import ExitStatus, SafeMergeError, first_line
+from ..errors import ExitStatus, SafeMergeError, TimedOut, call_within, first_line
 from .metrics import push_metrics
 from .sections import Command, MetricsSection, RunOutcome, TrackedRun, TrackingSection
 from .tracking import track_run
-
-T = TypeVar("T")
 
 
 class Reported:
@@ -102,20 +98,11 @@ def run_on_publish(command: tuple[str, ...], record: dict, timeout_s: float = 30
 
 
 def _bounded(call: Callable[[], object], seconds: float) -> str | None:
-    """None when call() finished within `seconds`, else why not: a server that hangs must not hold the run.
-    The call goes on in a daemon thread, which does not hold up the exit."""
-    errors: list[BaseException] = []
-    finished = threading.Event()
-
-    def target() -> None:
-        try:
-            call()
-        except Exception as exc:  # noqa: BLE001  # any failure to report is a warning, never the run's failure
-            errors.append(exc)
-        finally:
-            finished.set()
-
-    threading.Thread(target=target, name="safemerge-report", daemon=True).start()
-    if not finished.wait(seconds):
+    """None when call() finished within `seconds`, else why not: a report never fails the run."""
+    try:
+        call_within(call, seconds, "the report")
+    except TimedOut:
         return f"no answer within {seconds:g} s"
-    return f"{type(errors[0]).__name__}: {first_line(errors[0])}" if errors else None
+    except Exception as exc:  # noqa: BLE001  # any failure to report is a warning, never the run's failure
+        return f"{type(exc).__name__}: {first_line(exc)}"
+    return None
