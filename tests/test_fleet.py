@@ -37,8 +37,13 @@ def _adapter_dir(root: Path, name: str) -> Path:
     return root / "merged" / _latest(root, name)["path"]
 
 
-def test_fleet_output_equals_merge_per_adapter(fleet, tmp_path):
+@pytest.mark.parametrize("method", ["linear", "svd", "ties"])
+def test_fleet_output_equals_merge_per_adapter(fleet, tmp_path, method):
+    """Byte for byte, for a merge linear in B (done in assembly, many layers at once) and for methods whose
+    repair scoring already made (for rho_after), which assembly takes as it is."""
     config = load_config(fleet / "fleet.yaml")
+    if method != "linear":
+        config = replace(config, merge=replace(config.merge, method=method, density=None if method == "svd" else 0.5))
     report = run_fleet(config, progress=False)
     assert report.exit_code == ExitStatus.OK and report.by_status("committed") == ADAPTERS
     run_rows = read_decisions(fleet / "merged" / "runs" / report.run_id / "decisions.parquet")
@@ -54,6 +59,7 @@ def test_fleet_output_equals_merge_per_adapter(fleet, tmp_path):
         theirs = read_decisions(single / "decisions.parquet")
         assert [(r["module"], r["action"]) for r in ours] == [(r["module"], r["action"]) for r in theirs]
         assert all(abs(a["rho"] - b["rho"]) < 1e-6 for a, b in zip(ours, theirs, strict=True))
+        assert any(r["merged"] for r in ours)  # some layers were repaired
 
 
 def test_safelora_projections_stay_on_the_workers_and_equal_merge(fleet, tmp_path, monkeypatch):
@@ -68,8 +74,8 @@ def test_safelora_projections_stay_on_the_workers_and_equal_merge(fleet, tmp_pat
 
     def spying_assemble(config, workers, out, run_id, pending, *args):
         for st in pending:
-            assert all(s.projected_b is None for s in st.scores.values())  # scalars only on the driver
-            held.extend(st.projected.values())
+            assert all(s.projected_b is None and s.repaired is None for s in st.scores.values())  # scalars only
+            held.extend(st.carried.values())
         return real_assemble(config, workers, out, run_id, pending, *args)
 
     monkeypatch.setattr(fleet_module, "_assemble", spying_assemble)
@@ -77,7 +83,7 @@ def test_safelora_projections_stay_on_the_workers_and_equal_merge(fleet, tmp_pat
     report = run_fleet(config, progress=False)
     assert report.exit_code == ExitStatus.OK
     assert held and all(isinstance(ref, ray.ObjectRef) for ref in held)
-    assert all(not st.projected and not st.scores for st in report.adapters)  # released after assembly
+    assert all(not st.carried and not st.scores for st in report.adapters)  # released after assembly
     for name in ADAPTERS:
         single = tmp_path / f"single-{name}"
         merge_to_dir(unaligned=str(fleet / "unaligned"), aligned=str(fleet / "aligned"),
@@ -292,3 +298,23 @@ def test_a_run_stopped_while_pointers_move_is_named_by_its_record(local_fleet, r
     published = json.loads((merged / pointers[0]).read_text())["run_id"]
     assert record["exit_status"] == ExitStatus.INTERRUPTED and record["run_id"] == published
     assert (merged / "runs" / published / "manifest.json").is_file()
+
+
+def test_a_repair_that_scoring_made_is_not_made_again(pair, tmp_path, monkeypatch):
+    """A method not linear in B (here svd) repairs a layer once, in scoring (where its rho_after is measured);
+    assembly takes that layer as it is."""
+    from safemerge_ray.core import POLICIES, PolicyName
+
+    calls: list[str] = []
+    policy = POLICIES[PolicyName.SAFEMERGE]
+
+    def counting(settings, module, *args):
+        calls.append(module)
+        return policy.repair(settings, module, *args)
+
+    monkeypatch.setitem(POLICIES, PolicyName.SAFEMERGE, replace(policy, repair=counting))
+    summary = merge_to_dir(unaligned=str(pair / "unaligned"), aligned=str(pair / "aligned"),
+                           safety_adapter=str(pair / "safety"), finetuned=str(pair / "finetuned" / "gsm8k"),
+                           out=str(tmp_path / "out"), settings=MergeSettings(method="svd", tau=0.9), progress=False)
+    merged = [r["module"] for r in summary["decisions"] if r["merged"]]
+    assert merged and sorted(calls) == sorted(merged)

@@ -85,12 +85,14 @@ def test_worker_on_cuda_reads_pinned_copies_async_and_matches_cpu(pair, monkeypa
 
 
 def _projected(result, adapter):
-    """SafeLoRA's projected B: in Ray's object store where a session runs (an earlier test's), else inline."""
-    if adapter in result.projected:
+    """SafeLoRA's projected B (or the layer it repaired): in Ray's object store where a session runs (an earlier
+    test's), else inline."""
+    projected, repaired = result.scores[adapter].projected_b, result.scores[adapter].repaired
+    if adapter in result.carried:
         import ray
 
-        return ray.get(result.projected[adapter])
-    return result.scores[adapter].projected_b
+        projected, repaired = ray.get(result.carried[adapter])
+    return projected if repaired is None else repaired.lora[1]
 
 
 def test_cpu_path_never_pins(pair, monkeypatch):

@@ -71,9 +71,10 @@ def _layers(plans: list[ModulePlan], chosen: set[str], finetuned: LoraAdapter, s
             key: tuple = (LayerAction.KEPT, lora[0].shape, lora[1].shape)
         elif policy.merges and settings.method in LINEAR_IN_B and safety_lora is not None and plan.safety:
             key = (LayerAction.MERGED, lora[0].shape, lora[1].shape, safety_lora[0].shape, safety_lora[1].shape)
-        else:
-            repair = policy.repair(settings, plan.module, lora, plan.lora.scaling, safety_lora,
-                                   plan.safety.scaling if plan.safety else None, scores[plan.module].projected_b)
+        else:  # done in scoring already (for its rho_after) where it could be
+            score = scores[plan.module]
+            repair = score.repaired or policy.repair(settings, plan.module, lora, plan.lora.scaling, safety_lora,
+                                                     plan.safety.scaling if plan.safety else None, score.projected_b)
             done[plan.module] = (repair.action, repair.weights, repair.lora)
             continue
         batches.setdefault(key, []).append((plan, lora, safety_lora))

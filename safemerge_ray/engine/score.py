@@ -16,6 +16,7 @@ from ..core import (
     POLICIES,
     LayerAction,
     MergeSettings,
+    Repair,
     alignment_delta,
     lora_rho,
     may_be_selected,
@@ -36,6 +37,7 @@ class ModuleScore(NamedTuple):
     rho: float
     projected_b: torch.Tensor | None = None  # C B, only for SafeLoRA where it may repair the layer
     rho_after: float | None = None  # rho of the layer as repaired, where it may be (computed where V is)
+    repaired: Repair | None = None  # the layer as repaired, where rho_after needed it and assembly would redo it
 
 
 def resolve_device(device: str) -> str:
@@ -97,7 +99,7 @@ def score_module(module: str, v: torch.Tensor, a_all: torch.Tensor, b_all: torch
     p_all = project(v, b_dev)
     rhos = rho_from_projections(a_dev, b_dev, p_all).tolist()
     projections: list[torch.Tensor | None] = []
-    repaired: list[tuple[int, tuple[torch.Tensor, torch.Tensor]]] = []
+    repaired: list[tuple[int, Repair]] = []
     linear: dict[str, list[int]] = {}  # method -> adapters whose repair is a merge linear in B
     v_norm: torch.Tensor | None = None
     for i, (rho, s) in enumerate(zip(rhos, settings, strict=True)):
@@ -119,7 +121,8 @@ def score_module(module: str, v: torch.Tensor, a_all: torch.Tensor, b_all: torch
         except SafeMergeError:  # e.g. ranks a method cannot combine: assembly fails this adapter alone
             continue
         if done.action != LayerAction.KEPT_NO_SAFETY_LORA:
-            repaired.append((i, done.lora))
+            repaired.append((i, done))
+            projections[i] = None  # the repair carries it
     after: dict[int, float] = {}
     for method, idx in linear.items():
         rs = [repairs[i] for i in idx]  # type: ignore[index]  # (linear is only filled with repairs)
@@ -129,8 +132,9 @@ def score_module(module: str, v: torch.Tensor, a_all: torch.Tensor, b_all: torch
             continue
         after.update(zip(idx, rho, strict=True))
     if repaired:
-        after.update(zip([i for i, _ in repaired], lora_rho(v, [lora for _, lora in repaired]).tolist(), strict=True))
-    return [ModuleScore(module, rho, projected, after.get(i))
+        after.update(zip([i for i, _ in repaired], lora_rho(v, [r.lora for _, r in repaired]).tolist(), strict=True))
+    carried = dict(repaired)  # computed once: assembly takes the layer as it is
+    return [ModuleScore(module, rho, projected, after.get(i), carried.get(i))
             for i, (rho, projected) in enumerate(zip(rhos, projections, strict=True))]
 
 

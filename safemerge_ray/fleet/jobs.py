@@ -77,22 +77,23 @@ class Failure:
 class ModuleResult:
     module: str
     nbytes: int
-    scores: dict[str, ModuleScore] = field(default_factory=dict)  # their projected B, if any, moved to:
-    projected: dict[str, ObjectRef] = field(default_factory=dict)  # adapter -> SafeLoRA's projected B in Ray's store
+    scores: dict[str, ModuleScore] = field(default_factory=dict)  # their tensors, if any, moved to:
+    carried: dict[str, ObjectRef] = field(default_factory=dict)  # adapter -> (projected B, repaired layer), Ray's store
     errors: dict[str, Failure] = field(default_factory=dict)
     batches: int = 0  # scoring batches (one per rank, more when the budget splits them)
 
-    def stash_projected(self) -> None:
-        """Move projected Bs into Ray's object store (this worker owns them): the driver gets references, and
-        the assembly that needs one fetches it. Outside Ray (tests call a worker directly) they stay inline."""
+    def stash_carried(self) -> None:
+        """Move the tensors a score carries to assembly (SafeLoRA's projected B, a layer repaired in scoring) into
+        Ray's object store (this worker owns them): the driver gets references, and the assembly that needs them
+        fetches them. Outside Ray (tests call a worker directly) they stay inline."""
         import ray
 
         if not ray.is_initialized():
             return
         for adapter, score in list(self.scores.items()):
-            if score.projected_b is not None:
-                self.projected[adapter] = ray.put(score.projected_b)
-                self.scores[adapter] = score._replace(projected_b=None)
+            if score.projected_b is not None or score.repaired is not None:
+                self.carried[adapter] = ray.put((score.projected_b, score.repaired))
+                self.scores[adapter] = score._replace(projected_b=None, repaired=None)
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ class AdapterState:
     previous_run: str | None = None
     why: list[str] = field(default_factory=list)  # why it is redone: "new", "adapter changed", ...
     scores: dict[str, ModuleScore] = field(default_factory=dict)
-    projected: dict[str, ObjectRef] = field(default_factory=dict)  # module -> SafeLoRA's projected B (Ray's store)
+    carried: dict[str, ObjectRef] = field(default_factory=dict)  # module -> (projected B, repaired layer), Ray's store
     objects: dict = field(default_factory=dict)  # written object -> {sha256, bytes}
     decisions: pa.Table | None = None  # columnar: a few bytes per module, not a dict per row
     counts: dict = field(default_factory=dict)

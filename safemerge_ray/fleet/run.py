@@ -257,8 +257,8 @@ def _score(workers: list, jobs: list[ModuleJob], pending: list[AdapterState], pr
             batches += result.batches
             for name, score in result.scores.items():
                 by_name[name].scores[result.module] = score
-            for name, ref in result.projected.items():
-                by_name[name].projected[result.module] = ref
+            for name, ref in result.carried.items():
+                by_name[name].carried[result.module] = ref
             for name, failure in result.errors.items():
                 if by_name[name].status == AdapterStatus.PENDING:
                     by_name[name].fail(failure)
@@ -274,13 +274,13 @@ def _assemble(config: FleetConfig, workers: list, out: Dir, run_id: str, pending
               progress: bool, deadline: Deadline) -> None:
     """One assembly task per adapter, spread over the workers; past the deadline, what is unwritten fails.
     Only scalars and references travel: each worker plans the adapter again from the headers it holds, and
-    fetches SafeLoRA's projected Bs from Ray's object store itself."""
+    fetches what scoring carried for it (projected Bs, repaired layers) from Ray's object store itself."""
     index = {st.ref.name: i for i, st in enumerate(pending)}
 
     def submit(st: AdapterState, attempt: int):
         worker = workers[(index[st.ref.name] + attempt) % len(workers)]
         return worker.assemble.remote(st.ref.name, st.ref.uri, st.fingerprint, config.safety_adapter, st.scores,
-                                      st.projected, st.settings, out, adapter_prefix(run_id, st.ref.name))
+                                      st.carried, st.settings, out, adapter_prefix(run_id, st.ref.name))
 
     bar = Progress("assemble", len(pending), unit="adapters written") if progress else None
     for st, result, error in gather(pending, submit, deadline):
@@ -293,7 +293,7 @@ def _assemble(config: FleetConfig, workers: list, out: Dir, run_id: str, pending
         else:
             st.status, st.objects, st.decisions = AdapterStatus.ASSEMBLED, result.objects, result.decisions
             st.counts = result.counts
-        st.scores, st.projected = {}, {}  # done with: the projected Bs leave the object store
+        st.scores, st.carried = {}, {}  # done with: the carried tensors leave the object store
         if bar:
             bar.advance()
 

@@ -161,7 +161,7 @@ class FleetWorker:
         rows, failed = self._factor_rows(task) if len(jobs) > 1 else ({}, {})
         results = [self._score_job(job, after, rows, failed) for job, after in zip(jobs, nexts, strict=True)]
         for result in results:
-            result.stash_projected()
+            result.stash_carried()
         return results
 
     def _factor_rows(self, task: ScoreTask) -> tuple[dict[str, FactorRows], dict[str, Failure]]:
@@ -255,16 +255,16 @@ class FleetWorker:
         return ready, torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
 
     def assemble(self, name: str, uri: str, fingerprint: str, safety_uri: str | None, scores: dict[str, ModuleScore],
-                 projected: dict[str, ObjectRef], settings: MergeSettings, out: Dir, prefix: str) -> AssemblyResult:
+                 carried: dict[str, ObjectRef], settings: MergeSettings, out: Dir, prefix: str) -> AssemblyResult:
         """Decide, merge and write one adapter under `prefix` (staged until the commit). Its plan is made again
         here, from the headers this worker holds (the adapter's must be the one the driver planned)."""
         try:
-            if projected:
+            if carried:
                 import ray
 
-                fetched = ray.get(list(projected.values()))
-                scores = {**scores, **{m: scores[m]._replace(projected_b=b)
-                                       for m, b in zip(projected, fetched, strict=True)}}
+                fetched = ray.get(list(carried.values()))
+                scores = {**scores, **{m: scores[m]._replace(projected_b=b, repaired=r)
+                                       for m, (b, r) in zip(carried, fetched, strict=True)}}
             finetuned = self._adapter(uri, f"adapter {name}")
             if finetuned.fingerprint != fingerprint:
                 raise SafeMergeError(f"adapter {name} changed while this run repaired it; the next run repairs it")
