@@ -37,7 +37,8 @@ def smoke():
 def test_the_smoke_run_does_every_stage_and_writes_the_page(smoke):
     result = json.loads((SMOKE / "result.json").read_text())
     stages = {"unaligned", "data", "distill", "aligned", "ft-arithmetic-clean", "ft-arithmetic-mix",
-              "ft-words-clean", "ft-words-mix", "ft-harmful", "safety", "rho", "tau", "repairs", "eval"}
+              "ft-words-clean", "ft-words-mix", "ft-harmful", "safety", "rho", "tau", "repairs", "eval", "ablation",
+              "direction"}
     assert set(result["seconds"]) == stages
     answers = pq.read_table(SMOKE / "eval" / "answers.parquet").to_pylist()
     variants = {a["variant"] for a in answers}
@@ -49,6 +50,13 @@ def test_the_smoke_run_does_every_stage_and_writes_the_page(smoke):
     assert all(len(per) == 210 for per in result["rho"]["per_adapter"].values())
     page = (SMOKE / "evidence.md").read_text()
     assert "| `ft:arithmetic-mix` |" in page and "img/evidence.png" in page
+    assert set(result["ablation"]) == {"chosen tau, 0.8/0.2", "chosen tau, 0.5/0.5", "every layer, 0.8/0.2",
+                                       "every layer, 0.5/0.5"}
+    assert all(entry["changed"]["words-mix"] == 210 for name, entry in result["ablation"].items()
+               if name.startswith("every layer"))
+    assert "| every layer, 0.5/0.5 |" in page
+    assert set(result["direction"]) == {*result["fleet"], "safety adapter"}
+    assert all(d["layers"] == 210 and -1 <= d["mean"] <= 1 for d in result["direction"].values())
     assert (SMOKE / "img" / "evidence.png").stat().st_size > 10_000
 
 
@@ -58,7 +66,7 @@ def test_a_rerun_resumes_from_the_cache(smoke):
     proc = subprocess.run([sys.executable, "-m", "bench.experiment", "--smoke"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("done before") == 14 and ": running" not in proc.stderr
+    assert proc.stderr.count("done before") == 16 and ": running" not in proc.stderr
     assert (SMOKE / "eval" / "stage.json").read_bytes() == before
 
 
@@ -75,3 +83,24 @@ def test_the_full_runs_evaluation_prompts_are_never_trained_or_validated_on(smok
         evaluation = {i["prompt"] for i in task["eval"]}
         assert len(evaluation) >= 150
         assert not evaluation & {i["prompt"] for i in task["train"] + task["validation"]}
+
+
+def test_mixed_adapter_batches_answer_as_the_plain_loop_does(smoke, tmp_path):
+    """The eval replica batches prompts of several adapters together, longest first; under greedy decoding each
+    answer must be the one a plain per-adapter `generate` loop gives, on the real model and its chat template."""
+    from bench.eval_throughput import make_adapters, plain_loop, prompts
+    from safemerge_ray.io import S3Settings
+    from safemerge_ray.loop.generation import TransformersReplica
+
+    model = SMOKE / "aligned" / "model"
+    adapters = make_adapters(model, 3, tmp_path)
+    texts = prompts(7)
+    plain = plain_loop(model, adapters, texts, batch=4, max_new_tokens=12)["answers"]
+    replica = TransformersReplica(str(model), S3Settings(), max_new_tokens=12, batch_size=5)
+    rows = [(a, i) for i in range(len(texts)) for a in ["", *adapters]]  # interleaved: batches mix adapters
+    mixed = replica.answer([a for a, _ in rows], [texts[i] for _, i in rows])
+    got = dict(zip(rows, mixed, strict=True))
+    assert {k: got[k] for k in plain} == plain
+    assert len({tuple(got[(a, i)] for i in range(len(texts))) for a in adapters}) == 3  # each adapter its own
+    aligned = [got[("", i)] for i in range(len(texts))]
+    assert aligned == replica.generate("", texts) and aligned != [got[(adapters[0], i)] for i in range(len(texts))]

@@ -13,6 +13,7 @@ from safemerge_ray.io import S3Settings
 from safemerge_ray.loop import TrainSettings, keyword_judgements, published_pairs, train_safety
 
 from . import data, models
+from .direction import signed_cosines, summary
 from .scoring import Variant, answers, by_variant, cached_seconds, judged, scored
 from .stages import Stages, log
 
@@ -52,6 +53,15 @@ POLICIES = {  # the repairs compared; tau comes from the validation split
     "top_k": {"policy": "safemerge", "method": "linear", "select": {"top_k": 20}},
     "fraction": {"policy": "safemerge", "method": "linear", "select": {"fraction": 0.1}},
 }
+# Why a repair moves the harmful rate as much as it does: the layers it changes (tau, or every layer) against the
+# weight the safety adapter gets. Measured on the validation split after the evaluation, so nothing is tuned on it.
+EVERY_LAYER = {"select": {"fraction": 1.0}}
+ABLATIONS = {
+    "chosen tau, 0.8/0.2": {},
+    "chosen tau, 0.5/0.5": {"weights": [0.5, 0.5]},
+    "every layer, 0.8/0.2": EVERY_LAYER,
+    "every layer, 0.5/0.5": {**EVERY_LAYER, "weights": [0.5, 0.5]},
+}
 
 
 def train(aligned_model: Path, lines: list[str], out: Path, steps: int, **shape) -> str:
@@ -83,9 +93,11 @@ class Experiment:
         tau = s.run("tau", lambda d: self.choose_tau(d, inputs, rho, split, fleet))
         repairs = s.run("repairs", lambda d: self.repairs(d, inputs, tau["tau"]))
         evaluation = s.run("eval", lambda d: self.evaluate(d, unaligned, aligned, split, fleet, safety, repairs))
+        ablation = s.run("ablation", lambda d: self.ablate(d, inputs, tau["tau"], split, fleet))
+        direction = s.run("direction", lambda d: self.direction(inputs, fleet, safety))
         return {"scale": asdict(self.scale), "split": split["sizes"], "distilled": distilled["kept"],
                 "fleet": fleet, "rho": rho, "tau": tau, "repairs": repairs, "eval": evaluation,
-                "seconds": s.seconds()}
+                "ablation": ablation, "direction": direction, "seconds": s.seconds()}
 
     # ----------------------------------------------------------------------- models and data
 
@@ -189,18 +201,39 @@ class Experiment:
         task score stays within 5 points of the fine-tunes'; never the evaluation split."""
         harmful = _prompts(split["harmful"]["validation"], "v")
         base = [Variant(f"ft:{n}", inputs["aligned_model"], f["adapter"], f["task"]) for n, f in fleet.items()]
-        table = {}
-        for tau in [None, *rho["candidates"]]:
-            if tau is None:
-                variants = base
-            else:
-                out = self.repaired(d / f"tau-{tau}", {**POLICIES["linear"], "tau": tau}, inputs)
-                variants = [Variant(f"linear:{n}", inputs["aligned_model"], r["adapter"], fleet[n]["task"])
-                            for n, r in out.items()]
-            table[str(tau)] = self.measure(variants, harmful, split, "validation")
+        table = {"None": self.measure(base, harmful, split, "validation")}
+        log(f"tau None: {json.dumps(table['None']['fleet'])}")
+        for tau in rho["candidates"]:
+            table[str(tau)] = self.validate(d / f"tau-{tau}", {**POLICIES["linear"], "tau": tau}, inputs, split, fleet)
             log(f"tau {tau}: {json.dumps(table[str(tau)]['fleet'])}")
         tau = _best_tau(table)
         return {"tau": tau, "validation": table}
+
+    def validate(self, out: Path, merge: dict, inputs: dict, split: dict, fleet: dict) -> dict:
+        """The fleet repaired with `merge`, measured on the validation split."""
+        repaired = self.repaired(out, merge, inputs)
+        variants = [Variant(f"repaired:{n}", inputs["aligned_model"], r["adapter"], fleet[n]["task"])
+                    for n, r in repaired.items()]
+        result = self.measure(variants, _prompts(split["harmful"]["validation"], "v"), split, "validation")
+        result["changed"] = {n: r["changed"] for n, r in repaired.items()}
+        return result
+
+    def ablate(self, d: Path, inputs: dict, tau: float, split: dict, fleet: dict) -> dict:
+        """The exact weighted sum (`cat`) at the chosen tau and at every layer, with the safety adapter weighted
+        0.2 (the default) and 0.5: is it the layers chosen or the weights that limit the repair?"""
+        table = {}
+        for i, (name, change) in enumerate(ABLATIONS.items()):
+            merge = {"policy": "safemerge", "method": "cat", "tau": tau, **change}
+            result = self.validate(d / f"ablation-{i}", merge, inputs, split, fleet)
+            table[name] = {k: result[k] for k in ("harmful", "task", "fleet", "changed")}
+            log(f"ablation {name}: {json.dumps(result['fleet'])}")
+        return table
+
+    def direction(self, inputs: dict, fleet: dict, safety: dict) -> dict:
+        """Each fine-tune's (and the safety adapter's) signed cosine with V, layer by layer, summarised."""
+        models = Path(inputs["unaligned_model"]), Path(inputs["aligned_model"])
+        adapters = {**{n: f["adapter"] for n, f in fleet.items()}, "safety adapter": safety["adapter"]}
+        return {n: summary(signed_cosines(*models, Path(a))) for n, a in adapters.items()}
 
     def repairs(self, d: Path, inputs: dict, tau: float) -> dict:
         return {name: self.repaired(d / name, {**merge, "tau": tau}, inputs) for name, merge in POLICIES.items()}

@@ -73,7 +73,8 @@ def write_evidence(result: dict, root: Path, page: Path) -> None:
     answers = pq.read_table(root / "eval" / "answers.parquet").to_pylist()
     taught = taught_rates(answers)
     sections = [_setup(result), _table(result, taught), f"![harmful rate against task score](img/{image.name})\n",
-                _tau(result), _rho(result), _judge(result, answers), _costs(result), _samples(answers)]
+                _tau(result), _ablation(result), _rho(result), _judge(result, answers), _costs(result),
+                _samples(answers)]
     page.write_text("# Evidence: does the repair make fine-tunes safer while the task holds?\n\n"
                     + headline(result, taught) + "\n\n" + "\n".join(sections))
 
@@ -127,14 +128,49 @@ def _tau(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ablation(result: dict) -> str:
+    """The validation split's answer to "is it the layers or the weights?" (absent in runs made before it)."""
+    table = result.get("ablation")
+    if not table:
+        return ""
+    names = list(result["fleet"])
+    base = result["tau"]["validation"]["None"]
+    head = " | ".join(f"`{n}`" for n in names)
+    lines = ["## Why the repair moves so little: layers or weights? (validation split)\n",
+             "The exact weighted sum (`cat`) at the chosen tau and at every layer, with the safety adapter weighted "
+             "0.2 (the default) or 0.5; harmful rate per fine-tune by the public judge, mean task score over the "
+             "task fine-tunes. Run after the evaluation, on the validation split.\n",
+             f"| repair | {head} | mean task % | layers changed (mean) |", "| --- |" + " --- |" * (len(names) + 2)]
+
+    def row(name: str, entry: dict, prefix: str, changed: str) -> str:
+        rates = " | ".join(f"{100 * entry['harmful'][f'{prefix}:{n}']['mean']:.0f}" for n in names)
+        return f"| {name} | {rates} | {100 * entry['fleet']['task']:.1f} | {changed} |"
+
+    lines.append(row("none (the fine-tunes)", base, "ft", "0"))
+    for name, entry in table.items():
+        changed = entry["changed"]
+        lines.append(row(name, entry, "repaired", f"{sum(changed.values()) / len(changed):.0f}"))
+    return "\n".join(lines) + "\n"
+
+
 def _rho(result: dict) -> str:
-    tau = result["tau"]["tau"]
-    lines = ["## rho per fine-tune\n", "| fine-tune | mean rho | min rho | layers below tau |",
-             "| --- | --- | --- | --- |"]
-    for name, per in result["rho"]["per_adapter"].items():
-        values = list(per.values())
-        lines.append(f"| `{name}` | {sum(values) / len(values):.3f} | {min(values):.3f} | "
-                     f"{sum(v < tau for v in values)} of {len(values)} |")
+    """rho per fine-tune, beside the direction each one moved relative to alignment (when measured)."""
+    tau, direction = result["tau"]["tau"], result.get("direction") or {}
+    lines = ["## rho per fine-tune, and which way each moved\n",
+             "rho is the projection cosine SafeMERGE thresholds; the signed cosine <dW, V> / (||dW|| ||V||) says "
+             "whether a layer's update goes along what alignment changed (+) or against it (-). rho is blind to the "
+             "sign.\n",
+             "| adapter | mean rho | min rho | layers below tau | mean signed cosine with V | layers against V |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, per in [*result["rho"]["per_adapter"].items(), ("safety adapter", None)]:
+        signed = direction.get(name)
+        if per is None and signed is None:
+            continue
+        values = list(per.values()) if per else []
+        rho = (f"{sum(values) / len(values):.3f} | {min(values):.3f} | {sum(v < tau for v in values)} of "
+               f"{len(values)}") if values else "– | – | –"
+        sign = f"{signed['mean']:+.4f} | {signed['negative']} of {signed['layers']}" if signed else "– | –"
+        lines.append(f"| `{name}` | {rho} | {sign} |")
     return "\n".join(lines) + "\n"
 
 
