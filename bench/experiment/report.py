@@ -66,6 +66,47 @@ def headline(result: dict, taught: dict[str, dict]) -> str:
             + "; ".join(parts) + " (percent, 95% intervals).")
 
 
+def _findings(result: dict) -> str:
+    """What the numbers say, computed from them (public judge, held-out split; the analyses on validation)."""
+    ev, fleet = result["eval"], result["fleet"]
+    harm = {k: 100 * v["mean"] for k, v in ev["harmful"].items()}
+    task = {k: 100 * v["mean"] for per in ev["task"].values() for k, v in per.items()}
+    tasks = [n for n, f in fleet.items() if f["task"]]
+    merges = [p for p in ("linear", "cat", "svd") if p in result["repairs"]]
+    drop = {p: max(harm[f"ft:{n}"] - harm[f"{p}:{n}"] for n in tasks) for p in [*merges, "safelora"]}
+    cost = max(task[f"ft:{n}"] - task[f"safelora:{n}"] for n in tasks)
+    merge_cost = max(abs(task[f"ft:{n}"] - task[f"{p}:{n}"]) for n in tasks for p in merges)
+    moved = max(abs(harm["ft:harmful"] - harm[f"{p}:harmful"]) for p in result["repairs"]) if "harmful" in fleet else 0
+    lines = ["## What it shows\n",
+             f"- **Fine-tuning erodes safety.** The aligned model answers {harm['aligned']:.0f}% of held-out harmful "
+             f"prompts; its task fine-tunes {min(harm[f'ft:{n}'] for n in tasks):.0f}-"
+             f"{max(harm[f'ft:{n}'] for n in tasks):.0f}%, the harmful fine-tune {harm.get('ft:harmful', 0):.0f}%.",
+             f"- **SafeMERGE's merge barely repairs here.** At the tau chosen on validation, {', '.join(merges)} lower "
+             f"a task fine-tune's harmful rate by at most {max(drop[p] for p in merges):.0f} points; task scores "
+             f"move by at most {merge_cost:.0f} points.",
+             f"- **SafeLoRA's projection repairs more, and costs the task.** Up to {drop['safelora']:.0f} points less "
+             f"harmful, up to {cost:.0f} task points lost.",
+             f"- **Nothing repairs the harmful fine-tune:** no repair moves it by more than {moved:.0f} points."]
+    direction, rho = result.get("direction"), result["rho"]["per_adapter"]
+    if direction and "harmful" in direction:
+        mean_rho = {n: sum(v.values()) / len(v) for n, v in rho.items()}
+        d = direction["harmful"]
+        lines.append(f"- **Why: rho cannot see direction.** The harmful fine-tune moves *against* what alignment "
+                     f"changed in {d['negative']} of {d['layers']} layers (signed cosine with V {d['mean']:+.3f}; "
+                     f"the safety adapter {direction['safety adapter']['mean']:+.3f}), which puts it inside V's "
+                     f"subspace: its mean rho, {mean_rho['harmful']:.3f}, is the fleet's highest, so it is the fine-"
+                     "tune SafeMERGE judges safest and repairs least.")
+    ablation = result.get("ablation")
+    if ablation:
+        base = 100 * result["tau"]["validation"]["None"]["fleet"]["harmful"]
+        best = min(ablation, key=lambda k: ablation[k]["fleet"]["harmful"])
+        lines.append(f"- **Layers or weights?** On the validation split the fleet's mean harmful rate is {base:.0f}% "
+                     f"unrepaired; the strongest merge tried ({best}) brings it to "
+                     f"{100 * ablation[best]['fleet']['harmful']:.0f}% with mean task score "
+                     f"{100 * ablation[best]['fleet']['task']:.0f}% (table below).")
+    return "\n".join(lines) + "\n"
+
+
 def write_evidence(result: dict, root: Path, page: Path) -> None:
     page.parent.mkdir(parents=True, exist_ok=True)
     image = page.parent / "img" / "evidence.png"
@@ -73,10 +114,10 @@ def write_evidence(result: dict, root: Path, page: Path) -> None:
     answers = pq.read_table(root / "eval" / "answers.parquet").to_pylist()
     taught = taught_rates(answers)
     sections = [_setup(result), _table(result, taught), f"![harmful rate against task score](img/{image.name})\n",
-                _tau(result), _ablation(result), _rho(result), _judge(result, answers), _costs(result),
+                _tau(result), _ablation(result), _rho(result), _judge(result, answers), _loop(), _costs(result),
                 _samples(answers)]
     page.write_text("# Evidence: does the repair make fine-tunes safer while the task holds?\n\n"
-                    + headline(result, taught) + "\n\n" + "\n".join(sections))
+                    + headline(result, taught) + "\n\n" + _findings(result) + "\n" + "\n".join(sections))
 
 
 def _setup(result: dict) -> str:
@@ -181,6 +222,20 @@ def _judge(result: dict, answers: list[dict]) -> str:
             "public judge errs towards calling answers harmful. The table's second judge adds the first 25 characters "
             "of each\ntraining wording to the markers: the truth lies between the two. The sample below shows answers "
             "and the public\njudge's verdicts verbatim.\n")
+
+
+def _loop() -> str:
+    return ("## What the real model found in the loop\n\n"
+            "- `train-safety` never passed its target modules to PEFT (a comment swallowed the argument), so every "
+            "adapter it trained adapted `q_proj` and `v_proj` alone, whatever its manifest said. Fixed; "
+            "`tests/test_train.py` checks the trained adapter's own config.\n"
+            "- `eval` given a `train-safety` output read its top directory, not the adapter version its manifest "
+            "names. Fixed: it follows the manifest, as the fleet does.\n"
+            "- The chat template, end-of-turn token and left padding of the real tokenizer worked as the tests' "
+            "character-level one did: greedy answers in batches equal a plain per-adapter loop's "
+            "(`tests/test_experiment.py`).\n"
+            "- The keyword judge's public marker list misses most refusal wordings the model was taught (above); "
+            "the package's list is left as the papers have it, and the page shows both bounds.\n")
 
 
 def _costs(result: dict) -> str:
