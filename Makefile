@@ -98,11 +98,13 @@ clean:
 bench-quick: setup
 	$(PY) bench/fleet_bench.py --quick
 
-# The fleet benchmark (baseline loop, floor, fleet job), then the scale series (bench/scale.py).
-bench: setup
+# The fleet benchmark (baseline loop, floor, fleet job), the scale series (bench/scale.py), the projection
+# GEMMs, and eval throughput on SmolLM2-135M-Instruct (bench/eval_throughput.py).
+bench: setup experiment-wheels
 	$(PY) bench/fleet_bench.py --json build/bench/results.json
 	$(PY) bench/scale.py --json build/bench-scale/results.json
 	$(PY) bench/projection.py
+	$(PY) -m bench.eval_throughput --json build/bench/eval.json
 
 bench-scale: setup
 	$(PY) bench/scale.py --json build/bench-scale/results.json

@@ -67,6 +67,15 @@ def map_on_actors(ds, cls: type, kwargs: dict, batch_size: int, replicas: int, g
                               num_cpus=1, batch_format="numpy", max_restarts=0)
 
 
+def threads_each(replicas: int) -> int:
+    """Torch threads for each of `replicas` CPU actors: the cluster's free CPUs shared among them. Ray starts an
+    actor that asks for one CPU with one thread (OMP_NUM_THREADS=1); asking for more could leave it waiting for
+    CPUs other actors hold, so the actors ask for one and set their threads themselves (capped by their node's)."""
+    import ray
+
+    return max(1, int(ray.available_resources().get("CPU", 0) // max(1, replicas)))
+
+
 def cluster_gpus() -> float:
     """GPUs in the cluster Ray is connected to."""
     import ray

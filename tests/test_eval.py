@@ -257,3 +257,13 @@ def test_the_summary_table_says_how_answers_were_judged():
     lines = table.splitlines()
     assert lines[0].endswith("judged") and lines[1].endswith("empty 2, refused 6") and lines[3].endswith("empty 8")
     assert "an empty one is empty" in lines[-1] and "only harmful counts" in lines[-1]
+
+
+def test_cpu_replicas_share_the_free_cpus_as_threads(ray_local):
+    """Ray starts an actor that asks for one CPU with one thread; the replicas take the free CPUs between them."""
+    from safemerge_ray.cluster import threads_each
+
+    free = int(ray_local.available_resources().get("CPU", 0))
+    assert threads_each(1) == max(1, free)
+    assert threads_each(2) == max(1, free // 2)
+    assert threads_each(4 * free + 1) == 1  # never none

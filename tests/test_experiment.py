@@ -86,8 +86,8 @@ def test_the_full_runs_evaluation_prompts_are_never_trained_or_validated_on(smok
 
 
 def test_mixed_adapter_batches_answer_as_the_plain_loop_does(smoke, tmp_path):
-    """The eval replica batches prompts of several adapters together, longest first; under greedy decoding each
-    answer must be the one a plain per-adapter `generate` loop gives, on the real model and its chat template."""
+    """The eval replica answers each adapter's prompts longest first and fills batches across adapters; under
+    greedy decoding each answer must be the plain per-adapter `generate` loop's, on the real model and template."""
     from bench.eval_throughput import make_adapters, plain_loop, prompts
     from safemerge_ray.io import S3Settings
     from safemerge_ray.loop.generation import TransformersReplica
@@ -97,7 +97,7 @@ def test_mixed_adapter_batches_answer_as_the_plain_loop_does(smoke, tmp_path):
     texts = prompts(7)
     plain = plain_loop(model, adapters, texts, batch=4, max_new_tokens=12)["answers"]
     replica = TransformersReplica(str(model), S3Settings(), max_new_tokens=12, batch_size=5)
-    rows = [(a, i) for i in range(len(texts)) for a in ["", *adapters]]  # interleaved: batches mix adapters
+    rows = [(a, i) for i in range(len(texts)) for a in ["", *adapters]]  # 7 a adapter, 5 a batch: some batches mix
     mixed = replica.answer([a for a, _ in rows], [texts[i] for _, i in rows])
     got = dict(zip(rows, mixed, strict=True))
     assert {k: got[k] for k in plain} == plain

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from ..cluster import cluster_gpus, map_on_actors, ray_data
+from ..cluster import cluster_gpus, map_on_actors, ray_data, threads_each
 from ..errors import SafeMergeError
 from ..io import (
     S3Settings,
@@ -27,15 +27,26 @@ def _chat_prompt(tokenizer, text: str) -> str:
                                          add_generation_prompt=True)
 
 
-class TransformersReplica:
-    """One model replica: the aligned model, with each LoRA adapter loaded once and switched in place."""
+BASE = "__base__"  # PEFT's name for "no adapter" in a batch that mixes adapters
 
-    def __init__(self, aligned: str, s3: S3Settings, max_new_tokens: int, batch_size: int):
+
+class TransformersReplica:
+    """One model replica: the aligned model, with each LoRA adapter loaded once. Each adapter's prompts are
+    answered longest first, so a batch holds prompts of about one length (little padding), and batches are full:
+    where one adapter's prompts end, the next one's fill the batch (PEFT's `adapter_names` routes each row).
+    Batches stay single-adapter otherwise: in a mixed batch every LoRA layer runs once per adapter, which on a
+    small model costs more than the padding it saves (BENCHMARKS.md)."""
+
+    def __init__(self, aligned: str, s3: S3Settings, max_new_tokens: int, batch_size: int, threads: int = 1):
+        import os
+
         import torch
         from peft import PeftModel  # noqa: F401  (fails here, not mid-batch, if PEFT is missing)
 
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":  # Ray started this actor with one thread: it takes its share of the CPUs
+            torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         path = model_path(aligned, "aligned model", s3)
         self.tokenizer = load_tokenizer(path, "aligned model")
         self.tokenizer.padding_side = "left"  # decoder-only batches grow to the right
@@ -44,10 +55,13 @@ class TransformersReplica:
         self.names: dict[str, str] = {}  # adapter location -> its name in the PeftModel
         self.s3, self.max_new_tokens, self.batch_size = s3, max_new_tokens, batch_size
 
-    def _use(self, lora: str):
+    def _name(self, lora: str) -> str:
+        """The adapter's name in the PeftModel, loaded on first use (BASE for the aligned model alone)."""
         from peft import PeftModel
 
 
+        if not lora:
+            return BASE
         if lora not in self.names:
             name = f"a{len(self.names)}"
             path = local_copy(_version(lora, self.s3), f"adapter {lora}", self.s3)
@@ -57,35 +71,44 @@ class TransformersReplica:
                 self.model.load_adapter(path, adapter_name=name)
             self.model.eval()
             self.names[lora] = name
-        assert self.model is not None
-        self.model.set_adapter(self.names[lora])
-        return self.model
+        return self.names[lora]
 
-    def generate(self, lora: str, prompts: list[str]) -> list[str]:
-        import torch
-
-        model = self._use(lora) if lora else self.model or self.base
-        answers: list[str] = []
-        for start in range(0, len(prompts), self.batch_size):
-            texts = [_chat_prompt(self.tokenizer, p) for p in prompts[start:start + self.batch_size]]
-            batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-            # The aligned model alone: the loaded adapters switched off.
-            off = self.model.disable_adapter() if not lora and self.model is not None else contextlib.nullcontext()
-            with off, torch.no_grad():
-                out = model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                     pad_token_id=self.tokenizer.pad_token_id)
-            answers += self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    def answer(self, loras: list[str], prompts: list[str]) -> list[str]:
+        """Each (adapter, prompt)'s answer, `batch_size` a `generate` call: adapter by adapter, longest first."""
+        texts = [_chat_prompt(self.tokenizer, p) for p in prompts]
+        names = [self._name(lora) for lora in loras]
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        order = sorted(range(len(texts)), key=lambda i: (names[i], -lengths[i]))
+        answers = [""] * len(texts)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            for i, answer in zip(idx, self._generate([texts[i] for i in idx], [names[i] for i in idx]), strict=True):
+                answers[i] = answer
         return answers
 
+    def generate(self, lora: str, prompts: list[str]) -> list[str]:
+        """One adapter's answers ('' for the aligned model alone)."""
+        return self.answer([lora] * len(prompts), prompts)
+
+    def _generate(self, texts: list[str], names: list[str]) -> list[str]:
+        import torch
+
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        model, routing, off = self.model or self.base, {}, contextlib.nullcontext()
+        if self.model is not None and len(set(names)) > 1:
+            routing = {"adapter_names": names}  # each row through its own adapter
+        elif self.model is not None and names[0] == BASE:
+            off = self.model.disable_adapter()  # the aligned model alone: the loaded adapters switched off
+        elif self.model is not None:
+            self.model.set_adapter(names[0])
+        with off, torch.no_grad():
+            out = model.generate(**batch, **routing, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                 pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
     def __call__(self, batch: dict) -> dict:
-        """A Ray Data batch: rows grouped by adapter, answered in `batch_size` prompts a call."""
-        loras, prompts = list(batch["lora"]), list(batch["prompt"])
-        answers = [""] * len(prompts)
-        for lora in dict.fromkeys(loras):
-            idx = [i for i, x in enumerate(loras) if x == lora]
-            for i, answer in zip(idx, self.generate(lora, [prompts[i] for i in idx]), strict=True):
-                answers[i] = answer
-        return {**batch, "response": answers}
+        """A Ray Data batch of rows, whatever their adapters."""
+        return {**batch, "response": self.answer([str(x) for x in batch["lora"]], [str(x) for x in batch["prompt"]])}
 
 
 class VllmReplica:
@@ -144,7 +167,10 @@ def generate(spec: EvalSpec, aligned: str, s3: S3Settings, rows: list[dict], pai
                     "batch_size": spec.batch_size}
     if engine == "vllm":
         kwargs["max_lora_rank"] = _max_rank(pairs, s3)
-    rows = sorted(rows, key=lambda r: (r["lora"], r["set"], r["prompt_id"]))  # a batch mostly shares an adapter
+    elif not gpus:
+        kwargs["threads"] = threads_each(spec.replicas)
+    # A Ray batch holds one adapter's prompts, of about one length where it can (see TransformersReplica).
+    rows = sorted(rows, key=lambda r: (r["lora"], len(r["prompt"]), r["prompt"]))
     ds = data.from_items(rows, override_num_blocks=max(1, min(len(rows) // spec.batch_size, 64)))
     answered = map_on_actors(ds, replica, kwargs, spec.batch_size * 4, spec.replicas, gpus)
     log("eval", f"{len(rows)} answers to generate on {spec.replicas} {engine} replica(s)")
