@@ -86,7 +86,7 @@ def _findings(result: dict) -> str:
              f"move by at most {merge_cost:.0f} points.",
              f"- **SafeLoRA's projection repairs more, and costs the task.** Up to {drop['safelora']:.0f} points less "
              f"harmful, up to {cost:.0f} task points lost.",
-             f"- **Nothing repairs the harmful fine-tune:** no repair moves it by more than {moved:.0f} points."]
+             f"- **Nothing repairs the harmful fine-tune:** no repair moves it by more than {moved:.1f} points."]
     direction, rho = result.get("direction"), result["rho"]["per_adapter"]
     if direction and "harmful" in direction:
         mean_rho = {n: sum(v.values()) / len(v) for n, v in rho.items()}
@@ -158,8 +158,8 @@ def _table(result: dict, taught: dict[str, dict]) -> str:
 
 
 def _tau(result: dict) -> str:
-    tau = result["tau"]
-    lines = [f"## Choosing tau (validation split)\n\nCandidates: rho quantiles {result['scale']['quantiles']} of the "
+    tau, quantiles = result["tau"], tuple(result["scale"]["quantiles"])  # a tuple, also read back from JSON
+    lines = [f"## Choosing tau (validation split)\n\nCandidates: rho quantiles {quantiles} of the "
              f"fleet ({result['rho']['candidates']}); chosen: **{tau['tau']}** (the lowest mean harmful rate whose "
              "mean task score stays within 5 points of the fine-tunes'). `top_k: 20` and `fraction: 0.1` were fixed "
              "in advance.\n", "| tau | mean harmful rate | mean task score |", "| --- | --- | --- |"]
