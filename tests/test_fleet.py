@@ -3,6 +3,7 @@
 import hashlib
 import json
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -110,6 +111,17 @@ def test_manifest_is_complete_and_hashes_match(fleet):
         assert _latest(fleet, name)["run_id"] == report.run_id
 
 
+def test_the_run_record_says_how_long_each_phase_took(fleet):
+    start = time.perf_counter()
+    report = run_fleet(load_config(fleet / "fleet.yaml"), progress=False)
+    wall = time.perf_counter() - start
+    record = json.loads((fleet / "merged" / "status" / "last_run.json").read_text())
+    assert list(report.record.phase_s) == ["plan", "ray", "preflight", "score", "assemble", "commit"]  # in order
+    assert record["phase_s"] == report.record.phase_s  # (stored with sorted keys)
+    assert all(s >= 0 for s in record["phase_s"].values()) and sum(record["phase_s"].values()) <= wall + 0.01
+    assert record["phase_s"]["preflight"] > 0 and record["phase_s"]["assemble"] > 0
+
+
 def test_rerun_with_nothing_changed_does_nothing(fleet):
     config = load_config(fleet / "fleet.yaml")
     first = run_fleet(config, progress=False)
@@ -125,6 +137,7 @@ def test_rerun_with_nothing_changed_does_nothing(fleet):
     record = json.loads(after["status/last_run.json"])
     assert record["run_id"] is None and record["exit_status"] == ExitStatus.OK
     assert record["counts"] == {"adapters": 4, "committed": 0, "unchanged": 4, "held": 0, "failed": 0}
+    assert list(record["phase_s"]) == ["plan"] and record["phase_s"] == again.record.phase_s  # no Ray, no workers
     history = sorted(k for k in after if k.startswith("status/history/"))
     assert len(history) == 2 and json.loads(after[history[-1]]) == record
     assert json.loads(after[history[0]])["run_id"] == first.run_id

@@ -91,6 +91,9 @@ def test_committed_idle_failed_and_locked_nights_as_scraped(local_fleet, pushgat
     first_success = _series(scraped, "safemerge_run_last_success_time_seconds", **labels)
     assert first_success and abs(first_success - time.time()) < 120
     assert _series(scraped, "safemerge_run_duration_seconds", **labels) > 0
+    phases = first.record.phase_s
+    assert _series(scraped, "safemerge_run_phase_seconds", phase="score", **labels) == phases["score"] > 0
+    assert _series(scraped, "safemerge_run_phase_seconds", phase="commit", **labels) == phases["commit"]
 
     time.sleep(1.1)
     idle = run_fleet(config, progress=False)  # nothing to do is a successful night too
@@ -184,6 +187,8 @@ def test_a_fleet_run_is_tracked_in_mlflow(local_fleet, mlflow_server, ray_local,
     assert run.data.params["merge.policy"] == "safemerge" and run.data.params["merge.tau"] == str(config.merge.tau)
     assert len(run.data.params["input.safety_adapter.fingerprint"]) == 64
     assert run.data.metrics["adapters.committed"] == 4
+    assert {k: v for k, v in run.data.metrics.items() if k.startswith("phase_s.")} == \
+        {f"phase_s.{phase}": s for phase, s in record["phase_s"].items()}
     summary = json.loads((local_fleet / "merged" / "runs" / record["run_id"] / "summary.json").read_text())
     for name, entry in summary["adapters"].items():
         assert run.data.metrics[f"{name}.layers_repaired"] == entry["counts"]["repaired"]

@@ -2,13 +2,45 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from ..errors import ExitStatus
 from ..store import RunRecord, run_prefix
 from .plan import AdapterState, AdapterStatus
 
 MAX_FAILED_LINES = 100  # stdout stays readable (and small) when a config names 600k missing adapters
+
+
+class Phase(StrEnum):
+    """A fleet run's phases, in order. Each one's seconds go into the run record (`phase_s`)."""
+    PLAN = "plan"  # headers, fingerprints, what is pending, the scoring jobs (the driver)
+    RAY = "ray"  # Ray started or joined
+    PREFLIGHT = "preflight"  # the workers start and check, from their nodes, every input and the output
+    SCORE = "score"  # every module's weights read once, every pending adapter scored against them
+    ASSEMBLE = "assemble"  # every repaired adapter decided, merged, written (staged) and verified
+    GATE = "gate"  # the optional evaluation of the repaired adapters
+    COMMIT = "commit"  # decisions, summary, manifest, then pointers
+
+
+@dataclass
+class PhaseClock:
+    """Seconds per phase; a phase entered twice adds up."""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, phase: Phase) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase.value] = round(self.seconds.get(phase.value, 0.0) + time.perf_counter() - start, 3)
+
+    def line(self) -> str:
+        return ", ".join(f"{phase} {s:.1f} s" for phase, s in self.seconds.items())
 
 
 @dataclass

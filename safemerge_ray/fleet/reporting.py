@@ -22,7 +22,7 @@ def _epoch(stamp: str) -> float:
 def outcome_of(record: RunRecord) -> RunOutcome:
     adapters = {**{n: "failed" for n in record.failed if n != "..."}, **{n: "held" for n in record.held if n != "..."}}
     return RunOutcome(Command.FLEET, _epoch(record.started_at), record.exit_status, run_id=record.run_id,
-                      counts=dict(record.counts), adapters=adapters, error=record.error)
+                      counts=dict(record.counts), adapters=adapters, error=record.error, phase_s=dict(record.phase_s))
 
 
 def report_fleet_run(config: FleetConfig, out: Dir | None, record: RunRecord) -> None:
@@ -49,6 +49,7 @@ def tracked_run(config: FleetConfig, out: Dir | None, record: RunRecord, outcome
     params.update(tool_version=__version__, config=config.source, output=record.output)
     params.update({f"overrides.{name}": str(s.to_dict()) for name, s in sorted(config.overrides.items())})
     metrics = {f"adapters.{k}": float(v) for k, v in record.counts.items()}
+    metrics.update({f"phase_s.{phase}": s for phase, s in record.phase_s.items()})
     artifacts: dict[str, bytes] = {"last_run.json": json_bytes(record.to_dict())}
     if out is not None and record.run_id:
         prefix = run_prefix(record.run_id)

@@ -52,7 +52,7 @@ from .config import FleetConfig
 from .jobs import Deadline, Failure, ModuleJob, ScoreTask, balance, score_tasks
 from .plan import AdapterState, AdapterStatus, FleetPlan, pin_safety_adapter, plan_fleet, plan_jobs
 from .pool import check_memory, gather, preflight, start_workers, worker_lost
-from .report import FleetReport, exit_status
+from .report import FleetReport, Phase, PhaseClock, exit_status
 from .reporting import report_fleet_run
 
 _log = partial(log, "fleet")
@@ -71,6 +71,7 @@ def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = N
     deadline = Deadline(config.max_run_seconds)
     out = open_dir(config.output, what="output", s3=config.s3, must_exist=False)
     record = RunRecord(started_at=utc_now(), output=out.uri, config=config.source)
+    clock = PhaseClock(record.phase_s)  # a run stopped by an error still records the phases it went through
     try:
         lock = RunLock(out).acquire(break_lock=break_lock)
     except LockHeld as exc:  # another run's output: its record is not ours to write, but the night is reported
@@ -80,7 +81,7 @@ def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = N
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         raise
     try:
-        return _run_locked(config, out, record, lock, deadline, progress, run_id, ray_address, runtime_env)
+        return _run_locked(config, out, record, lock, deadline, progress, run_id, ray_address, runtime_env, clock)
     finally:
         try:
             call_within(lock.release, deadline.cleanup_s(), "releasing the run lock past max_run_seconds")
@@ -90,9 +91,10 @@ def run_fleet(config: FleetConfig, progress: bool = True, run_id: str | None = N
 
 
 def _run_locked(config: FleetConfig, out: Dir, record: RunRecord, lock: RunLock, deadline: Deadline,
-                progress: bool, run_id: str | None, ray_address: str | None, runtime_env: dict | None) -> FleetReport:
+                progress: bool, run_id: str | None, ray_address: str | None, runtime_env: dict | None,
+                clock: PhaseClock) -> FleetReport:
     try:
-        report = _run(config, out, progress, run_id, ray_address, runtime_env, lock, record, deadline)
+        report = _run(config, out, progress, run_id, ray_address, runtime_env, lock, record, deadline, clock)
     except SafeMergeError as exc:
         record.exit_status, record.error = exc.exit_code, str(exc)
         _save_record(config, out, record, deadline)
@@ -136,13 +138,15 @@ def _save_record(config: FleetConfig, out: Dir, record: RunRecord, deadline: Dea
 
 
 def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_address: str | None,
-         runtime_env: dict | None, lock: RunLock, record: RunRecord, deadline: Deadline) -> FleetReport:
+         runtime_env: dict | None, lock: RunLock, record: RunRecord, deadline: Deadline,
+         clock: PhaseClock) -> FleetReport:
     driver_before = BYTES_READ.total
-    rehash = _verification_due(config.verify_published, out)
-    config = pin_safety_adapter(config)
-    plan = plan_fleet(config, out, deadline, rehash=rehash)
-    if rehash and not deadline.passed():
-        out.write(VERIFIED, json_bytes({"verified_at": utc_now(), "time": time.time()}))
+    with clock.timed(Phase.PLAN):
+        rehash = _verification_due(config.verify_published, out)
+        config = pin_safety_adapter(config)
+        plan = plan_fleet(config, out, deadline, rehash=rehash)
+        if rehash and not deadline.passed():
+            out.write(VERIFIED, json_bytes({"verified_at": utc_now(), "time": time.time()}))
     states, fingerprints, warnings, pending = plan.states, plan.fingerprints, plan.warnings, plan.pending
     _log(f"{len(states)} adapters: {len(pending)} to repair, "
          f"{len(plan.by_status(AdapterStatus.UNCHANGED))} unchanged, {len(plan.by_status(AdapterStatus.FAILED))} "
@@ -154,23 +158,31 @@ def _run(config: FleetConfig, out: Dir, progress: bool, run_id: str | None, ray_
     if config.gate is not None:  # the gate's prompt files and judge, before an hour of work needs them
         read_prompt_sets(config.gate.eval, config.s3)
     run_id = LOG.run_id = run_id or new_run_id()
-    init_ray(ray_address, runtime_env, quiet=not progress)
-    jobs = plan_jobs(pending, config.safety_adapter)
-    for st in pending:
-        st.plans = []  # the worker that assembles an adapter plans it again from the headers it holds
-    with scored(config, out, pending, jobs, progress, deadline) as workers:
-        _assemble(config, workers, out, run_id, [st for st in pending if st.status == AdapterStatus.PENDING],
-                  progress, deadline)
+    with clock.timed(Phase.PLAN):
+        jobs = plan_jobs(pending, config.safety_adapter)
+        for st in pending:
+            st.plans = []  # the worker that assembles an adapter plans it again from the headers it holds
+    with clock.timed(Phase.RAY):
+        init_ray(ray_address, runtime_env, quiet=not progress)
+    with scored(config, out, pending, jobs, progress, deadline, clock) as workers:
+        with clock.timed(Phase.ASSEMBLE):
+            _assemble(config, workers, out, run_id, [st for st in pending if st.status == AdapterStatus.PENDING],
+                      progress, deadline)
         read_by_workers = 0 if deadline.passed() else worker_bytes(workers)  # late workers may still be busy
-    evaluation = _gate(config, out, run_id, states, deadline) if config.gate is not None else None
+    evaluation = None
+    if config.gate is not None:
+        with clock.timed(Phase.GATE):
+            evaluation = _gate(config, out, run_id, states, deadline)
     warnings += deadline.warnings()
     written = any(st.status in (AdapterStatus.ASSEMBLED, AdapterStatus.HELD) for st in states)
     report = FleetReport(run_id if written else None, out.uri, states, ExitStatus.OK, warnings)
     if report.run_id:
-        lock.confirm()  # another run may be writing pointers now: ours must not move
-        _commit(config, out, report.run_id, states, fingerprints, report, evaluation, record)
+        with clock.timed(Phase.COMMIT):
+            lock.confirm()  # another run may be writing pointers now: ours must not move
+            _commit(config, out, report.run_id, states, fingerprints, report, evaluation, record)
     report.bytes_read = BYTES_READ.total - driver_before + read_by_workers
     report.exit_code = exit_status(states)
+    _log(f"phases: {clock.line()}", phase_s=clock.seconds)
     return report
 
 
@@ -188,7 +200,7 @@ def score_fleet(config: FleetConfig, progress: bool = True, ray_address: str | N
         st.settings = replace(st.settings, policy=PolicyName.SAFEMERGE)
     init_ray(ray_address, runtime_env, quiet=not progress)
     # No safety adapter and no output: rho alone, not the repairs' effect, and nothing written.
-    with scored(config, None, pending, plan_jobs(pending), progress, Deadline(config.max_run_seconds)):
+    with scored(config, None, pending, plan_jobs(pending), progress, Deadline(config.max_run_seconds), PhaseClock()):
         pass
     return {st.ref.name: {m: s.rho for m, s in st.scores.items()}
             for st in pending if st.status == AdapterStatus.PENDING}, plan
@@ -196,15 +208,18 @@ def score_fleet(config: FleetConfig, progress: bool = True, ray_address: str | N
 
 @contextlib.contextmanager
 def scored(config: FleetConfig, out: Dir | None, pending: list[AdapterState], jobs: list[ModuleJob],
-            progress: bool, deadline: Deadline):
+            progress: bool, deadline: Deadline, clock: PhaseClock):
     """Start the workers, check them (preflight, memory), score every pending adapter, and yield the warm
     workers for what follows; they are killed on the way out, whatever happens."""
     import ray
 
-    workers = start_workers(config, len(jobs), deadline.at)
+    with clock.timed(Phase.PREFLIGHT):
+        workers = start_workers(config, len(jobs), deadline.at)
     try:
-        jobs = check_memory(config, jobs, preflight(config, out, workers, pending))
-        _score(workers, jobs, pending, progress, deadline)
+        with clock.timed(Phase.PREFLIGHT):
+            jobs = check_memory(config, jobs, preflight(config, out, workers, pending))
+        with clock.timed(Phase.SCORE):
+            _score(workers, jobs, pending, progress, deadline)
         yield workers
     finally:
         for worker in workers:

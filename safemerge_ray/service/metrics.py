@@ -33,6 +33,11 @@ def registry_for(outcome: RunOutcome, per_adapter: bool = False):
         adapters = Gauge(PREFIX + "adapters", "The last run's adapters by outcome.", ["outcome"], registry=registry)
         for name in OUTCOMES:
             adapters.labels(outcome=name).set(outcome.counts.get(name, 0))
+    if outcome.phase_s:
+        phases = Gauge(PREFIX + "phase_seconds", "How long each phase of the last run took (fleet: plan, ray, "
+                       "preflight, score, assemble, gate, commit).", ["phase"], registry=registry)
+        for phase, seconds in outcome.phase_s.items():
+            phases.labels(phase=phase).set(seconds)
     if per_adapter and outcome.adapters:
         each = Gauge("safemerge_adapter_outcome", "1 for each adapter the last run failed or held back.",
                      ["adapter", "outcome"], registry=registry)

@@ -95,6 +95,7 @@ class RunOutcome:
     run_id: str | None = None
     counts: dict[str, int] = field(default_factory=dict)  # adapters by outcome (fleet)
     adapters: dict[str, str] = field(default_factory=dict)  # adapter -> outcome, for per-adapter series
+    phase_s: dict[str, float] = field(default_factory=dict)  # seconds per phase (fleet: plan, score, ...)
     error: str | None = None
 
     @property

@@ -37,6 +37,7 @@ class RunRecord:
     held: dict[str, str] = field(default_factory=dict)  # adapter -> why the gate held it back (the first 100)
     warnings: list[str] = field(default_factory=list)  # skipped directories, unused overrides (the first 100)
     tracked_run: str | None = None  # the run's MLflow run id, when it was tracked
+    phase_s: dict[str, float] = field(default_factory=dict)  # a fleet run's seconds per phase (plan, score, ...)
     tool_version: str = __version__
     kind: str = RecordKind.FLEET
 
