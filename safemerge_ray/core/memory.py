@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from .subspace import PANEL
+
 PROCESS_BASELINE = 600 * 2**20  # a Ray worker with torch imported, before any tensor (RSS, measured)
 # The terms above, measured against a process's peak RSS (tests/test_limits.py), leave about 10% to
 # temporaries and the allocator (the float32 copy while V is taken, GEMM outputs before reshapes).
@@ -68,7 +70,10 @@ class ModuleCost:
     def chunk(self, rank: int, budget: int | None) -> int:
         """How many adapters of `rank` to score at once: within the batch cap and under `budget` bytes."""
         room = self.batch_cap if budget is None else min(self.batch_cap, int(budget / OVERHEAD) - self.fixed)
-        return max(1, room // max(1, self.per_adapter(rank)))
+        n = max(1, room // max(1, self.per_adapter(rank)))
+        per_panel = PANEL // rank if rank and PANEL % rank == 0 else 0
+        # Whole projection panels: a chunk of 29 rank-16 adapters would zero-pad 464 columns to 512.
+        return n - n % per_panel if per_panel and n > per_panel else n
 
 
 def check_fits(cost: ModuleCost, have: int, where: str) -> None:

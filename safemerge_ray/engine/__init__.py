@@ -12,6 +12,7 @@ from .plan import ModulePlan, plan_adapter
 from .score import (
     ModuleScore,
     RepairInputs,
+    SafetyProjection,
     WeightLayout,
     delta_from_pair,
     read_weight_pair,
@@ -20,7 +21,8 @@ from .score import (
 )
 
 __all__ = [
-    "AssembledAdapter", "Inputs", "ModulePlan", "ModuleScore", "RepairInputs", "WeightLayout", "assemble_adapter",
+    "AssembledAdapter", "Inputs", "ModulePlan", "ModuleScore", "RepairInputs", "SafetyProjection", "WeightLayout",
+    "assemble_adapter",
     "delta_from_pair", "first_non_finite", "merge_to_dir", "open_inputs", "output_config", "plan_adapter",
     "read_weight_pair", "repair_adapter", "resolve_device", "score_module",
 ]

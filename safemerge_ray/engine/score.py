@@ -78,14 +78,29 @@ def delta_from_pair(plan: WeightLayout, pair: tuple[torch.Tensor, torch.Tensor],
     return v.T if plan.transpose else v
 
 
+@dataclass
+class SafetyProjection:
+    """V V^T B of a module's safety layer, made on first use and kept: a fleet scores a module's adapters in
+    chunks, and every chunk's linear repairs need it (one panel GEMM pair each, before it was kept)."""
+
+    p: torch.Tensor | None = None
+
+    def of(self, v: torch.Tensor, b_safety: torch.Tensor) -> torch.Tensor:
+        if self.p is None:
+            self.p = project(v, b_safety[None])[0]
+        return self.p
+
+
 @dataclass(frozen=True)
 class RepairInputs:
     """What repairing one adapter's layer needs besides its own factors: its LoRA scaling, and the safety
-    adapter's factors and scaling for that layer (None where the safety adapter lacks it)."""
+    adapter's factors and scaling for that layer (None where the safety adapter lacks it); `projection`
+    keeps the safety layer's projection for the module's next chunks."""
 
     scaling: float
     safety: tuple[torch.Tensor, torch.Tensor] | None = None
     safety_scaling: float | None = None
+    projection: SafetyProjection | None = None
 
 
 def score_module(module: str, v: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor,
@@ -149,5 +164,6 @@ def _linear_rho_after(v: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor,
                              for s, r in zip(settings, repairs, strict=True)], dtype=torch.float64, device=v.device)
     sel = torch.tensor(idx, device=v.device)
     a_m, b_m = LINEAR_IN_B[method](a_all[sel], b_all[sel], (a_s, b_s), weighted)
-    _, p_m = LINEAR_IN_B[method](a_all[sel], p_all[sel], (a_s, project(v, b_s[None])[0]), weighted)
+    p_s = (repairs[0].projection or SafetyProjection()).of(v, b_s)
+    _, p_m = LINEAR_IN_B[method](a_all[sel], p_all[sel], (a_s, p_s), weighted)
     return rho_from_projections(a_m, b_m, p_m).tolist()

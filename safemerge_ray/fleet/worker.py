@@ -18,6 +18,7 @@ from ..engine import (
     ModulePlan,
     ModuleScore,
     RepairInputs,
+    SafetyProjection,
     assemble_adapter,
     delta_from_pair,
     plan_adapter,
@@ -214,6 +215,7 @@ class FleetWorker:
                 by_rank.setdefault(self._adapter(req.uri).modules[job.module].rank, []).append(req)
             except SafeMergeError as exc:
                 result.errors[req.adapter] = Failure.of(exc)
+        projection = SafetyProjection()  # the module's chunks share it
         for rank in sorted(by_rank):
             group = by_rank[rank]
             size = job.cost.chunk(rank, job.budget)
@@ -221,7 +223,7 @@ class FleetWorker:
                 ready, a_all, b_all = self._stacked(job.module, group[start:start + size], rows, result)
                 if ready:
                     repairs = [RepairInputs(self._adapter(req.uri).modules[job.module].scaling, safety_lora,
-                                            safety_scaling) for req in ready]
+                                            safety_scaling, projection) for req in ready]
                     scores = score_module(job.module, v, a_all, b_all, [r.settings for r in ready], repairs)
                     result.scores.update({req.adapter: s for req, s in zip(ready, scores, strict=True)})
                     result.batches += 1
