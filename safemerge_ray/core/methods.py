@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,33 +142,52 @@ SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude
 RANDOM_METHODS = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")  # DARE draws its drops
 
 
-def _linear_batch(a: torch.Tensor, b: torch.Tensor, safety: Lora, weighted: torch.Tensor) -> Lora:
-    """`linear` for N fine-tune layers at once ([N, r, in], [N, out, r]) with one safety layer, or one per
-    fine-tune layer ([N, ...]); `weighted`: [N, 2] (weight x scaling per side). PEFT's arithmetic,
-    elementwise: the same float32 values."""
-    if a.shape[1] != safety[0].shape[-2]:
-        raise SafeMergeError(f"ranks {sorted({a.shape[1], safety[0].shape[-2]})} cannot be combined element-wise; "
+def _check_ranks(rank: int, safety_rank: int) -> None:
+    if rank != safety_rank:
+        raise SafeMergeError(f"ranks {sorted({rank, safety_rank})} cannot be combined element-wise; "
                              "use --method cat, which stacks ranks")
+
+
+def _linear_a(a: torch.Tensor, safety_a: torch.Tensor, weighted: torch.Tensor) -> torch.Tensor:
+    _check_ranks(a.shape[1], safety_a.shape[-2])
     wa = torch.copysign(weighted.abs().sqrt(), weighted).float()
-    wb = weighted.abs().sqrt().float()
     # Stacked and summed as PEFT's task_arithmetic does (a sum from zero: -0 + -0 gives +0, as there).
-    return (torch.stack([a * wa[:, 0, None, None], safety[0] * wa[:, 1, None, None]]).sum(dim=0),
-            torch.stack([b * wb[:, 0, None, None], safety[1] * wb[:, 1, None, None]]).sum(dim=0))
+    return torch.stack([a * wa[:, 0, None, None], safety_a * wa[:, 1, None, None]]).sum(dim=0)
 
 
-def _cat_batch(a: torch.Tensor, b: torch.Tensor, safety: Lora, weighted: torch.Tensor) -> Lora:
-    """`cat` for N fine-tune layers at once: ranks stacked, weight and scaling on A."""
-    n, w = a.shape[0], weighted.float()
-    return (torch.cat([a * w[:, 0, None, None], safety[0].expand(n, -1, -1) * w[:, 1, None, None]], dim=1),
-            torch.cat([b, safety[1].expand(n, -1, -1)], dim=2))
+def _linear_b(b: torch.Tensor, safety_b: torch.Tensor, weighted: torch.Tensor) -> torch.Tensor:
+    _check_ranks(b.shape[2], safety_b.shape[-1])
+    wb = weighted.abs().sqrt().float()
+    return torch.stack([b * wb[:, 0, None, None], safety_b * wb[:, 1, None, None]]).sum(dim=0)
 
 
-# Merges whose B is a fixed linear map of the input Bs (a weighted sum; a concatenation), batched over many
-# fine-tunes: applied to each layer's V V^T B in place of B, the map gives the merged layer's V V^T B, so
-# scoring the repair's effect needs no second GEMM over V (and no merge per adapter).
-LINEAR_IN_B: dict[str, Callable[[torch.Tensor, torch.Tensor, Lora, torch.Tensor], Lora]] = {
-    "linear": _linear_batch,
-    "cat": _cat_batch,
+def _cat_a(a: torch.Tensor, safety_a: torch.Tensor, weighted: torch.Tensor) -> torch.Tensor:
+    w = weighted.float()  # weight and scaling on A; ranks stacked
+    return torch.cat([a * w[:, 0, None, None], safety_a.expand(a.shape[0], -1, -1) * w[:, 1, None, None]], dim=1)
+
+
+def _cat_b(b: torch.Tensor, safety_b: torch.Tensor, weighted: torch.Tensor) -> torch.Tensor:
+    return torch.cat([b, safety_b.expand(b.shape[0], -1, -1)], dim=2)
+
+
+@dataclass(frozen=True)
+class LinearInB:
+    """A merge of N fine-tune layers at once ([N, r, in], [N, out, r]) with one safety layer, or one per
+    fine-tune layer ([N, ...]); `weighted`: [N, 2] (weight x scaling per side). PEFT's arithmetic,
+    elementwise: the same float32 values. Its B is a fixed linear map of the input Bs (a weighted sum; a
+    concatenation): applied to each layer's V V^T B in place of B (`b` alone), the map gives the merged
+    layer's V V^T B, so scoring the repair's effect needs no second GEMM over V (and no merge per adapter)."""
+
+    a: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    b: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, safety: Lora, weighted: torch.Tensor) -> Lora:
+        return self.a(a, safety[0], weighted), self.b(b, safety[1], weighted)
+
+
+LINEAR_IN_B: dict[str, LinearInB] = {
+    "linear": LinearInB(_linear_a, _linear_b),
+    "cat": LinearInB(_cat_a, _cat_b),
 }
 
 

@@ -165,5 +165,5 @@ def _linear_rho_after(v: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor,
     sel = torch.tensor(idx, device=v.device)
     a_m, b_m = LINEAR_IN_B[method](a_all[sel], b_all[sel], (a_s, b_s), weighted)
     p_s = (repairs[0].projection or SafetyProjection()).of(v, b_s)
-    _, p_m = LINEAR_IN_B[method](a_all[sel], p_all[sel], (a_s, p_s), weighted)
+    p_m = LINEAR_IN_B[method].b(p_all[sel], p_s, weighted)  # the merged A is the one just made
     return rho_from_projections(a_m, b_m, p_m).tolist()
