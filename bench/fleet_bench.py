@@ -6,7 +6,7 @@ measured in one run on synthetic fleets with realistic layer shapes.
 
 Every case runs in its own process; a sampler adds up the proportional set size (PSS: shared pages
 such as torch's libraries split between the processes sharing them) of that process and all its
-descendants (Ray's raylet, GCS and workers included) every 40 ms (bench/scale.py's sampler), and keeps
+descendants (Ray's raylet, GCS and workers included) every second (bench/scale.py's sampler), and keeps
 the peak. Bytes read are counted by safemerge-ray's storage layer in every process (for the baseline: the
 files it loads).
 

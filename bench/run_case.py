@@ -24,7 +24,7 @@ def fleet(fixture: Path, adapters: list[str], out: Path, repeats: int, policy: s
     start = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray_start = time.perf_counter() - start
-    work, bytes_read, run_dirs = [], [], []
+    work, bytes_read, run_dirs, phases = [], [], [], []
     for i in range(repeats):
         config_path = out.parent / f"{out.name}-{i}.yaml"
         config_path.write_text(yaml.safe_dump({
@@ -37,9 +37,11 @@ def fleet(fixture: Path, adapters: list[str], out: Path, repeats: int, policy: s
         work.append(time.perf_counter() - t)
         assert report.exit_code == 0, [(a.ref.name, a.reason) for a in report.adapters]
         bytes_read.append(report.bytes_read)
+        phases.append(report.record.phase_s if report.record else {})
         run_dirs.append(f"{out}-{i}/runs/{report.run_id}")
     ray.shutdown()
-    return {"work_s": work, "ray_start_s": ray_start, "bytes_read": bytes_read[0], "run_dirs": run_dirs}
+    return {"work_s": work, "ray_start_s": ray_start, "bytes_read": bytes_read[0], "run_dirs": run_dirs,
+            "phase_s": phases}
 
 
 def merge(fixture: Path, adapters: list[str], out: Path, repeats: int = 1, policy: str = "safemerge") -> dict:

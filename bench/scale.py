@@ -6,18 +6,18 @@
 
 Cases, each on a synthetic fleet (bf16 weights, rank 16 fp32 adapters, all seven projections):
 - wide:      one layer of hidden 4096, intermediate 11008; N = 16, 64, 256, 1024 (policy safemerge)
-- safelora:  the same layer, N = 512, policy safelora against policy safemerge (the driver's peak)
+- safelora:  the same layer, N = 64 and 512, policy safelora against policy safemerge (time, the driver's peak)
 - small:     128 layers of hidden 64 with 256 adapters (per-pair costs)
 - llama3-8b: one Llama-3-8B layer (hidden 4096, intermediate 14336, GQA: 32 heads, 8 k/v heads); N = 16, 64
 - qwen2-7b:  one Qwen2-7B layer (hidden 3584, intermediate 18944, 28 heads, 4 k/v heads, q/k/v biases); N = 16, 64
 
 Each case is a fresh process (`bench/run_case.py fleet`: local Ray with 2 CPUs, so 2 workers) that runs the
 fleet job `runs` times (medians; the long cases once), each into a fresh output; a sampler
-reads the resident set size (RSS) of that process and of every process under it every 20 ms and keeps
-each one's peak: the driver (the process itself), the largest worker (`ray::FleetWorker`), and the sum
-of proportional set sizes of all of them (Ray's own processes included). The floor (`bench/floor.py --write`)
-is the same fleet's irreducible work in one process: each module's two weights and each adapter file
-read once, the two batched GEMMs per module, and each output adapter written once.
+reads the resident set size (RSS) of that process and of every process under it every 20 ms (their PSS
+every second) and keeps each one's peak: the driver (the process itself), the largest worker
+(`ray::FleetWorker`), and the sum of proportional set sizes of all of them (Ray's own processes included).
+The floor (`bench/floor.py --write`) is the same fleet's irreducible work in one process: each module's two
+weights and each adapter file read once, the two batched GEMMs per module, and each output adapter written once.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from pathlib import Path
 import psutil
 
 HERE = Path(__file__).resolve().parent
+PSS_EVERY = 50  # RSS samples (20 ms apart) per PSS sample
 PY = sys.executable
 
 
@@ -52,6 +53,7 @@ WIDE = {"hidden": 4096, "intermediate": 11008, "layers": 1, "heads": 32}
 CASES = [
     Case("wide", WIDE, (16, 64)),
     Case("wide", WIDE, (256, 1024), repeats=1),
+    Case("safelora", WIDE, (64,), ("safemerge", "safelora")),
     Case("safelora", WIDE, (512,), ("safemerge", "safelora"), repeats=1),
     Case("small", {"hidden": 64, "intermediate": 128, "layers": 128, "heads": 4}, (256,)),
     Case("llama3-8b", {"hidden": 4096, "intermediate": 14336, "layers": 1, "heads": 32, "kv_heads": 8}, (16, 64)),
@@ -71,6 +73,21 @@ class Peaks:
     worker: int  # the largest FleetWorker's RSS
     total_pss: int  # all processes together
     result: dict
+    processes: list[tuple[str, int]]  # every process's (label, peak RSS), largest first
+
+
+def label(proc: psutil.Process, root: psutil.Process) -> str:
+    """What a process is: the driver (the measured process), a fleet worker, or Ray's own (raylet, GCS, ...)."""
+    if proc.pid == root.pid:
+        return "driver"
+    cmdline = " ".join(proc.cmdline())
+    if "FleetWorker" in cmdline:
+        return "worker"
+    for part in ("gcs_server", "raylet", "dashboard_agent", "runtime_env_agent", "log_monitor", "monitor.py",
+                 "dashboard.py", "ray::IDLE", "default_worker"):
+        if part in cmdline:
+            return part.removesuffix(".py")
+    return proc.name()
 
 
 def measure(cmd: list[str]) -> Peaks:
@@ -80,6 +97,7 @@ def measure(cmd: list[str]) -> Peaks:
     root = psutil.Process(proc.pid)
     rss: dict[int, int] = {}
     workers: set[int] = set()
+    labels: dict[int, str] = {}
     total = 0
     stop = threading.Event()
 
@@ -95,7 +113,8 @@ def measure(cmd: list[str]) -> Peaks:
             for p in procs:
                 try:
                     rss[p.pid] = max(rss.get(p.pid, 0), p.memory_info().rss)
-                    if p.pid not in workers and "FleetWorker" in " ".join(p.cmdline()):
+                    labels[p.pid] = label(p, root)  # a Ray worker process is IDLE until it becomes an actor
+                    if labels[p.pid] == "worker":
                         workers.add(p.pid)
                     if pss_every == 0:
                         pss += p.memory_full_info().pss
@@ -103,7 +122,9 @@ def measure(cmd: list[str]) -> Peaks:
                     pass
             if pss_every == 0:
                 total = max(total, pss)
-            pss_every = (pss_every + 1) % 2  # PSS reads /proc/*/smaps: every 40 ms, RSS every 20 ms
+            # PSS makes the kernel walk each process's page tables: ~25 ms of CPU for a 1 GB worker, so every 40 ms
+            # over ten processes it took most of a core from what was measured. Every second; RSS every 20 ms.
+            pss_every = (pss_every + 1) % PSS_EVERY
             stop.wait(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -114,8 +135,9 @@ def measure(cmd: list[str]) -> Peaks:
     sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-4000:]}")
+    processes = sorted(((labels.get(pid, "?"), peak) for pid, peak in rss.items()), key=lambda lp: -lp[1])
     return Peaks(wall, rss.get(proc.pid, 0), max((rss[p] for p in workers), default=0), total,
-                 json.loads(out.strip().splitlines()[-1]))
+                 json.loads(out.strip().splitlines()[-1]), processes)
 
 
 def fixture(work: Path, case: Case, n: int) -> Path:
