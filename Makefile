@@ -99,12 +99,14 @@ bench-quick: setup
 	$(PY) bench/fleet_bench.py --quick
 
 # The fleet benchmark (baseline loop, floor, fleet job), the scale series (bench/scale.py), the projection
-# GEMMs, and eval throughput on SmolLM2-135M-Instruct (bench/eval_throughput.py).
+# GEMMs, eval throughput on SmolLM2-135M-Instruct (bench/eval_throughput.py) and a whole Llama-3.2-1B-shaped
+# model (bench/whole_model.py; its phase chart goes to docs/img/bench-phases.png). About two hours here.
 bench: setup experiment-wheels
 	$(PY) bench/fleet_bench.py --json build/bench/results.json
 	$(PY) bench/scale.py --json build/bench-scale/results.json
 	$(PY) bench/projection.py
 	$(PY) -m bench.eval_throughput --json build/bench/eval.json
+	$(PY) bench/whole_model.py --json build/bench/whole.json --chart docs/img/bench-phases.png
 
 bench-scale: setup
 	$(PY) bench/scale.py --json build/bench-scale/results.json

@@ -37,7 +37,7 @@ def fleet(fixture: Path, adapters: list[str], out: Path, repeats: int, policy: s
         work.append(time.perf_counter() - t)
         assert report.exit_code == 0, [(a.ref.name, a.reason) for a in report.adapters]
         bytes_read.append(report.bytes_read)
-        phases.append(report.record.phase_s if report.record else {})
+        phases.append(getattr(report.record, "phase_s", {}))  # (a commit before phases were timed has none)
         run_dirs.append(f"{out}-{i}/runs/{report.run_id}")
     ray.shutdown()
     return {"work_s": work, "ray_start_s": ray_start, "bytes_read": bytes_read[0], "run_dirs": run_dirs,

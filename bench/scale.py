@@ -7,6 +7,7 @@
 Cases, each on a synthetic fleet (bf16 weights, rank 16 fp32 adapters, all seven projections):
 - wide:      one layer of hidden 4096, intermediate 11008; N = 16, 64, 256, 1024 (policy safemerge)
 - safelora:  the same layer, N = 64 and 512, policy safelora against policy safemerge (time, the driver's peak)
+- narrow:    two layers of hidden 2048, intermediate 5504 (the fleet benchmark's smaller model); N = 16, 64
 - small:     128 layers of hidden 64 with 256 adapters (per-pair costs)
 - llama3-8b: one Llama-3-8B layer (hidden 4096, intermediate 14336, GQA: 32 heads, 8 k/v heads); N = 16, 64
 - qwen2-7b:  one Qwen2-7B layer (hidden 3584, intermediate 18944, 28 heads, 4 k/v heads, q/k/v biases); N = 16, 64
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -55,6 +56,7 @@ CASES = [
     Case("wide", WIDE, (256, 1024), repeats=1),
     Case("safelora", WIDE, (64,), ("safemerge", "safelora")),
     Case("safelora", WIDE, (512,), ("safemerge", "safelora"), repeats=1),
+    Case("narrow", {"hidden": 2048, "intermediate": 5504, "layers": 2, "heads": 16}, (16, 64)),
     Case("small", {"hidden": 64, "intermediate": 128, "layers": 128, "heads": 4}, (256,)),
     Case("llama3-8b", {"hidden": 4096, "intermediate": 14336, "layers": 1, "heads": 32, "kv_heads": 8}, (16, 64)),
     Case("qwen2-7b", {"arch": "qwen2", "hidden": 3584, "intermediate": 18944, "layers": 1, "heads": 28,
@@ -81,7 +83,7 @@ def label(proc: psutil.Process, root: psutil.Process) -> str:
     if proc.pid == root.pid:
         return "driver"
     cmdline = " ".join(proc.cmdline())
-    if "FleetWorker" in cmdline:
+    if "FleetWorker" in cmdline or proc.name().startswith("ray::FleetWork"):  # (the name, as a worker exits)
         return "worker"
     for part in ("gcs_server", "raylet", "dashboard_agent", "runtime_env_agent", "log_monitor", "monitor.py",
                  "dashboard.py", "ray::IDLE", "default_worker"):
@@ -113,7 +115,8 @@ def measure(cmd: list[str]) -> Peaks:
             for p in procs:
                 try:
                     rss[p.pid] = max(rss.get(p.pid, 0), p.memory_info().rss)
-                    labels[p.pid] = label(p, root)  # a Ray worker process is IDLE until it becomes an actor
+                    if labels.get(p.pid) != "worker":  # a Ray worker process is IDLE until it becomes an actor
+                        labels[p.pid] = label(p, root)
                     if labels[p.pid] == "worker":
                         workers.add(p.pid)
                     if pss_every == 0:
@@ -174,7 +177,8 @@ def run_case(case: Case, work: Path) -> list[dict]:
                    "floor_range_s": [min(floor.result["work_s"]), max(floor.result["work_s"])],
                    "ours_range_s": [min(ours.result["work_s"]), max(ours.result["work_s"])],
                    "driver_mb": ours.driver / 1e6, "worker_mb": ours.worker / 1e6,
-                   "total_pss_mb": ours.total_pss / 1e6, "floor_peak_mb": floor.driver / 1e6}
+                   "total_pss_mb": ours.total_pss / 1e6, "floor_peak_mb": floor.driver / 1e6,
+                   "phase_s": ours.result.get("phase_s", [{}])[0]}
             row["ours_over_floor"] = row["ours_s"] / row["floor_s"]
             rows.append(row)
             print(f"  {case.name:<10} N={n:<5} {policy:<9} floor {row['floor_s']:7.2f} s  ours {row['ours_s']:7.2f} s "
@@ -197,6 +201,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    ap.add_argument("--max-n", type=int, default=None, help="leave out the cases' larger N")
     ap.add_argument("--work", type=Path, default=Path("build/bench-scale"))
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = ap.parse_args()
@@ -204,6 +209,9 @@ def main() -> None:
     if args.cases:
         wanted = args.cases.split(",")
         cases = [c for c in cases if c.name in wanted]
+    if args.max_n:
+        cases = [replace(c, ns=tuple(n for n in c.ns if n <= args.max_n)) for c in cases]
+        cases = [c for c in cases if c.ns]
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -63,7 +63,7 @@ def run(spec: dict, ns: list[int], work: Path) -> list[dict]:
 def table(rows: list[dict]) -> str:
     lines = ["| N | floor s | ours s | ours/floor | " + " | ".join(f"{p} s" for p in PHASES)
              + " | MB read (floor / ours) | peak MB: floor / driver / workers / Ray's largest | PSS sum MB |",
-             "|---" * (9 + len(PHASES)) + "|"]
+             "|---" * (7 + len(PHASES)) + "|"]
     for r in rows:
         procs = r["processes_mb"]
         workers = "+".join(f"{mb:.0f}" for name, mb in procs if name == "worker")
@@ -97,7 +97,7 @@ def chart(rows: list[dict], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("seconds (2 CPU cores)")
     ax.set_title(f"Llama-3.2-1B-shaped pair ({rows[0]['modules']} modules), rank-16 adapters")
-    ax.legend(ncols=4, fontsize=8, loc="lower right")
+    ax.legend(ncols=7, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
