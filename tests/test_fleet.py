@@ -59,7 +59,8 @@ def test_fleet_output_equals_merge_per_adapter(fleet, tmp_path, method):
         ours = [r for r in run_rows if r["adapter"] == name]
         theirs = read_decisions(single / "decisions.parquet")
         assert [(r["module"], r["action"]) for r in ours] == [(r["module"], r["action"]) for r in theirs]
-        assert all(abs(a["rho"] - b["rho"]) < 1e-6 for a, b in zip(ours, theirs, strict=True))
+        # The decisions too: the same rho and rho_after, to the bit.
+        assert [(r["rho"], r["rho_after"]) for r in ours] == [(r["rho"], r["rho_after"]) for r in theirs]
         assert any(r["merged"] for r in ours)  # some layers were repaired
 
 
@@ -85,6 +86,7 @@ def test_safelora_projections_stay_on_the_workers_and_equal_merge(fleet, tmp_pat
     assert report.exit_code == ExitStatus.OK
     assert held and all(isinstance(ref, ray.ObjectRef) for ref in held)
     assert all(not st.carried and not st.scores for st in report.adapters)  # released after assembly
+    run_rows = read_decisions(fleet / "merged" / "runs" / report.run_id / "decisions.parquet")
     for name in ADAPTERS:
         single = tmp_path / f"single-{name}"
         merge_to_dir(unaligned=str(fleet / "unaligned"), aligned=str(fleet / "aligned"),
@@ -92,6 +94,8 @@ def test_safelora_projections_stay_on_the_workers_and_equal_merge(fleet, tmp_pat
                      out=str(single), settings=config.merge, progress=False)
         assert (_adapter_dir(fleet, name) / "adapter_model.safetensors").read_bytes() == \
             (single / "adapter_model.safetensors").read_bytes(), name
+        ours = [(r["module"], r["rho"], r["rho_after"]) for r in run_rows if r["adapter"] == name]
+        assert ours == [(r["module"], r["rho"], r["rho_after"]) for r in read_decisions(single / "decisions.parquet")]
 
 
 def test_manifest_is_complete_and_hashes_match(fleet):

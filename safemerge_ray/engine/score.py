@@ -81,13 +81,14 @@ def delta_from_pair(plan: WeightLayout, pair: tuple[torch.Tensor, torch.Tensor],
 @dataclass
 class SafetyProjection:
     """V V^T B of a module's safety layer, made on first use and kept: a fleet scores a module's adapters in
-    chunks, and every chunk's linear repairs need it (one panel GEMM pair each, before it was kept)."""
+    chunks, and every chunk's linear repairs need it. Its own r columns, not a panel: it goes only into rho_after,
+    which `merge` and the fleet both take from here (a padded panel was 8x the GEMM, 12% of a fleet's at N = 64)."""
 
     p: torch.Tensor | None = None
 
     def of(self, v: torch.Tensor, b_safety: torch.Tensor) -> torch.Tensor:
         if self.p is None:
-            self.p = project(v, b_safety[None])[0]
+            self.p = v @ (v.T @ b_safety.to(v.dtype))
         return self.p
 
 
@@ -162,8 +163,10 @@ def _linear_rho_after(v: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor,
     a_s, b_s = safety[0].to(v.device), safety[1].to(v.device)
     weighted = torch.tensor([[s.weights[0] * r.scaling, s.weights[1] * (r.safety_scaling or 0.0)]
                              for s, r in zip(settings, repairs, strict=True)], dtype=torch.float64, device=v.device)
-    sel = torch.tensor(idx, device=v.device)
-    a_m, b_m = LINEAR_IN_B[method](a_all[sel], b_all[sel], (a_s, b_s), weighted)
+    if idx != list(range(len(a_all))):  # (a copy of each only where some adapters are not repaired)
+        sel = torch.tensor(idx, device=v.device)
+        a_all, b_all, p_all = a_all[sel], b_all[sel], p_all[sel]
+    a_m, b_m = LINEAR_IN_B[method](a_all, b_all, (a_s, b_s), weighted)
     p_s = (repairs[0].projection or SafetyProjection()).of(v, b_s)
-    p_m = LINEAR_IN_B[method].b(p_all[sel], p_s, weighted)  # the merged A is the one just made
+    p_m = LINEAR_IN_B[method].b(p_all, p_s, weighted)  # the merged A is the one just made
     return rho_from_projections(a_m, b_m, p_m).tolist()
