@@ -5,7 +5,10 @@ Nothing else: no decisions, no merging, no verification. This is the irreducible
 output is as large as the fine-tune (a repaired adapter holds the same tensors), so the floor writes each
 adapter's bytes once to DIR (removed afterwards). On a fleet of many small layers that write is most of it.
 
-    python bench/floor.py --fixture DIR --adapters a,b,c [--write DIR]
+With --second-projection, SafeLoRA's floor: it also projects every P = V V^T B again, V V^T P, as the rho of a
+layer SafeLoRA repairs (B -> C B) needs (an upper bound: it counts every layer as repaired).
+
+    python bench/floor.py --fixture DIR --adapters a,b,c [--write DIR] [--second-projection]
 """
 
 from __future__ import annotations
@@ -24,19 +27,20 @@ from safemerge_ray.io import BYTES_READ, Checkpoint, LocalDir
 PREFIX, B_SUFFIX = "base_model.model.", ".lora_B.weight"
 
 
-def run(fixture: Path, adapters: list[str], repeats: int = 1, write: Path | None = None) -> dict:
+def run(fixture: Path, adapters: list[str], repeats: int = 1, write: Path | None = None,
+        second: bool = False) -> dict:
     work = []
     for _ in range(repeats):
         before = BYTES_READ.total
         start = time.perf_counter()
-        once(fixture, adapters, write)
+        once(fixture, adapters, write, second)
         work.append(time.perf_counter() - start)
         if write is not None:
             shutil.rmtree(write, ignore_errors=True)
     return {"work_s": work, "bytes_read": BYTES_READ.total - before}
 
 
-def once(fixture: Path, adapters: list[str], write: Path | None = None) -> None:
+def once(fixture: Path, adapters: list[str], write: Path | None = None, second: bool = False) -> None:
     unaligned = Checkpoint(LocalDir(fixture / "unaligned"), "unaligned")
     aligned = Checkpoint(LocalDir(fixture / "aligned"), "aligned")
     # One read per adapter file; only the B factors are kept (the GEMMs need nothing else).
@@ -52,7 +56,9 @@ def once(fixture: Path, adapters: list[str], write: Path | None = None) -> None:
                 bs.setdefault(key[len(PREFIX):-len(B_SUFFIX)], []).append(t.float())
     for module, b in bs.items():
         v = aligned.read(f"{module}.weight").float() - unaligned.read(f"{module}.weight").float()
-        v @ (v.T @ torch.cat(b, dim=1))
+        p = v @ (v.T @ torch.cat(b, dim=1))
+        if second:
+            v @ (v.T @ p)
 
 
 if __name__ == "__main__":
@@ -61,5 +67,6 @@ if __name__ == "__main__":
     ap.add_argument("--adapters", required=True)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--write", type=Path, default=None, help="write each adapter's output here (removed after)")
+    ap.add_argument("--second-projection", action="store_true", help="SafeLoRA's floor: project every P again")
     args = ap.parse_args()
-    print(json.dumps(run(args.fixture, args.adapters.split(","), args.repeats, args.write)))
+    print(json.dumps(run(args.fixture, args.adapters.split(","), args.repeats, args.write, args.second_projection)))

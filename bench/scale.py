@@ -6,7 +6,8 @@
 
 Cases, each on a synthetic fleet (bf16 weights, rank 16 fp32 adapters, all seven projections):
 - wide:      one layer of hidden 4096, intermediate 11008; N = 16, 64, 256, 1024 (policy safemerge)
-- safelora:  the same layer, N = 64 and 512, policy safelora against policy safemerge (time, the driver's peak)
+- safelora:  the same layer, N = 64 and 512, policy safelora against policy safemerge (time, the driver's peak),
+             and against SafeLoRA's own floor (`floor.py --second-projection`)
 - narrow:    two layers of hidden 2048, intermediate 5504 (the fleet benchmark's smaller model); N = 16, 64
 - small:     128 layers of hidden 64 with 256 adapters (per-pair costs)
 - llama3-8b: one Llama-3-8B layer (hidden 4096, intermediate 14336, GQA: 32 heads, 8 k/v heads); N = 16, 64
@@ -162,8 +163,11 @@ def run_case(case: Case, work: Path) -> list[dict]:
     rows = []
     for n in case.ns:
         subset = ",".join(names[:n])
-        floor = measure([PY, str(HERE / "floor.py"), "--fixture", str(root), "--adapters", subset,
-                         "--repeats", str(case.repeats), "--write", str(work / "runs" / "floor-out")])
+        floor_cmd = [PY, str(HERE / "floor.py"), "--fixture", str(root), "--adapters", subset,
+                     "--repeats", str(case.repeats), "--write", str(work / "runs" / "floor-out")]
+        floor = measure(floor_cmd)
+        # SafeLoRA's own floor adds the second projection its repaired layers' rho needs.
+        floor2 = measure([*floor_cmd, "--second-projection"]) if "safelora" in case.policies else None
         for policy in case.policies:
             out = work / "runs" / f"{case.name}-n{n}-{policy}"
             shutil.rmtree(out.parent, ignore_errors=True)
@@ -180,10 +184,14 @@ def run_case(case: Case, work: Path) -> list[dict]:
                    "total_pss_mb": ours.total_pss / 1e6, "floor_peak_mb": floor.driver / 1e6,
                    "phase_s": ours.result.get("phase_s", [{}])[0]}
             row["ours_over_floor"] = row["ours_s"] / row["floor_s"]
+            if floor2 is not None and policy == "safelora":
+                row["safelora_floor_s"] = statistics.median(floor2.result["work_s"])
+                row["ours_over_safelora_floor"] = row["ours_s"] / row["safelora_floor_s"]
             rows.append(row)
             print(f"  {case.name:<10} N={n:<5} {policy:<9} floor {row['floor_s']:7.2f} s  ours {row['ours_s']:7.2f} s "
                   f"({row['ours_over_floor']:.2f}x)  worker {row['worker_mb']:6.0f} MB  driver {row['driver_mb']:5.0f} "
-                  f"MB  all {row['total_pss_mb']:6.0f} MB", flush=True)
+                  f"MB  all {row['total_pss_mb']:6.0f} MB" + (f"  (SafeLoRA's floor {row['safelora_floor_s']:.2f} s: "
+                  f"{row['ours_over_safelora_floor']:.2f}x)" if "safelora_floor_s" in row else ""), flush=True)
     return rows
 
 
