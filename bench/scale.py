@@ -188,10 +188,11 @@ def run_case(case: Case, work: Path) -> list[dict]:
                 row["safelora_floor_s"] = statistics.median(floor2.result["work_s"])
                 row["ours_over_safelora_floor"] = row["ours_s"] / row["safelora_floor_s"]
             rows.append(row)
+            own_floor = (f"  (SafeLoRA's floor {row['safelora_floor_s']:.2f} s: {row['ours_over_safelora_floor']:.2f}x)"
+                         if "safelora_floor_s" in row else "")
             print(f"  {case.name:<10} N={n:<5} {policy:<9} floor {row['floor_s']:7.2f} s  ours {row['ours_s']:7.2f} s "
                   f"({row['ours_over_floor']:.2f}x)  worker {row['worker_mb']:6.0f} MB  driver {row['driver_mb']:5.0f} "
-                  f"MB  all {row['total_pss_mb']:6.0f} MB" + (f"  (SafeLoRA's floor {row['safelora_floor_s']:.2f} s: "
-                  f"{row['ours_over_safelora_floor']:.2f}x)" if "safelora_floor_s" in row else ""), flush=True)
+                  f"MB  all {row['total_pss_mb']:6.0f} MB{own_floor}", flush=True)
     return rows
 
 
