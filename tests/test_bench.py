@@ -70,3 +70,10 @@ def test_the_tables_are_written_from_rows():
     line = whole_model.table([whole]).splitlines()[-1]
     assert line.startswith("| 64 | 80.0 | 100.0 | 1.25 | 0.5 | 0.0 | 0.0 | 70.0 | 27.0 | 0.0 |")
     assert "2000 / 380 / 690+680 / 120" in line
+
+
+def test_the_gram_route_gives_safeloras_rho_after_exactly(tmp_path):
+    result = _json_line([str(BENCH / "gram.py"), "--out", "96", "--in", "40", "--columns", "64"], tmp_path)
+    assert result["columns"] == 64
+    assert result["max_abs_rho_difference"] < 1e-5  # the note's claim: exact, so only its cost kept it out
+    assert min(result["gram_s"], result["second_projection_s"], result["gram_route_columns_s"]) > 0
