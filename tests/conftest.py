@@ -30,7 +30,7 @@ def _markers_for(item) -> set[str]:
         marks.add("s3")
     if any(n.startswith(("ray_head", "ray_cluster")) for n in names):
         marks.add("cluster")
-    if item.path.name == "test_k8s.py":
+    if item.path.name.startswith("test_k8s"):
         marks.add("k8s")
     if item.path.name == "test_alerts.py" or "pushgateway" in names:
         marks.add("prometheus")
