@@ -193,5 +193,7 @@ def ray_local():
 
 
 # --------------------------------------------------------------------------- service integrations (tests/services.py)
+# and the fault tests' fleet (tests/faultfleet.py, which imports upload_dir from here)
 
+from faultfleet import s3_inputs, undisturbed  # noqa: E402, F401
 from services import mlflow_server, pushgateway  # noqa: E402, F401

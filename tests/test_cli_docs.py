@@ -77,3 +77,23 @@ def test_the_config_reference_matches_the_schema():
     example = re.search(r"```yaml\n(.*?)```", doc, re.S).group(1)
     config = parse_config(yaml.safe_load(example))
     assert config.memory_per_worker == 24 * 2**30 and config.settings_for("legal").select == "top_k"
+
+
+def _named_tests(text: str) -> list[tuple[str, str]]:
+    """(file, test) for each `test_x.py::name` in `text`, and each `::name` after one (the same file)."""
+    named, current = [], ""
+    for file, test in re.findall(r"`(?:tests/)?(test_\w+\.py)?::(\w+)`", text):
+        current = file or current
+        named.append((current, test))
+    return named
+
+
+def test_the_tests_the_docs_name_exist():
+    """Each test README.md and BENCHMARKS.md cite as evidence is there, in the file they name."""
+    tests = Path(__file__).resolve().parent
+    named = [pair for doc in ("README.md", "BENCHMARKS.md")
+             for pair in _named_tests((tests.parent / doc).read_text())]
+    assert len(named) > 20  # the README's table of promises cites its tests this way
+    missing = [f"{file}::{test}" for file, test in named
+               if not (tests / file).is_file() or not re.search(rf"^def {test}\(", (tests / file).read_text(), re.M)]
+    assert missing == [], f"the docs cite tests that are not where they say: {missing}"

@@ -1,6 +1,6 @@
 """Memory known before it is spent, and a deadline for the whole run: on a real local Ray and store.
 
-(Outages of a real S3 server, through a fault-injecting proxy, are in test_faults.py.)
+(Outages of a real S3 server, through a fault-injecting proxy, are in test_faults_s3.py.)
 """
 
 from __future__ import annotations
