@@ -154,6 +154,30 @@ def _kill_driver(driver: subprocess.Popen) -> None:
     assert not alive, f"the killed driver's workers outlived it by 30 s: {[p.pid for p in alive]}"
 
 
+def _driver_killed_at(proxy: FaultProxy, request: str, config, ray_local, cwd) -> subprocess.Popen:
+    """A fleet driver started on this session's Ray (as a job's driver joins its cluster), SIGKILLed once `request`
+    reaches the proxy, which holds it: the request is never forwarded."""
+    gate = proxy.hold(request)
+    env = os.environ | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    log_path = cwd / "driver.log"
+    with open(log_path, "wb") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "safemerge_ray", "fleet", "--config", str(config),
+                                   "--quiet"], stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                                  start_new_session=True)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (held := proxy.wait_for(request, timeout=1)) and driver.poll() is None \
+                and time.monotonic() < deadline:
+            pass
+        assert held, f"the driver never reached {request} (exit {driver.poll()}):\n" + \
+            log_path.read_text(errors="replace")[-3000:]
+    finally:
+        _kill_driver(driver)
+        gate.set()  # the held request's client is gone: the proxy drops it, S3 never sees it
+    assert driver.returncode == -signal.SIGKILL
+    return driver
+
+
 def test_driver_killed_between_adapters_and_manifest(s3_inputs, s3_endpoint, s3_client, undisturbed, tmp_path,
                                                      ray_local, monkeypatch, capsys):
     """The driver (a job's driver on this session's Ray) SIGKILLed while its manifest PUT is in flight: the previous
@@ -169,25 +193,7 @@ def test_driver_killed_between_adapters_and_manifest(s3_inputs, s3_endpoint, s3_
     assert sorted(old_published) == NAMES and old_published != undisturbed  # tonight has work to do
     with FaultProxy(s3_endpoint) as proxy:
         config = write_fleet_yaml(tmp_path / "fleet.yaml", s3_inputs, proxy.endpoint, output)
-        gate = proxy.hold(manifest_put)
-        # The driver joins this session's Ray, as a job's driver joins its cluster.
-        env = os.environ | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-        log_path = tmp_path / "driver.log"
-        with open(log_path, "wb") as log:
-            driver = subprocess.Popen([sys.executable, "-m", "safemerge_ray", "fleet", "--config", str(config),
-                                       "--quiet"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
-                                      start_new_session=True)
-        try:
-            deadline = time.monotonic() + RUN_TIMEOUT_S
-            while not (held := proxy.wait_for(manifest_put, timeout=1)) and driver.poll() is None \
-                    and time.monotonic() < deadline:
-                pass
-            assert held, f"the driver never reached its manifest (exit {driver.poll()}):\n" + \
-                log_path.read_text(errors="replace")[-3000:]
-        finally:
-            _kill_driver(driver)
-            gate.set()  # the held PUT's client is gone: the proxy drops it, S3 never sees it
-        assert driver.returncode == -signal.SIGKILL
+        driver = _driver_killed_at(proxy, manifest_put, config, ray_local, tmp_path)
 
         # The half-run: every adapter written, no manifest, no pointer.
         (half_run,) = {path.split("/runs/")[1].split("/")[0] for method, path in proxy.seen

@@ -53,69 +53,88 @@ class _ChunkedEcho(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_proxy_forwards_keeps_alive_and_injects_faults(s3_endpoint, s3_client, tmp_path):
+BUCKET = "faultproxy"
+
+
+@pytest.fixture
+def proxied(s3_endpoint, s3_client):
+    """A proxy in front of SeaweedFS and a client through it; the bucket holds `a`, 100,000 bytes of x."""
+    if BUCKET not in {b["Name"] for b in s3_client.list_buckets()["Buckets"]}:
+        s3_client.create_bucket(Bucket=BUCKET)
+    s3_client.put_object(Bucket=BUCKET, Key="a", Body=b"x" * 100_000)
+    with FaultProxy(s3_endpoint) as proxy:
+        yield proxy, _client(proxy.endpoint)
+
+
+def test_proxy_forwards_verbatim_on_kept_alive_connections(proxied, s3_client, tmp_path):
+    """List, put, get, ranged get, a multi-MB upload_file (Expect: 100-continue): SigV4 still verifies."""
+    proxy, client = proxied
+    assert BUCKET in {b["Name"] for b in client.list_buckets()["Buckets"]}
+    client.put_object(Bucket=BUCKET, Key="a", Body=b"x" * 100_000)
+    assert client.get_object(Bucket=BUCKET, Key="a")["Body"].read() == b"x" * 100_000
+    assert client.get_object(Bucket=BUCKET, Key="a", Range="bytes=5-9")["Body"].read() == b"xxxxx"
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3_000_000))
+    client.upload_file(str(big), BUCKET, "big")
+    assert s3_client.get_object(Bucket=BUCKET, Key="big")["Body"].read() == big.read_bytes()
+    assert proxy.faults == 0 and ("GET", "/") in proxy.seen
+
+
+def test_proxy_injects_errors_and_resets_that_retries_absorb(proxied, s3_client):
+    proxy, client = proxied
+    # Two 503 SlowDown: botocore's standard retries absorb them; the proxy saw three PUTs.
+    proxy.fail(503, "SlowDown", match=r"^PUT /faultproxy/b\b", times=2)
+    client.put_object(Bucket=BUCKET, Key="b", Body=b"b")
+    assert proxy.faults == 2 and proxy.seen.count(("PUT", "/faultproxy/b")) == 3
+    assert s3_client.get_object(Bucket=BUCKET, Key="b")["Body"].read() == b"b"
+    # A reset connection is retried too; a callable sees the method, path and headers.
+    proxy.reset(match=lambda method, path, headers: method == "GET" and "range" in headers, times=1)
+    assert client.get_object(Bucket=BUCKET, Key="a", Range="bytes=0-2")["Body"].read() == b"xxx"
+    assert proxy.faults == 3
+
+
+def test_proxy_holds_a_request_until_released(proxied, s3_client):
+    """A held request is neither forwarded nor answered until released."""
     import botocore.exceptions
 
-    bucket = "faultproxy"
-    if bucket not in {b["Name"] for b in s3_client.list_buckets()["Buckets"]}:
-        s3_client.create_bucket(Bucket=bucket)
-    with FaultProxy(s3_endpoint) as proxy:
-        client = _client(proxy.endpoint)
-        # Forwarded verbatim (SigV4 still verifies): list, put, get, ranged get, a multi-MB upload_file
-        # (Expect: 100-continue), all on keep-alive connections.
-        assert bucket in {b["Name"] for b in client.list_buckets()["Buckets"]}
-        client.put_object(Bucket=bucket, Key="a", Body=b"x" * 100_000)
-        assert client.get_object(Bucket=bucket, Key="a")["Body"].read() == b"x" * 100_000
-        assert client.get_object(Bucket=bucket, Key="a", Range="bytes=5-9")["Body"].read() == b"xxxxx"
-        big = tmp_path / "big.bin"
-        big.write_bytes(os.urandom(3_000_000))
-        client.upload_file(str(big), bucket, "big")
-        assert s3_client.get_object(Bucket=bucket, Key="big")["Body"].read() == big.read_bytes()
-        assert proxy.faults == 0 and ("GET", "/") in proxy.seen
-
-        # Two 503 SlowDown: botocore's standard retries absorb them; the proxy saw three PUTs.
-        proxy.fail(503, "SlowDown", match=r"^PUT /faultproxy/b\b", times=2)
-        client.put_object(Bucket=bucket, Key="b", Body=b"b")
-        assert proxy.faults == 2 and proxy.seen.count(("PUT", "/faultproxy/b")) == 3
-        assert s3_client.get_object(Bucket=bucket, Key="b")["Body"].read() == b"b"
-
-        # A reset connection is retried too; a callable sees the method, path and headers.
-        proxy.reset(match=lambda method, path, headers: method == "GET" and "range" in headers, times=1)
-        assert client.get_object(Bucket=bucket, Key="a", Range="bytes=0-2")["Body"].read() == b"xxx"
-        assert proxy.faults == 3
-
-        # A held request is neither forwarded nor answered until released.
-        gate = proxy.hold(r"^PUT /faultproxy/held$")
-        pool = ThreadPoolExecutor(max_workers=1)
-        put = pool.submit(client.put_object, Bucket=bucket, Key="held", Body=b"h")
+    proxy, client = proxied
+    gate = proxy.hold(r"^PUT /faultproxy/held$")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        put = pool.submit(client.put_object, Bucket=BUCKET, Key="held", Body=b"h")
         assert proxy.wait_for(r"^PUT /faultproxy/held$", timeout=10)
         time.sleep(0.3)
         assert not put.done()
         with pytest.raises(botocore.exceptions.ClientError, match="404"):
-            s3_client.head_object(Bucket=bucket, Key="held")
+            s3_client.head_object(Bucket=BUCKET, Key="held")
         gate.set()
         put.result(timeout=20)
-        pool.shutdown()
-        assert s3_client.get_object(Bucket=bucket, Key="held")["Body"].read() == b"h"
+    assert s3_client.get_object(Bucket=BUCKET, Key="held")["Body"].read() == b"h"
 
-        # Delay: forwarded after the pause.
-        proxy.delay(0.5, match=r"^HEAD /faultproxy/a$")
-        started = time.monotonic()
-        client.head_object(Bucket=bucket, Key="a")
-        assert time.monotonic() - started >= 0.5
 
-        # An outage: boto3 raises once its (few) retries are spent; up() ends it.
-        proxy.clear()
-        impatient = _client(proxy.endpoint, attempts=2, timeout=2)
-        proxy.down()
-        before = proxy.faults
-        with pytest.raises(botocore.exceptions.ConnectionClosedError):
-            impatient.list_buckets()
-        assert proxy.faults - before >= 2  # every attempt was refused
-        proxy.up()
-        assert bucket in {b["Name"] for b in impatient.list_buckets()["Buckets"]}
+def test_proxy_delays_a_request(proxied):
+    proxy, client = proxied
+    proxy.delay(0.5, match=r"^HEAD /faultproxy/a$")
+    started = time.monotonic()
+    client.head_object(Bucket=BUCKET, Key="a")
+    assert time.monotonic() - started >= 0.5
 
-    # Chunked request and response bodies, through a plain HTTP upstream.
+
+def test_proxy_outage_lasts_until_up(proxied):
+    """An outage: boto3 raises once its (few) retries are spent; up() ends it."""
+    import botocore.exceptions
+
+    proxy, _ = proxied
+    impatient = _client(proxy.endpoint, attempts=2, timeout=2)
+    proxy.down()
+    with pytest.raises(botocore.exceptions.ConnectionClosedError):
+        impatient.list_buckets()
+    assert proxy.faults >= 2  # every attempt was refused
+    proxy.up()
+    assert BUCKET in {b["Name"] for b in impatient.list_buckets()["Buckets"]}
+
+
+def test_proxy_forwards_chunked_bodies_both_ways():
+    """Chunked request and response bodies, through a plain HTTP upstream, twice on one kept-alive connection."""
     upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ChunkedEcho)
     threading.Thread(target=upstream.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
     try:

@@ -107,25 +107,10 @@ def test_two_nodes_over_s3_credentials_only_the_documented_way(ray_cluster_two_n
     config.write_text(yaml.safe_dump(raw))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    settings = S3Settings(endpoint_url=s3_endpoint)
-    out = S3Dir(raw["output"], settings)
+    out = S3Dir(raw["output"], S3Settings(endpoint_url=s3_endpoint))
 
     # 1. The worker node has no credentials: the preflight says so, one line per input, once.
-    denied = _submit(cluster, Path("../ops/fleet.yaml"), elsewhere)
-    text = denied.stdout + denied.stderr
-    assert denied.returncode == 1, text[-4000:]
-    problems = [line.strip() for line in text.splitlines() if line.strip().startswith("worker node ")]
-    # One line per (node, cause): the five inputs and the output that this node cannot reach.
-    node = r"worker node [\d.]+ \(node [0-9a-f]{8}\)"  # the node as Ray knows it
-    cause = ": no AWS credentials on the worker; give workers an IAM role (IRSA) or see README: credentials"
-    assert len(problems) == 2, text[-4000:]  # not repeated by restarts or retries
-    assert re.fullmatch(rf"{node} cannot read {re.escape(raw['unaligned_model'])} \(and 5 more\){re.escape(cause)}",
-                        problems[0]), problems
-    assert re.fullmatch(rf"{node} cannot write to {re.escape(raw['output'])}{re.escape(cause)}", problems[1]), problems
-    assert "Traceback" not in text and "RayActorError" not in text
-    record = json.loads(out.read("status/last_run.json"))
-    assert record["exit_status"] == 1 and "no AWS credentials on the worker" in record["error"]
-    assert record["run_id"] is None
+    _expect_no_credentials(_submit(cluster, Path("../ops/fleet.yaml"), elsewhere), raw, out)
 
     # 2. With the credentials passed the documented way, the fleet runs, on the worker node only.
     done = _submit(cluster, Path("../ops/fleet.yaml"), elsewhere, "--env", "AWS_ACCESS_KEY_ID",
@@ -141,19 +126,8 @@ def test_two_nodes_over_s3_credentials_only_the_documented_way(ray_cluster_two_n
     assert record["exit_status"] == 0 and record["counts"]["committed"] == 3 and record["run_id"]
 
     # 3. Byte for byte what a single-node run writes (an in-process Ray on this machine).
-    single = dict(raw, output=raw["output"].replace("/merged/", "/merged-single/"))
-    single_cfg = ops / "single.yaml"
-    single_cfg.write_text(yaml.safe_dump(single))
-    proc = subprocess.run([str(BIN / "safemerge-ray"), "fleet", "--config", str(single_cfg), "--quiet",
-                           "--address", "local"],
-                          cwd=elsewhere, env=_without_ray(os.environ), capture_output=True, text=True, timeout=420)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    single_record = json.loads(S3Dir(single["output"], settings).read("status/last_run.json"))
     ours = _objects(out, f"runs/{record['run_id']}/")
-    theirs = _objects(S3Dir(single["output"], settings), f"runs/{single_record['run_id']}/")
-    adapters = {k: v for k, v in ours.items() if k.count("/") == 1}
-    assert len(adapters) == 6 and adapters == {k: v for k, v in theirs.items() if k.count("/") == 1}
-    assert ours["decisions.parquet"] == theirs["decisions.parquet"]
+    _expect_a_single_node_run_writes(ours, raw, ops / "single.yaml", elsewhere, out.settings)
 
     # The secret travelled in the job's runtime env only: no record, summary or manifest holds it.
     for key, data in {**_objects(out, "status/"), **ours}.items():
@@ -173,7 +147,45 @@ def test_two_nodes_over_s3_credentials_only_the_documented_way(ray_cluster_two_n
     assert "corrupt adapter_config.json" in record["failed"]["medqa"]
 
     # 5. A night that overruns --timeout: submit stops the job and says so (exit 1), bounded in time.
-    late = _submit(cluster, Path("../ops/fleet.yaml"), elsewhere, "--timeout", "1", "--quiet")
+    _expect_the_timeout_stops_the_job(cluster, _submit(cluster, Path("../ops/fleet.yaml"), elsewhere, "--timeout",
+                                                       "1", "--quiet"))
+
+
+def _expect_no_credentials(denied: subprocess.CompletedProcess, raw: dict, out: S3Dir) -> None:
+    """One line per (node, cause): the five inputs and the output that this node cannot reach; recorded."""
+    text = denied.stdout + denied.stderr
+    assert denied.returncode == 1, text[-4000:]
+    problems = [line.strip() for line in text.splitlines() if line.strip().startswith("worker node ")]
+    node = r"worker node [\d.]+ \(node [0-9a-f]{8}\)"  # the node as Ray knows it
+    cause = ": no AWS credentials on the worker; give workers an IAM role (IRSA) or see README: credentials"
+    assert len(problems) == 2, text[-4000:]  # not repeated by restarts or retries
+    assert re.fullmatch(rf"{node} cannot read {re.escape(raw['unaligned_model'])} \(and 5 more\){re.escape(cause)}",
+                        problems[0]), problems
+    assert re.fullmatch(rf"{node} cannot write to {re.escape(raw['output'])}{re.escape(cause)}", problems[1]), problems
+    assert "Traceback" not in text and "RayActorError" not in text
+    record = json.loads(out.read("status/last_run.json"))
+    assert record["exit_status"] == 1 and "no AWS credentials on the worker" in record["error"]
+    assert record["run_id"] is None
+
+
+def _expect_a_single_node_run_writes(ours: dict[str, bytes], raw: dict, config: Path, cwd: Path,
+                                     settings: S3Settings) -> None:
+    """The same fleet run by `safemerge-ray fleet` on an in-process Ray writes the same adapters and decisions."""
+    single = dict(raw, output=raw["output"].replace("/merged/", "/merged-single/"))
+    config.write_text(yaml.safe_dump(single))
+    proc = subprocess.run([str(BIN / "safemerge-ray"), "fleet", "--config", str(config), "--quiet",
+                           "--address", "local"],
+                          cwd=cwd, env=_without_ray(os.environ), capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single_out = S3Dir(single["output"], settings)
+    single_record = json.loads(single_out.read("status/last_run.json"))
+    theirs = _objects(single_out, f"runs/{single_record['run_id']}/")
+    adapters = {k: v for k, v in ours.items() if k.count("/") == 1}
+    assert len(adapters) == 6 and adapters == {k: v for k, v in theirs.items() if k.count("/") == 1}
+    assert ours["decisions.parquet"] == theirs["decisions.parquet"]
+
+
+def _expect_the_timeout_stops_the_job(cluster: RayCluster, late: subprocess.CompletedProcess) -> None:
     text = late.stdout + late.stderr
     assert late.returncode == 1 and "did not end within 1 s (--timeout); asked Ray to stop it" in text, text[-3000:]
     (job_id,) = re.findall(r"submitted (safemerge-\S+) to", text)
