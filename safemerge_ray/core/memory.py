@@ -64,7 +64,8 @@ class ModuleCost:
     def batch_cap(self) -> int:
         """Bytes one batch of adapters may take, even with memory to spare: a quarter of what the module
         holds anyway (at least BATCH_MIN). The GEMMs are as efficient at that width (on an 11008 x 4096
-        module, 29 rank-16 adapters: 464 columns), and a worker's peak then stays flat in the fleet's size."""
+        module, 29 rank-16 adapters, which `chunk` rounds down to whole panels: 24, 384 columns), and a
+        worker's peak then stays flat in the fleet's size."""
         return max(self.fixed // 4, BATCH_MIN)
 
     def chunk(self, rank: int, budget: int | None) -> int:
