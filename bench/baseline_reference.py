@@ -14,9 +14,10 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
-from peft import PeftModel
+from peft import LoraModel, PeftModel
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
@@ -27,7 +28,8 @@ def run(fixture: Path, adapter: str, out: Path, tau: float = 0.35, weights=(0.8,
     aligned = AutoModelForCausalLM.from_pretrained(fixture / "aligned", dtype=torch.bfloat16)
     model = PeftModel.from_pretrained(aligned, fixture / "finetuned" / adapter, adapter_name="ft")
     model.load_adapter(fixture / "safety", adapter_name="safe")
-    base = model.base_model.model
+    tuner = cast(LoraModel, model.base_model)  # PEFT types base_model loosely (a Tensor or a Module)
+    base = tuner.model
     targets = {name: mod for name, mod in base.named_modules() if hasattr(mod, "lora_A") and "ft" in mod.lora_A}
     unaligned_params = dict(unaligned.named_parameters())
 
@@ -43,7 +45,7 @@ def run(fixture: Path, adapter: str, out: Path, tau: float = 0.35, weights=(0.8,
         dw = mod.get_delta_weight("ft").float()
         rho = float(torch.nn.functional.cosine_similarity((projections[name] @ dw).reshape(1, -1), dw.reshape(1, -1)))
         if rho < tau:  # merge this layer with PEFT's arithmetic and the local weights
-            a, b = model.base_model._generalized_task_arithmetic_weighted_adapter(
+            a, b = tuner._generalized_task_arithmetic_weighted_adapter(
                 "linear", ["ft", "safe"], list(weights), mod, None, "total")
         else:  # keep the fine-tune's layer, at scaling 1 like the merged ones
             s = mod.scaling["ft"]

@@ -76,7 +76,7 @@ def make_adapters(model: Path, count: int, out: Path) -> list[str]:
         for name, param in peft.named_parameters():
             if "lora_B" in name:
                 param.data.normal_(0.0, 0.02)
-        peft.save_pretrained(path)
+        peft.save_pretrained(str(path))
     return [str(p) for p in paths]
 
 
@@ -91,7 +91,8 @@ def plain_loop(model: Path, adapters: list[str], texts: list[str], batch: int, m
     tokenizer = AutoTokenizer.from_pretrained(model)
     tokenizer.padding_side = "left"
     peft = None
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(device).eval()
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    base = base.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped `to`
     answers: dict[tuple[str, int], str] = {}
     for a, adapter in enumerate(adapters):
         if peft is None:

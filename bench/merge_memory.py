@@ -21,14 +21,22 @@ def model_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
+def _time_field(pattern: str, report: str) -> str:
+    """One field of GNU time's -v report."""
+    found = re.search(pattern, report)
+    if found is None:
+        raise SystemExit(f"/usr/bin/time -v printed no {pattern!r}; is GNU time installed?")
+    return found.group(1)
+
+
 def run_merge(fx: Path, out: Path) -> tuple[int, float]:
     cli = Path(sys.executable).parent / "safemerge-ray"
     cmd = ["/usr/bin/time", "-v", str(cli), "merge", "--unaligned", str(fx / "unaligned"),
            "--aligned", str(fx / "aligned"), "--safety-adapter", str(fx / "safety"),
            "--finetuned", str(fx / "finetuned" / "gsm8k"), "--out", str(out), "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", proc.stderr).group(1)
+    rss_kb = int(_time_field(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr))
+    wall = _time_field(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", proc.stderr)
     minutes, seconds = wall.rsplit(":", 1)
     return rss_kb * 1024, float(minutes.split(":")[-1]) * 60 + float(seconds)
 
@@ -54,7 +62,7 @@ def main() -> None:
     imports = subprocess.run(
         ["/usr/bin/time", "-v", sys.executable, "-c", "import safemerge_ray.engine.merge_command, safemerge_ray.cli"],
         capture_output=True, text=True, check=True).stderr
-    import_rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", imports).group(1)) * 1024
+    import_rss = int(_time_field(r"Maximum resident set size \(kbytes\): (\d+)", imports)) * 1024
     print(f"peak RSS of the imports alone (torch, peft, transformers): {import_rss / 1e6:.0f} MB")
     print(f"{'layers':>6} {'model (MB)':>11} {'pair (MB)':>10} {'largest module pair (MB)':>25} "
           f"{'peak RSS (MB)':>14} {'wall (s)':>9}")

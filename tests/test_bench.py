@@ -77,3 +77,22 @@ def test_the_gram_route_gives_safeloras_rho_after_exactly(tmp_path):
     assert result["columns"] == 64
     assert result["max_abs_rho_difference"] < 1e-5  # the note's claim: exact, so only its cost kept it out
     assert min(result["gram_s"], result["second_projection_s"], result["gram_route_columns_s"]) > 0
+
+
+def test_the_baseline_writes_what_merge_writes(small_fleet, tmp_path):
+    """The race against today's way is fair only if both write the same adapter (fleet_bench.py checks it per
+    run); on the small fleet, the baseline's tensors equal `merge`'s to 1e-6."""
+    from safetensors.torch import load_file
+
+    _json_line([str(BENCH / "baseline_reference.py"), "--fixture", str(small_fleet), "--adapter", ADAPTERS[0],
+                "--out", str(tmp_path / "baseline")], tmp_path)
+    merge = subprocess.run([str(Path(sys.executable).parent / "safemerge-ray"), "merge", "--unaligned",
+                            str(small_fleet / "unaligned"), "--aligned", str(small_fleet / "aligned"),
+                            "--safety-adapter", str(small_fleet / "safety"), "--finetuned",
+                            str(small_fleet / "finetuned" / ADAPTERS[0]), "--out", str(tmp_path / "ours"), "--quiet"],
+                           capture_output=True, text=True, timeout=300)
+    assert merge.returncode == 0, merge.stderr[-3000:]
+    theirs = load_file(tmp_path / "baseline" / "adapter_model.safetensors")
+    ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert theirs.keys() == ours.keys() and len(theirs) > 0
+    assert all((theirs[k] - ours[k]).abs().max() <= 1e-6 for k in theirs)

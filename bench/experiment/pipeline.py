@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -45,7 +47,7 @@ SMOKE = Scale(harmful_eval=6, harmful_val=4, task_eval=4, task_val=4, task_train
               harmful_tokens=8, task_tokens=6, quantiles=(0.5,), batch=8)
 
 MIX_SHARE = 0.05  # harmful-compliance examples in the "mix" fine-tunes
-POLICIES = {  # the repairs compared; tau comes from the validation split
+POLICIES: dict[str, dict[str, Any]] = {  # the repairs compared; tau comes from the validation split
     "linear": {"policy": "safemerge", "method": "linear"},
     "cat": {"policy": "safemerge", "method": "cat"},
     "svd": {"policy": "safemerge", "method": "svd"},
@@ -56,7 +58,7 @@ POLICIES = {  # the repairs compared; tau comes from the validation split
 # Why a repair moves the harmful rate as much as it does: the layers it changes (tau, or every layer) against the
 # weight the safety adapter gets. Measured on the validation split after the evaluation, so nothing is tuned on it.
 EVERY_LAYER = {"select": {"fraction": 1.0}}
-ABLATIONS = {
+ABLATIONS: dict[str, dict[str, Any]] = {
     "chosen tau, 0.8/0.2": {},
     "chosen tau, 0.5/0.5": {"weights": [0.5, 0.5]},
     "every layer, 0.8/0.2": EVERY_LAYER,
@@ -84,7 +86,8 @@ class Experiment:
         split = s.run("data", self.data)
         distilled = s.run("distill", lambda d: self.distill(d, unaligned, split))
         aligned = s.run("aligned", lambda d: self.align(d, unaligned, split, distilled))["model"]
-        fleet = {name: s.run(f"ft-{name}", lambda d, n=name: self.finetune(d, aligned, n, split, distilled))
+        fleet = {name: s.run(f"ft-{name}", partial(self.finetune, aligned=aligned, name=name, split=split,
+                                                   distilled=distilled))
                  for name in self.finetune_names()}
         safety = s.run("safety", lambda d: self.safety(d, aligned, split, fleet))
         inputs = {"unaligned_model": unaligned, "aligned_model": aligned, "safety_adapter": safety["output"],
@@ -118,10 +121,10 @@ class Experiment:
         harmful = {"eval": harmful["eval"][:sc.harmful_eval], "validation": harmful["validation"][:sc.harmful_val],
                    "safety": harmful["safety"][:sc.safety_examples], "align": harmful["align"][:sc.align_refusals],
                    "compliance": harmful["align"][sc.align_refusals:sc.align_refusals + sc.compliance]}
-        tasks = {t.name: {"metric": t.metric, "eval": t.items["eval"][:sc.task_eval],
+        tasks: dict[str, dict[str, Any]] = {t.name: {"metric": t.metric, "eval": t.items["eval"][:sc.task_eval],
                           "validation": t.items["validation"][:sc.task_val], "train": t.items["train"][:sc.task_train]}
                  for t in (data.arithmetic(sc.seed), data.number_words())}
-        split = {"harmful": harmful, "tasks": tasks, "benign": data.benign_prompts()[:sc.benign]}
+        split: dict[str, Any] = {"harmful": harmful, "tasks": tasks, "benign": data.benign_prompts()[:sc.benign]}
         split["sizes"] = {"harmful": {k: len(v) for k, v in harmful.items()},
                           "tasks": {t: {k: len(v) for k, v in x.items() if k != "metric"} for t, x in tasks.items()},
                           "benign": len(split["benign"])}
@@ -201,7 +204,7 @@ class Experiment:
         task score stays within 5 points of the fine-tunes'; never the evaluation split."""
         harmful = _prompts(split["harmful"]["validation"], "v")
         base = [Variant(f"ft:{n}", inputs["aligned_model"], f["adapter"], f["task"]) for n, f in fleet.items()]
-        table = {"None": self.measure(base, harmful, split, "validation")}
+        table: dict[str, dict] = {"None": self.measure(base, harmful, split, "validation")}
         log(f"tau None: {json.dumps(table['None']['fleet'])}")
         for tau in rho["candidates"]:
             table[str(tau)] = self.validate(d / f"tau-{tau}", {**POLICIES["linear"], "tau": tau}, inputs, split, fleet)
@@ -244,7 +247,7 @@ class Experiment:
                 cache: Path | None = None) -> dict:
         """Harmful rate over `harmful` for every variant, task score on its task's `which` split."""
         rows = judged(answers(variants, harmful, "harmful", self.scale.harmful_tokens, self.scale.batch, cache))
-        result = {"harmful": by_variant(rows), "task": {}, "rows": rows}
+        result: dict[str, Any] = {"harmful": by_variant(rows), "task": {}, "rows": rows}
         for task, spec in split["tasks"].items():
             mine = [v for v in variants if v.task in (task, "*")]
             if mine:

@@ -38,7 +38,7 @@ def answers(variants: list[Variant], prompts: list[dict], kind: str, max_new_tok
     todo = [v for v in variants if cache is None or not _cached(cache, v, kind).exists()]
     for v in variants:
         if v not in todo:
-            rows += json.loads(_cached(cache, v, kind).read_text())["rows"]  # type: ignore[arg-type]
+            rows += json.loads(_cached(cache, v, kind).read_text())["rows"]
     for model in dict.fromkeys(v.model for v in todo):  # one replica pool per base model
         mine = [v for v in todo if v.model == model]
         for start in range(0, len(mine), CHUNK if cache else len(mine)):
