@@ -76,14 +76,7 @@ class _Conn:
                     yield trailer
                     if trailer == b"\r\n":
                         return
-            remaining = size + 2  # the data and its CRLF
-            while remaining:
-                if not self.buf:
-                    self._fill()
-                piece = self.buf[:remaining]
-                self.buf = self.buf[len(piece):]
-                remaining -= len(piece)
-                yield piece
+            yield from self.sized(size + 2)  # the data and its CRLF
 
     def sized(self, n: int):
         while n > 0:
