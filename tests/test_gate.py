@@ -221,3 +221,27 @@ def test_an_evaluation_running_at_the_deadline_is_not_waited_for(tmp_path, monke
         finish.set()
     assert [st.status for st in states] == ["held", "held"]
     assert states[0].reason == "gate: not evaluated within the run's max_run_seconds"
+
+
+def test_an_evaluation_that_cannot_run_holds_every_adapter_and_says_why(tmp_path, monkeypatch):
+    """Not a timeout: the evaluation's own environment failure (here, a store that refused it) holds every adapter
+    with that cause, not a word about max_run_seconds."""
+    import safemerge_ray.fleet.run as run
+    from safemerge_ray.core import MergeSettings
+    from safemerge_ray.errors import EnvironmentFailure
+    from safemerge_ray.fleet import AdapterState
+    from safemerge_ray.fleet.config import AdapterRef
+    from safemerge_ray.fleet.jobs import Deadline
+    from safemerge_ray.io import LocalDir
+
+    def refused(*args):
+        raise EnvironmentFailure("s3://prompts/h.txt: the store refused the read (AccessDenied)\nand a second line")
+
+    monkeypatch.setattr(run, "run_gate", refused)
+    raw = {"unaligned_model": "u", "aligned_model": "a", "safety_adapter": "s", "finetuned": ["f"], "output": "o",
+           "gate": {"eval": {"harmful_prompts": "h.txt"}, "max_harmful_rate": 0.1}}
+    states = [AdapterState(AdapterRef(n, f"/x/{n}"), MergeSettings(), status="assembled") for n in ("a", "b")]
+    assert run._gate(parse_config(raw, base=tmp_path), LocalDir(tmp_path), "r1", states, Deadline(60.0)) is None
+    assert [st.status for st in states] == ["held", "held"]
+    assert states[1].reason == ("gate: the evaluation failed: "
+                                "s3://prompts/h.txt: the store refused the read (AccessDenied)")

@@ -29,7 +29,7 @@ import pyarrow as pa
 from .. import __version__
 from ..cluster import init_ray
 from ..core import PolicyName, fmt
-from ..errors import EnvironmentFailure, ExitStatus, SafeMergeError, call_within, first_line
+from ..errors import EnvironmentFailure, ExitStatus, SafeMergeError, TimedOut, call_within, first_line
 from ..io import BYTES_READ, Dir, json_bytes, open_dir, read_json
 from ..loop import EvalResult, Pair, read_prompt_sets, run_gate
 from ..progress import LOG, Progress, log
@@ -313,6 +313,12 @@ def _assemble(config: FleetConfig, workers: list, out: Dir, run_id: str, pending
             bar.advance()
 
 
+def _hold(states: list[AdapterState], reason: str) -> None:
+    """Hold back every one of `states` for `reason`: the gate gave no verdict on them."""
+    for st in states:
+        st.status, st.reason = AdapterStatus.HELD, reason
+
+
 def _gate(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterState], deadline: Deadline):
     """Evaluate the run's repaired adapters (where they are written, not yet published); hold back every
     one that fails the gate. Returns the evaluation (None if it failed or never started: then every
@@ -322,10 +328,7 @@ def _gate(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterState]
     if not assembled:
         return None
     if deadline.passed():  # nothing unchecked is published, and no evaluation starts past the deadline
-        for st in assembled:
-            st.status = AdapterStatus.HELD
-            st.reason = "gate: not evaluated: the run's deadline (max_run_seconds) passed"
-        return None
+        return _hold(assembled, "gate: not evaluated: the run's deadline (max_run_seconds) passed")
     _log(f"gate: evaluating {len(assembled)} repaired adapters")
     pairs = [Pair(st.ref.name, st.ref.uri, f"{out.uri.rstrip('/')}/{adapter_prefix(run_id, st.ref.name)}")
              for st in assembled]
@@ -333,10 +336,10 @@ def _gate(config: FleetConfig, out: Dir, run_id: str, states: list[AdapterState]
     try:  # an evaluation still running at the deadline is not waited for: nothing unchecked is published
         outcome = call_within(lambda: run_gate(gate, config.aligned_model, pairs, config.s3),
                           deadline.wait_s(math.inf) if deadline.at is not None else None, "the gate's evaluation")
-    except EnvironmentFailure:
-        for st in assembled:
-            st.status, st.reason = AdapterStatus.HELD, "gate: not evaluated within the run's max_run_seconds"
-        return None
+    except TimedOut:
+        return _hold(assembled, "gate: not evaluated within the run's max_run_seconds")
+    except EnvironmentFailure as exc:  # an evaluation that could not run: nothing unchecked is published either
+        return _hold(assembled, f"gate: the evaluation failed: {first_line(exc)}")
     for st in assembled:
         st.gate = outcome.numbers.get(st.ref.name)
         if st.ref.name in outcome.held:
