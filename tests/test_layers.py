@@ -6,6 +6,7 @@
    does at import time); nothing imports cli; and every subpackage is imported through its __init__.
 3. Rooms of a readable size: no module over 500 lines, no function over 60 (tests, jobs and bench too).
 4. Typed states: no status string compared outside its enum's module; exit statuses defined once.
+5. Storage differences live in the storage classes: no caller asks whether a Dir is a LocalDir or an S3Dir.
 """
 
 from __future__ import annotations
@@ -314,3 +315,25 @@ def test_exit_statuses_are_defined_once():
                if isinstance(node, ast.Return) and isinstance(node.value, ast.Constant)
                and node.value.value in (1, 2, 3, 4, 5, 130) and m.room == "cli"]
     assert defined == [] and literal == []
+
+
+STORE_CLASSES = {"LocalDir", "S3Dir"}
+STORE_MODULES = {"safemerge_ray.io.local", "safemerge_ray.io.s3", "safemerge_ray.io.storage"}  # where they are made
+
+
+def _classes_checked(node: ast.Call) -> set[str]:
+    """The class names an isinstance() call tests against (a name, or a tuple of them)."""
+    if not (isinstance(node.func, ast.Name) and node.func.id == "isinstance" and len(node.args) == 2):
+        return set()
+    kinds = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+    return {k.id if isinstance(k, ast.Name) else k.attr for k in kinds if isinstance(k, (ast.Name, ast.Attribute))}
+
+
+def test_no_caller_asks_which_store_a_dir_is():
+    """What only a local disk has is asked of the Dir (`local_path`, `arrow_location`), not by its class."""
+    offending = [f"{m.path.relative_to(ROOT)}:{node.lineno}" for m in MODULES.values() if m.name not in STORE_MODULES
+                 for node in ast.walk(m.tree) if isinstance(node, ast.Call) and _classes_checked(node) & STORE_CLASSES]
+    assert offending == []
+    probe = ast.parse("isinstance(out, LocalDir) or isinstance(d, (io.S3Dir, str))")
+    assert [_classes_checked(n) & STORE_CLASSES for n in ast.walk(probe) if isinstance(n, ast.Call)] == \
+        [{"LocalDir"}, {"S3Dir"}]  # the finder finds both spellings

@@ -16,7 +16,7 @@ from .. import __version__
 from ..core import POLICIES, MergeSettings, ModuleCost
 from ..engine import ModulePlan, ModuleScore, plan_adapter
 from ..errors import SafeMergeError
-from ..io import Checkpoint, Dir, LocalDir, load_adapter, open_dir, published_version, sha256_of
+from ..io import Checkpoint, Dir, load_adapter, open_dir, published_version, sha256_of
 from ..store import NextRun, Planned, cached_manifest, published_damage, read_pointer
 from .config import AdapterRef, FleetConfig
 from .jobs import Deadline, Failure, ModuleJob, ScoreRequest
@@ -131,8 +131,8 @@ def plan_fleet(config: FleetConfig, out: Dir, deadline: Deadline | None = None, 
     refs, skipped = config.scan_adapters()
     if not refs:
         raise SafeMergeError(f"{config.source}: finetuned: no adapters found")
-    if isinstance(out, LocalDir):
-        check_output_outlives_job(out)
+    if out.local_path is not None:
+        check_output_outlives_job(out.local_path)
     unaligned = Checkpoint(open_dir(config.unaligned_model, what="unaligned model", s3=s3), "unaligned model")
     aligned = Checkpoint(open_dir(config.aligned_model, what="aligned model", s3=s3), "aligned model")
     safety = (load_adapter(open_dir(config.safety_adapter, what="safety adapter", s3=s3), "safety adapter")
@@ -183,13 +183,13 @@ def pin_safety_adapter(config: FleetConfig) -> FleetConfig:
     return replace(config, safety_adapter=store.uri)
 
 
-def check_output_outlives_job(out: LocalDir) -> None:
+def check_output_outlives_job(out: Path) -> None:
     """A relative output in a config that travelled in a `ray job submit` working dir lands in Ray's
     temporary copy of it, which Ray deletes: refuse before any work."""
-    parts = Path(out.uri).parts
+    parts = out.parts
     if "runtime_resources" in parts or any(p.startswith("_ray_pkg_") for p in parts):
         raise SafeMergeError(
-            f"output: {out.uri} is inside Ray's temporary copy of the job's working dir and would be deleted "
+            f"output: {out} is inside Ray's temporary copy of the job's working dir and would be deleted "
             "with it; give the output as an absolute path on a shared filesystem or as s3://"
         )
 

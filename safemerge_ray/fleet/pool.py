@@ -12,7 +12,7 @@ from pathlib import Path
 from ..cluster import cluster_gpus
 from ..core import PROCESS_BASELINE, ModuleCost, check_fits, fmt
 from ..errors import EnvironmentFailure, SafeMergeError, first_line
-from ..io import Dir, LocalDir
+from ..io import Dir
 from ..progress import log
 from .config import FleetConfig
 from .jobs import Deadline, ModuleJob, PreflightResult, format_problems
@@ -92,7 +92,7 @@ def preflight(config: FleetConfig, out: Dir | None, workers: list,
     import ray
 
     marker = None
-    if isinstance(out, LocalDir):
+    if out is not None and out.local_path is not None:  # the workers must see this disk: each reads a marker
         marker = (f".preflight-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex)
         out.write(marker[0], marker[1].encode())
     uris = [st.ref.uri for st in pending]

@@ -21,7 +21,6 @@ import torch
 from ..core import natural_key
 from ..errors import SafeMergeError
 from .dirs import Dir, json_bytes, sha256_of
-from .local import LocalDir
 from .tensors import DTYPES, SafetensorsFile, safetensors_bytes
 from .untrusted import check_pattern, load_json
 
@@ -229,12 +228,12 @@ _LAYOUTS_LOCK = threading.Lock()
 def _check_inside(store: Dir, names: list[str], what: str) -> None:
     """A local adapter's files must be its own: a symlink out of its directory (to /etc/passwd, to
     another team's adapter) is refused. A Hugging Face cache snapshot links into its repo's blobs/."""
-    if not isinstance(store, LocalDir):
+    if store.local_path is None:
         return
-    root = os.path.realpath(store.path)
+    root = os.path.realpath(store.local_path)
     blobs = os.path.join(os.path.dirname(os.path.dirname(root)), "blobs")
     for name in names:
-        path = os.path.join(store.path, name)
+        path = os.path.join(store.local_path, name)
         if not os.path.lexists(path):
             continue
         target = os.path.realpath(path)

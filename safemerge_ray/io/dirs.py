@@ -13,6 +13,7 @@ import builtins
 import hashlib
 import json
 import threading
+from pathlib import Path
 from typing import Protocol
 
 from ..errors import SafeMergeError
@@ -41,6 +42,9 @@ BYTES_READ = ReadCounter()
 
 class Dir(Protocol):
     uri: str
+    # The directory on this machine's disk, None for a remote store: for what only a local disk has (symbolic
+    # links, files an interrupted write leaves, a path a process can be handed, nodes that do not share it).
+    local_path: Path | None
 
     def exists(self, name: str) -> bool: ...
 
@@ -88,6 +92,10 @@ class Dir(Protocol):
 
     def read_tagged(self, name: str) -> tuple[bytes, str] | None:
         """The object's bytes and a tag for `replace_if_match`, or None when it does not exist."""
+
+    def arrow_location(self, name: str) -> tuple[str, object | None]:
+        """(path, pyarrow filesystem) of the sub-directory `name`, for libraries that write through pyarrow (Ray
+        Train's checkpoints); None as the filesystem means the local one."""
 
     def replace_if_match(self, name: str, data: bytes, tag: str) -> str | None:
         """Replace the object only if it is still the one `read_tagged` tagged `tag`: the new tag, or None

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SafeMergeError, first_line
-from .local import LocalDir
-from .s3 import S3Dir, S3Settings
+from .s3 import S3Settings
 from .storage import HUB, open_dir, resolve_location
 
 CHUNK = 64 * 2**20
@@ -32,9 +31,8 @@ def cache_root() -> Path:
 def local_copy(location: str, what: str, s3: S3Settings = S3Settings()) -> str:
     """A local directory holding `location`'s files (itself, when it is local or a hub snapshot)."""
     d = open_dir(location, what=what, s3=s3)
-    if isinstance(d, LocalDir):
-        return str(d.path)
-    assert isinstance(d, S3Dir)
+    if d.local_path is not None:
+        return str(d.local_path)
     names = [n for n in d.walk() if n.endswith(_WANTED)]
     if not names:
         raise SafeMergeError(f"{what}: no model or adapter files under {d.uri}")

@@ -18,7 +18,11 @@ from .dirs import BYTES_READ, TMP_PREFIX, sha256_of
 class LocalDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.local_path: Path | None = self.path
         self.uri = str(self.path)
+
+    def arrow_location(self, name: str) -> tuple[str, object | None]:
+        return str(self.path / name), None
 
     def _file(self, name: str) -> Path:
         return self.path / name

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import builtins
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import EnvironmentFailure, NoCredentials, SafeMergeError
@@ -33,6 +35,8 @@ def _s3_client(settings: S3Settings) -> Any:
 class S3Dir:
     """An s3://bucket/prefix/ 'directory'. One LIST gives sizes and ETags; tensors come by ranged GET."""
 
+    local_path: Path | None = None  # nothing of it is on this machine's disk
+
     def __init__(self, uri: str, settings: S3Settings = S3Settings(), client: Any = None):
         bucket, _, prefix = uri[len("s3://"):].partition("/")
         if not bucket:
@@ -44,6 +48,16 @@ class S3Dir:
         self._entries: dict[str, tuple[int, str]] | None = None
         self._dirs: builtins.list[str] | None = None
         self._children: dict[str, S3Dir] = {}  # nested names reuse one listing per sub-prefix
+
+    def arrow_location(self, name: str) -> tuple[str, object | None]:
+        import pyarrow.fs
+
+        endpoint = self.settings.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")  # boto3 reads it; pyarrow not
+        kwargs: dict = {"region": self.settings.region} if self.settings.region else {}
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+        return f"{self.bucket}/{self.prefix}{name}", pyarrow.fs.S3FileSystem(**kwargs)
 
     @property
     def client(self) -> Any:

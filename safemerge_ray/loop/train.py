@@ -13,7 +13,6 @@ it stands for the version its manifest names, so a second training never changes
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -29,7 +28,6 @@ from ..io import (
     TRAINED_MANIFEST,
     Checkpoint,
     Dir,
-    LocalDir,
     S3Settings,
     json_bytes,
     load_adapter,
@@ -259,23 +257,9 @@ def _report(state, write, final: bool = False) -> None:
 # --------------------------------------------------------------------------- the driver
 
 
-def _storage(out, s3: S3Settings):
-    """Ray Train's (storage_path, storage_filesystem) for OUTPUT/checkpoints."""
-    if isinstance(out, LocalDir):
-        return str(out.path / "checkpoints"), None
-    import pyarrow.fs
-
-    endpoint = s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")  # boto3 reads it itself; pyarrow does not
-    kwargs: dict = {"region": s3.region} if s3.region else {}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-    return f"{out.bucket}/{out.prefix}checkpoints", pyarrow.fs.S3FileSystem(**kwargs)
-
-
 def check_output(out) -> None:
     """An empty location or an earlier train-safety output (its adapter and manifest are replaced)."""
-    if isinstance(out, LocalDir) and out.path.exists() and not out.path.is_dir():
+    if out.local_path is not None and out.local_path.exists() and not out.local_path.is_dir():
         raise SafeMergeError(f"output: {out.uri} is a file")
     occupied = bool(out.list() or out.subdirs())
     manifest = read_json(out, MANIFEST) if occupied else None
@@ -303,7 +287,7 @@ def train_safety(settings: TrainSettings, progress: bool = True, ray_address: st
                  f"{settings.workers} workers, {settings.max_steps} steps; run {run_id}")
     # Ray Train's print patch would log every line datasets' hashing disassembles (dill captures it itself).
     init_ray(ray_address, {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}, quiet=not progress)
-    storage_path, filesystem = _storage(out, s3)
+    storage_path, filesystem = out.arrow_location("checkpoints")
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"model": aligned, "s3": s3, "rows": rows, "shape": shape, "use_gpu": settings.use_gpu,

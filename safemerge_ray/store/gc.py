@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import SafeMergeError
-from ..io import TMP_PREFIX, Dir, LocalDir, read_json
+from ..io import TMP_PREFIX, Dir, read_json
 from .layout import HISTORY, REPORT, RUNS, manifest_key, published_names, read_pointer, run_prefix, run_time, utc_now
 from .lock import RunLock
 from .records import RecordKind, RunRecord, write_run_record
@@ -89,7 +89,7 @@ def _leftovers(out: Dir, kept_runs: list[str], committed: dict[str, dict], old_e
         for entry in manifest.get("adapters", {}).values():
             listed.update(entry.get("objects", {}))
         found += [k for k in out.walk(run_prefix(run_id)) if k not in listed]
-    if isinstance(out, LocalDir):  # interrupted writes and the preflight's debris, anywhere (S3 has none)
+    if out.local_path is not None:  # interrupted writes and the preflight's debris, anywhere (S3 has none)
         found += [k for k in out.walk() if k.rsplit("/", 1)[-1].startswith(
             (TMP_PREFIX, ".lock-stale-", ".preflight-")) and not k.startswith(RUNS)]
     return found
