@@ -40,7 +40,7 @@ def s3_inputs(fleet_source, s3_client):
 
 
 def write_fleet_yaml(path: Path, inputs: dict, endpoint: str, output: str, weights=(0.8, 0.2), attempts: int = 8,
-                **extra) -> Path:
+                     **extra) -> Path:
     raw = {"unaligned_model": inputs["unaligned"], "aligned_model": inputs["aligned"],
            "safety_adapter": inputs["safety"], "finetuned": [{"prefix": inputs["finetuned"]}], "output": output,
            "merge": {"tau": 0.35, "weights": list(weights), "method": "linear"},

@@ -93,8 +93,8 @@ def test_example_config_parses(tmp_path):
 
 def test_overrides_inherit_from_merge_not_defaults():
     raw = raw_config(merge={"policy": "safelora", "tau": 0.2, "weights": [0.6, 0.4], "method": "ties", "density": 0.5,
-                      "seed": 7},
-               overrides={"gsm8k": {"tau": 0.9, "weights": [1.0, 0.0]}, "legal": {"method": "cat"}})
+                            "seed": 7},
+                     overrides={"gsm8k": {"tau": 0.9, "weights": [1.0, 0.0]}, "legal": {"method": "cat"}})
     cfg = parse_config(raw)
     assert cfg.merge == MergeSettings(policy="safelora", tau=0.2, weights=(0.6, 0.4), method="ties", density=0.5,
                                       seed=7)
@@ -104,7 +104,7 @@ def test_overrides_inherit_from_merge_not_defaults():
 
 def test_explicit_ray_and_s3_settings():
     cfg = parse_config(raw_config(ray={"actors": 3, "gpus_per_actor": 0.5, "device": "cpu"},
-                            s3={"endpoint_url": "http://localhost:9000", "region": "us-east-1"}))
+                                  s3={"endpoint_url": "http://localhost:9000", "region": "us-east-1"}))
     assert (cfg.actors, cfg.gpus_per_actor, cfg.device) == (3, 0.5, "cpu")
     assert cfg.s3 == S3Settings(endpoint_url="http://localhost:9000", region="us-east-1")
 
@@ -213,7 +213,7 @@ def test_safemerge_policy_needs_safety_adapter():
     assert "safety_adapter" in _error(raw_config(safety_adapter=...))
     # a safemerge override also needs it
     message = _error(raw_config(safety_adapter=..., merge={"policy": "safelora"},
-                          overrides={"gsm8k": {"policy": "safemerge"}}))
+                                overrides={"gsm8k": {"policy": "safemerge"}}))
     assert "safety_adapter" in message
 
 

@@ -121,7 +121,7 @@ def test_safety_adapter_under_a_scanned_prefix_is_excluded(tmp_path):
         assert [n for n, _ in _refs(raw)] == ["gsm8k", "legal"]
     # relative spellings in a config file, resolved against the file's directory
     path = write_config(tmp_path / "fleet.yaml",
-                  _local(tmp_path, [{"prefix": "adapters/"}], safety_adapter="./adapters/safety"))
+                        _local(tmp_path, [{"prefix": "adapters/"}], safety_adapter="./adapters/safety"))
     assert [r.name for r in load_config(path).resolve_adapters()] == ["gsm8k", "legal"]
 
 
@@ -227,7 +227,7 @@ def test_a_symlinked_adapter_under_a_prefix_is_skipped_unless_named(fixture_root
     assert [r.name for r in refs] == ["gsm8k"]
     assert len(skipped) == 2 and all("a symbolic link, not followed under a prefix" in w for w in skipped)
     named = parse_config(raw_config(finetuned=[{"prefix": str(prefix)}, str(prefix / "borrowed")],
-                              output=str(tmp_path / "out")))
+                                    output=str(tmp_path / "out")))
     assert [r.name for r in named.resolve_adapters()] == ["borrowed", "gsm8k"]
 
 

@@ -122,7 +122,7 @@ def test_s3_down_for_good_ends_at_the_deadline(s3_inputs, s3_endpoint, s3_client
         assert run_fleet(old, progress=False).exit_code == ExitStatus.OK
         before = pointer_runs(s3_client, output)
         config = load_config(write_fleet_yaml(tmp_path / "fleet.yaml", s3_inputs, proxy.endpoint, output, attempts=2,
-                                         max_run_seconds=deadline_s))
+                                              max_run_seconds=deadline_s))
         gate = proxy.hold(tensor_read_matcher(s3_inputs))
         started = time.monotonic()
         running = run_in_thread(config)
@@ -159,7 +159,7 @@ def test_a_hung_store_is_cut_off_at_the_deadline(s3_inputs, s3_endpoint, s3_clie
     deadline_s = 15
     with FaultProxy(s3_endpoint) as proxy:
         config = load_config(write_fleet_yaml(tmp_path / "fleet.yaml", s3_inputs, proxy.endpoint, output,
-                                         max_run_seconds=deadline_s))
+                                              max_run_seconds=deadline_s))
         proxy.delay(50, match=tensor_read_matcher(s3_inputs))  # under botocore's 60 s read timeout: a silent hang
         started = time.monotonic()
         report = run_in_thread(config).result(timeout=RUN_TIMEOUT_S)
@@ -196,7 +196,7 @@ def test_a_frozen_store_past_the_deadline_ends_the_run_within_its_bound(s3_input
 
     with FaultProxy(s3_endpoint) as proxy:
         config = load_config(write_fleet_yaml(tmp_path / "fleet.yaml", s3_inputs, proxy.endpoint, output,
-                                         max_run_seconds=deadline_s))
+                                              max_run_seconds=deadline_s))
         thaw = proxy.hold(everything_once_scoring_starts)
         started = time.monotonic()
         try:

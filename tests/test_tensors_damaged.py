@@ -62,12 +62,12 @@ def _damage_range_mismatch(p: Path):
 
 def _damage_hole(p: Path):
     raw_file(p, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                  "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}}, b"\0" * 24)
+                 "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}}, b"\0" * 24)
 
 
 def _damage_overlap(p: Path):
     raw_file(p, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                  "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12)
+                 "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12)
 
 
 def _damage_leading_hole(p: Path):

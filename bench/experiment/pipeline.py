@@ -121,9 +121,10 @@ class Experiment:
         harmful = {"eval": harmful["eval"][:sc.harmful_eval], "validation": harmful["validation"][:sc.harmful_val],
                    "safety": harmful["safety"][:sc.safety_examples], "align": harmful["align"][:sc.align_refusals],
                    "compliance": harmful["align"][sc.align_refusals:sc.align_refusals + sc.compliance]}
-        tasks: dict[str, dict[str, Any]] = {t.name: {"metric": t.metric, "eval": t.items["eval"][:sc.task_eval],
-                          "validation": t.items["validation"][:sc.task_val], "train": t.items["train"][:sc.task_train]}
-                 for t in (data.arithmetic(sc.seed), data.number_words())}
+        tasks: dict[str, dict[str, Any]] = {
+            t.name: {"metric": t.metric, "eval": t.items["eval"][:sc.task_eval],
+                     "validation": t.items["validation"][:sc.task_val], "train": t.items["train"][:sc.task_train]}
+            for t in (data.arithmetic(sc.seed), data.number_words())}
         split: dict[str, Any] = {"harmful": harmful, "tasks": tasks, "benign": data.benign_prompts()[:sc.benign]}
         split["sizes"] = {"harmful": {k: len(v) for k, v in harmful.items()},
                           "tasks": {t: {k: len(v) for k, v in x.items() if k != "metric"} for t, x in tasks.items()},

@@ -93,13 +93,13 @@ class Dir(Protocol):
     def read_tagged(self, name: str) -> tuple[bytes, str] | None:
         """The object's bytes and a tag for `replace_if_match`, or None when it does not exist."""
 
-    def arrow_location(self, name: str) -> tuple[str, object | None]:
-        """(path, pyarrow filesystem) of the sub-directory `name`, for libraries that write through pyarrow (Ray
-        Train's checkpoints); None as the filesystem means the local one."""
-
     def replace_if_match(self, name: str, data: bytes, tag: str) -> str | None:
         """Replace the object only if it is still the one `read_tagged` tagged `tag`: the new tag, or None
         when it changed or vanished meanwhile (of two callers with the same tag, one wins)."""
+
+    def arrow_location(self, name: str) -> tuple[str, object | None]:
+        """(path, pyarrow filesystem) of the sub-directory `name`, for libraries that write through pyarrow (Ray
+        Train's checkpoints); None as the filesystem means the local one."""
 
 
 def sha256_of(data: bytes) -> str:
