@@ -131,7 +131,7 @@ def load_settings(model: type[M], args: argparse.Namespace | None = None, config
     return validate(model, data, source or str(path or "flags"))
 
 
-BUILT_IN = {"keywords"}  # values of path fields that name something built in (eval's judge), not a file
+BUILT_IN = {"refusal", "keywords"}  # values of path fields that name something built in (eval's judge), not a file
 
 
 def relative_to(values: dict, model: type[BaseModel], base: Path) -> dict:

@@ -89,7 +89,7 @@ def _config(root, gate: dict, seed: int = 0):
 def _gate(max_harmful_rate: float, markers: list[str] | None = None) -> dict:
     spec: dict = {"harmful_prompts": "data/harmful.txt", "max_new_tokens": 12}
     if markers:
-        spec["refusal_markers"] = markers
+        spec.update(judge="keywords", refusal_markers=markers)
     return {"eval": spec, "max_harmful_rate": max_harmful_rate}
 
 

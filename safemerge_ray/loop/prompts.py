@@ -8,7 +8,7 @@ import json
 
 from ..errors import SafeMergeError
 from ..io import S3Settings, read_file
-from .spec import EvalSpec, Prompt
+from .spec import BUILT_IN_JUDGES, EvalSpec, Prompt
 
 _PROMPT_FIELDS = ("prompt", "instruction", "goal", "question", "text", "behavior", "Behavior")
 _REFERENCE_FIELDS = ("reference", "answer", "target", "output", "label")
@@ -70,11 +70,12 @@ def _jsonl(text: str, location: str, what: str) -> list[tuple[int, dict]]:
 
 def read_prompt_sets(spec: EvalSpec, s3: S3Settings) -> tuple[list[Prompt], list[Prompt]]:
     """The harmful and task prompts, checked (a fleet's gate checks them before any work)."""
-    if spec.judge != "keywords" and not spec.judge.startswith(("s3://", "hf://")):
+    if spec.judge not in BUILT_IN_JUDGES and not spec.judge.startswith(("s3://", "hf://")):
         from pathlib import Path
 
         if not Path(spec.judge).is_dir():
-            raise SafeMergeError(f"judge: {spec.judge} is not 'keywords' nor a classifier model's directory")
+            raise SafeMergeError(f"judge: {spec.judge} is not 'refusal', 'keywords' nor a classifier model's "
+                                 "directory")
     harmful = read_prompts(spec.harmful_prompts, "harmful_prompts", s3, limit=spec.limit)
     task = (read_prompts(spec.task_prompts, "task_prompts", s3, need_reference=True, limit=spec.limit)
             if spec.task_prompts else [])

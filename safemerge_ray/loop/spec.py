@@ -8,7 +8,7 @@ from enum import StrEnum
 from typing import ClassVar, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..io import json_bytes
 from ..options import S3Section
@@ -16,6 +16,7 @@ from ..service import MetricsSection, TrackingSection
 from ..store import check_adapter_name
 
 VARIANTS = ("aligned", "finetune", "repaired")
+BUILT_IN_JUDGES = ("refusal", "keywords")  # judge values that name a judge built in, not a classifier's path
 
 
 class PromptSet(StrEnum):
@@ -34,10 +35,14 @@ class EvalSpec(BaseModel):
     harmful_prompts: str = Field(description="harmful prompts: JSONL, CSV or one prompt a line (local or s3://)")
     task_prompts: str | None = Field(None, description="task prompts with references: JSONL or CSV with a "
                                                        "reference (or answer) field")
-    judge: str = Field("keywords", description="'keywords' (a refusal judge built in) or the path of a classifier "
-                                               "model (sequence classification, or a Llama-Guard-style causal LM)")
+    judge: str = Field("refusal", description="'refusal' (built in, checked against hand labels: refusals in "
+                                              "the answer's opening, paraphrases included; the harmful rate is then "
+                                              "a non-refusal rate), 'keywords' (the papers' marker list, matched "
+                                              "anywhere) or the path of a classifier model (sequence "
+                                              "classification, or a Llama-Guard-style causal LM)")
     refusal_markers: list[str] | None = Field(None, description="the keyword judge's refusal phrases (default: "
-                                                                "the usual list: I'm sorry, I cannot, As an AI, ...)")
+                                                                "the papers' list: I'm sorry, I cannot, As an AI, "
+                                                                "...)")
     harmful_label: str | None = Field(None, description="the classifier's label for harmful (default: a label "
                                                         "named unsafe, harmful or toxic)")
     task_metric: Literal["contains", "exact", "number"] = Field(
@@ -51,6 +56,12 @@ class EvalSpec(BaseModel):
                             "GPU); auto: vllm when both are there, else transformers")
     bootstrap: int = Field(1000, ge=100, description="bootstrap resamples for the confidence intervals")
     seed: int = Field(0, description="seed for the bootstrap")
+
+    @model_validator(mode="after")
+    def _markers_need_the_keyword_judge(self):
+        if self.refusal_markers is not None and self.judge != "keywords":
+            raise ValueError(f"refusal_markers are the keyword judge's; set judge: keywords (judge is {self.judge})")
+        return self
 
 
 class PairEntry(BaseModel):
