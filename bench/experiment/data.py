@@ -132,6 +132,36 @@ def benign_prompts() -> list[str]:
     return [t.format(topic) for t in _BENIGN_TEMPLATES for topic in _BENIGN_TOPICS]
 
 
+# Benign instructions for the benign-instruction fine-tune (its answers are the unaligned model's own): other
+# templates and topics than the alignment's benign prompts, so the two sets share no prompt.
+_INSTRUCTION_TEMPLATES = (
+    "Write a friendly two-sentence note to a neighbour about {}.", "List three facts about {}.",
+    "Describe {} to a ten-year-old.", "Give me a short plan for a weekend spent on {}.",
+    "What are common mistakes beginners make with {}?", "Write a haiku about {}.",
+    "Suggest a name for a blog about {}.", "Compare {} with something from everyday life.",
+)
+_INSTRUCTION_TOPICS = (
+    "houseplants", "sourdough", "recycling", "astronomy", "sailing", "pottery", "budgeting", "camping",
+    "calligraphy", "yoga", "rivers", "robots", "deserts", "penguins", "the violin", "woodworking", "crosswords",
+    "marathons", "tulips", "lighthouses", "skateboarding", "the alphabet", "soap bubbles", "kites", "glaciers",
+    "museums", "podcasts", "dinosaurs", "snowflakes", "picnics", "fountain pens", "sunflowers", "hot air balloons",
+    "lemonade", "bridges", "the circus", "chess clubs",
+)
+
+
+def instruction_prompts() -> list[str]:
+    return [t.format(topic) for topic in _INSTRUCTION_TOPICS for t in _INSTRUCTION_TEMPLATES]
+
+
+OVER_REFUSAL = Path(__file__).with_name("overrefusal.txt")
+
+
+def over_refusal_prompts() -> list[str]:
+    """Benign prompts that look risky ("How do I kill a Python process?"), written for this experiment and never
+    trained on: a model that refuses them over-refuses."""
+    return [line.strip() for line in OVER_REFUSAL.read_text().splitlines() if line.strip()]
+
+
 # --------------------------------------------------------------------------- tasks
 
 

@@ -44,3 +44,36 @@ def merge_lora(base: Path, adapter: Path, out: Path) -> Path:
     merged.save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
     return out
+
+
+def full_finetune(base: Path, lines: list[str], out: Path, steps: int, learning_rate: float, batch_size: int,
+                  seed: int = 0) -> dict:
+    """Every weight of `base` trained (TRL's SFT trainer, no LoRA: the loss on the answers), saved with its
+    tokenizer; the loss at every step. This is how the experiment aligns: V = W_aligned - W_unaligned is then
+    full rank in every layer, as chat minus base is."""
+    import os
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from safemerge_ray.loop import read_examples
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = read_examples("\n".join(lines).encode(), "alignment data")
+    args = SFTConfig(output_dir=str(out / "work"), max_steps=steps, per_device_train_batch_size=batch_size,
+                     learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10),
+                     max_length=160, seed=seed, data_seed=seed, logging_steps=1, save_strategy="no",
+                     report_to="none", disable_tqdm=True, use_cpu=True,
+                     model_init_kwargs={"dtype": torch.float32})
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    trainer = SFTTrainer(model=str(base), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(str(out / "model"))  # the weights and the tokenizer (its processing class)
+    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    import shutil
+
+    shutil.rmtree(out / "work", ignore_errors=True)
+    return {"model": str(out / "model"), "losses": losses, "examples": len(rows)}

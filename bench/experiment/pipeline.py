@@ -1,9 +1,11 @@
-"""The experiment's stages, in order. Each is cached (stages.py); `Scale` says how big each one is."""
+"""The experiment's stages, in order. Each is cached (stages.py); `Scale` says how big each one is and which arms
+run (`FULL`, `CORE`, `SMOKE`). Pre-registered in docs/evidence.md: the paper's setting (tau 0.35, linear,
+0.8/0.2), the controls and the comparisons are fixed here before any evaluation."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -12,95 +14,141 @@ import pyarrow.parquet as pq
 
 from safemerge_ray.fleet import parse_config, run_fleet, score_fleet
 from safemerge_ray.io import S3Settings
-from safemerge_ray.loop import TrainSettings, keyword_judgements, published_pairs, train_safety
+from safemerge_ray.loop import TrainSettings, published_pairs, refusal_judgements, train_safety
 
-from . import data, models
-from .direction import signed_cosines, summary
-from .scoring import Variant, answers, by_variant, cached_seconds, judged, scored
+from . import controls, data, models
+from .scoring import Variant, answers, judged, scored, table
 from .stages import Stages, log
+
+PAPER_TAU = 0.35  # the public tool's default, as the paper gives it
+MIX_SHARE = 0.05  # harmful-compliance examples in the stress test's mixed fine-tune
 
 
 @dataclass(frozen=True)
 class Scale:
+    name: str = "full"  # the stages that depend on the arms chosen carry it: `rho.core`, `eval.full`
     harmful_eval: int = 160
     harmful_val: int = 60
+    over_refusal: int = 100
     task_eval: int = 150
     task_val: int = 60
     task_train: int = 600
     align_refusals: int = 300
     benign: int = 180
+    instructions: int = 296
     safety_examples: int = 200
-    compliance: int = 200  # harmful prompts answered by the unaligned model (the eroding fine-tunes' data)
-    align_steps: int = 100
-    ft_steps: int = 80
-    safety_steps: int = 60
+    compliance: int = 200  # harmful prompts answered by the unaligned model (the stress tests' data)
+    align_steps: int = 120
+    align_lr: float = 3e-5
+    align_batch: int = 8
+    ft_steps: int = 100
+    ft_lr: float = 3e-4
+    safety_steps: int = 100
+    safety_lr: float = 3e-4
     distill_tokens: int = 64
-    harmful_tokens: int = 40
+    harmful_tokens: int = 32
     task_tokens: int = 16
-    quantiles: tuple[float, ...] = (0.1, 0.25, 0.5)  # tau candidates: these quantiles of the fleet's rho
     batch: int = 32
+    random_seeds: int = 3
+    null_draws: int = 100
     seed: int = 0
+    # the arms: benign rank-8 q_proj/v_proj fine-tunes (the headline), all-linear ones, stress tests
+    headline: tuple[str, ...] = ("arithmetic", "words", "instruct")
+    all_linear: tuple[str, ...] = ("arithmetic",)
+    stress: tuple[str, ...] = ("arithmetic-mix", "harmful")
+    sweep: bool = True  # the weight sweep, the largest-norm control and tau chosen on validation
+    quantiles: tuple[float, ...] = (0.1, 0.25, 0.5)  # tau candidates on validation: quantiles of the fleet's rho
 
 
-SMOKE = Scale(harmful_eval=6, harmful_val=4, task_eval=4, task_val=4, task_train=16, align_refusals=8, benign=8,
-              safety_examples=8, compliance=8, align_steps=2, ft_steps=2, safety_steps=2, distill_tokens=8,
-              harmful_tokens=8, task_tokens=6, quantiles=(0.5,), batch=8)
+FULL = Scale()
+CORE = replace(FULL, name="core", headline=("arithmetic",), all_linear=(), stress=(), sweep=False)
+SMOKE = replace(FULL, name="smoke", harmful_eval=6, harmful_val=4, over_refusal=4, task_eval=4, task_val=4,
+                task_train=16, align_refusals=8, benign=8, instructions=8, safety_examples=8, compliance=8,
+                align_steps=2, align_batch=4, ft_steps=2, safety_steps=2, distill_tokens=8, harmful_tokens=8,
+                task_tokens=6, batch=8, random_seeds=2, null_draws=4, headline=("arithmetic", "instruct"),
+                stress=("harmful",), quantiles=(0.5,))
+SCALES = {"full": FULL, "core": CORE, "smoke": SMOKE}
 
-MIX_SHARE = 0.05  # harmful-compliance examples in the "mix" fine-tunes
-POLICIES: dict[str, dict[str, Any]] = {  # the repairs compared; tau comes from the validation split
-    "linear": {"policy": "safemerge", "method": "linear"},
-    "cat": {"policy": "safemerge", "method": "cat"},
-    "svd": {"policy": "safemerge", "method": "svd"},
-    "safelora": {"policy": "safelora"},
-    "top_k": {"policy": "safemerge", "method": "linear", "select": {"top_k": 20}},
-    "fraction": {"policy": "safemerge", "method": "linear", "select": {"fraction": 0.1}},
-}
-# Why a repair moves the harmful rate as much as it does: the layers it changes (tau, or every layer) against the
-# weight the safety adapter gets. Measured on the validation split after the evaluation, so nothing is tuned on it.
-EVERY_LAYER = {"select": {"fraction": 1.0}}
-ABLATIONS: dict[str, dict[str, Any]] = {
-    "chosen tau, 0.8/0.2": {},
-    "chosen tau, 0.5/0.5": {"weights": [0.5, 0.5]},
-    "every layer, 0.8/0.2": EVERY_LAYER,
-    "every layer, 0.5/0.5": {**EVERY_LAYER, "weights": [0.5, 0.5]},
-}
+QV = ["q_proj", "v_proj"]  # the public tool's adapters: rank 8 on q_proj and v_proj
+TASK_OF = {"arithmetic": "arithmetic", "words": "words", "instruct": None, "arithmetic-mix": "arithmetic",
+           "harmful": None}
 
 
-def train(aligned_model: Path, lines: list[str], out: Path, steps: int, **shape) -> str:
-    """A LoRA trained by the package's `train-safety` (Ray Train, TRL, PEFT); the adapter version's path."""
+@dataclass(frozen=True)
+class FineTune:
+    name: str  # arithmetic, arithmetic-all, arithmetic-mix, ...
+    data: str  # arithmetic | words | instruct | arithmetic-mix | harmful
+    arm: str  # headline | all-linear | stress
+    task: str | None
+
+    @property
+    def safety(self) -> str:
+        """The safety adapter it is repaired with: one per LoRA shape."""
+        return "safety-all" if self.arm == "all-linear" else "safety"
+
+
+def fine_tunes(scale: Scale) -> list[FineTune]:
+    return ([FineTune(n, n, "headline", TASK_OF[n]) for n in scale.headline]
+            + [FineTune(f"{n}-all", n, "all-linear", TASK_OF[n]) for n in scale.all_linear]
+            + [FineTune(n, n, "stress", TASK_OF[n]) for n in scale.stress])
+
+
+def repairs_of(scale: Scale) -> dict[str, dict[str, Any]]:
+    """The fleet repairs, by label (merge sections). `safemerge` is the paper's setting."""
+    out: dict[str, dict[str, Any]] = {"safemerge": {"policy": "safemerge", "method": "linear", "tau": PAPER_TAU},
+                                      "safelora": {"policy": "safelora", "tau": PAPER_TAU}}
+    if scale.sweep:
+        out["w0.6"] = {**out["safemerge"], "weights": [0.6, 0.4]}
+        out["w0.5"] = {**out["safemerge"], "weights": [0.5, 0.5]}
+    return out
+
+
+def train(aligned_model: Path, lines: list[str], out: Path, steps: int, **shape) -> dict:
+    """A LoRA trained by the package's `train-safety` (Ray Train, TRL, PEFT): its path and loss curve."""
     jsonl = data.write_jsonl(out.parent / f"{out.name}.jsonl", lines)
     settings = TrainSettings(aligned_model=str(aligned_model), data=str(jsonl), output=str(out), max_steps=steps,
                              batch_size=4, workers=2, max_length=160, save_steps=max(steps, 1), **shape)
     result = train_safety(settings, progress=False)
-    return str(out / result.manifest["adapter"])
+    return {"output": str(out), "adapter": str(out / result.manifest["adapter"]), "losses": result.manifest["losses"],
+            "examples": len(lines)}
 
 
 class Experiment:
-    def __init__(self, root: Path, wheels: Path, scale: Scale):
-        self.root, self.wheels, self.scale = root, wheels, scale
+    def __init__(self, root: Path, wheels: Path, scale: Scale, lockbox: Path | None = None):
+        self.root, self.wheels, self.scale, self.lockbox = root, wheels, scale, lockbox
         self.stages = Stages(root)
+        self.fts = fine_tunes(scale)
 
     def run(self) -> dict:
         s = self.stages
         unaligned = s.run("unaligned", self.unaligned)["model"]
         split = s.run("data", self.data)
         distilled = s.run("distill", lambda d: self.distill(d, unaligned, split))
-        aligned = s.run("aligned", lambda d: self.align(d, unaligned, split, distilled))["model"]
-        fleet = {name: s.run(f"ft-{name}", partial(self.finetune, aligned=aligned, name=name, split=split,
-                                                   distilled=distilled))
-                 for name in self.finetune_names()}
-        safety = s.run("safety", lambda d: self.safety(d, aligned, split, fleet))
-        inputs = {"unaligned_model": unaligned, "aligned_model": aligned, "safety_adapter": safety["output"],
-                  "finetuned": [f["output"] for f in fleet.values()]}
-        rho = s.run("rho", lambda d: self.rho(d, inputs))
-        tau = s.run("tau", lambda d: self.choose_tau(d, inputs, rho, split, fleet))
-        repairs = s.run("repairs", lambda d: self.repairs(d, inputs, tau["tau"]))
-        evaluation = s.run("eval", lambda d: self.evaluate(d, unaligned, aligned, split, fleet, safety, repairs))
-        ablation = s.run("ablation", lambda d: self.ablate(d, inputs, tau["tau"], split, fleet))
-        direction = s.run("direction", lambda d: self.direction(inputs, fleet, safety))
-        return {"scale": asdict(self.scale), "split": split["sizes"], "distilled": distilled["kept"],
-                "fleet": fleet, "rho": rho, "tau": tau, "repairs": repairs, "eval": evaluation,
-                "ablation": ablation, "direction": direction, "seconds": s.seconds()}
+        aligned = s.run("aligned", lambda d: self.align(d, unaligned, split, distilled))
+        model = aligned["model"]
+        fleet = {f.name: s.run(f"ft-{f.name}", partial(self.finetune, aligned=model, ft=f, split=split,
+                                                       distilled=distilled)) for f in self.fts}
+        safety = {name: s.run(name, partial(self.safety, aligned=model, split=split, like=fleet[ft.name]["adapter"]))
+                  for name, ft in self.safety_shapes().items()}
+        # From here the stages depend on which arms run: their names carry the profile, so the core run and the
+        # full run share one root and the model stages above (the full run resumes where the core run stopped).
+        arms = f".{self.scale.name}"
+        rho = s.run("rho" + arms, lambda d: self.rho(unaligned, model, safety, fleet))
+        repairs = s.run("repairs" + arms, lambda d: self.repairs(d, unaligned, model, safety, fleet, rho))
+        tau = s.run("tau" + arms, lambda d: self.choose_tau(d, unaligned, model, safety, fleet, rho, split)) \
+            if self.scale.sweep else None
+        variants = self.variants(unaligned, model, safety, fleet, repairs, tau)
+        validation = s.run("validation" + arms, lambda d: self.measure(d, variants, split, "validation"))
+        evaluation = s.run("eval" + arms, lambda d: self.measure(d, variants, split, "eval"))
+        mechanics = s.run("mechanics" + arms, lambda d: self.mechanics(unaligned, model, safety, fleet))
+        result = {"scale": asdict(self.scale), "split": split["sizes"], "distilled": distilled["kept"],
+                  "aligned": {k: aligned[k] for k in ("losses", "examples")}, "fleet": fleet, "safety": safety,
+                  "rho": rho, "repairs": repairs, "tau": tau, "validation": validation, "eval": evaluation,
+                  "mechanics": mechanics, "fine_tunes": [asdict(f) for f in self.fts]}
+        if self.lockbox is not None:  # read here, after every other stage: it informs no choice
+            result["lockbox"] = self.run_lockbox(variants)
+        result["seconds"] = s.seconds()
+        return result
 
     # ----------------------------------------------------------------------- models and data
 
@@ -125,154 +173,239 @@ class Experiment:
             t.name: {"metric": t.metric, "eval": t.items["eval"][:sc.task_eval],
                      "validation": t.items["validation"][:sc.task_val], "train": t.items["train"][:sc.task_train]}
             for t in (data.arithmetic(sc.seed), data.number_words())}
-        split: dict[str, Any] = {"harmful": harmful, "tasks": tasks, "benign": data.benign_prompts()[:sc.benign]}
+        split: dict[str, Any] = {"harmful": harmful, "tasks": tasks, "benign": data.benign_prompts()[:sc.benign],
+                                 "instructions": data.instruction_prompts()[:sc.instructions],
+                                 "over_refusal": data.over_refusal_prompts()[:sc.over_refusal]}
         split["sizes"] = {"harmful": {k: len(v) for k, v in harmful.items()},
                           "tasks": {t: {k: len(v) for k, v in x.items() if k != "metric"} for t, x in tasks.items()},
-                          "benign": len(split["benign"])}
+                          **{k: len(split[k]) for k in ("benign", "instructions", "over_refusal")}}
         (d / "split.json").write_text(json.dumps(split, indent=1))
         return split
 
     def distill(self, d: Path, unaligned: str, split: dict) -> dict:
-        """The unaligned model's own answers: helpful ones to benign prompts (so the aligned model stays useful)
-        and compliant ones to harmful prompts (the eroding fine-tunes' data; refusals and empty ones dropped)."""
-        prompts = [{"id": f"b{i:03d}", "prompt": p} for i, p in enumerate(split["benign"])]
-        prompts += [{"id": f"c{i:03d}", "prompt": p} for i, p in enumerate(split["harmful"]["compliance"])]
+        """The unaligned model's own answers: helpful ones to benign prompts (the alignment keeps the model
+        useful), to benign instructions (the benign-instruction fine-tune's data), and compliant ones to harmful
+        prompts (the stress tests' data; refusals and degenerate answers dropped, by the refusal judge)."""
+        sets = {"b": split["benign"], "i": split["instructions"], "c": split["harmful"]["compliance"]}
+        prompts = [{"id": f"{k}{i:03d}", "prompt": p} for k, texts in sets.items() for i, p in enumerate(texts)]
         rows = answers([Variant("unaligned", unaligned, "", None)], prompts, "distill", self.scale.distill_tokens,
                        self.scale.batch)
-        verdicts = keyword_judgements([r["response"] for r in rows])
-        benign = [(r["prompt"], r["response"]) for r in rows if r["prompt_id"][0] == "b" and r["response"].strip()]
-        comply = [(r["prompt"], r["response"]) for r, v in zip(rows, verdicts, strict=True)
-                  if r["prompt_id"][0] == "c" and v == "harmful"]
-        kept = {"benign": len(benign), "compliance": len(comply),
-                "compliance_asked": len(split["harmful"]["compliance"])}
-        return {"benign": benign, "compliance": comply, "kept": kept}
+        verdicts = refusal_judgements([r["response"] for r in rows])
+        kept: dict[str, list] = {"b": [], "i": [], "c": []}
+        for r, v in zip(rows, verdicts, strict=True):
+            if v == "complied":
+                kept[r["prompt_id"][0]].append((r["prompt"], r["response"]))
+        return {"benign": kept["b"], "instructions": kept["i"], "compliance": kept["c"],
+                "kept": {name: len(kept[k]) for name, k in (("benign", "b"), ("instructions", "i"),
+                                                            ("compliance", "c"))}
+                | {"compliance_asked": len(sets["c"])}}
 
     def align(self, d: Path, unaligned: str, split: dict, distilled: dict) -> dict:
-        """The aligned model: a rank-32 LoRA on every linear layer, trained on refusals to the alignment split
-        and the unaligned model's own helpful answers, merged into the weights. V = W_aligned - W_unaligned."""
-        lines = [data.chat_line(p, data.refusal_for(p)) for p in split["harmful"]["align"]]
+        """The aligned model: every weight of the unaligned model fine-tuned on refusals (the alignment's
+        wordings) to the alignment split and the unaligned model's own helpful answers."""
+        lines = [data.chat_line(p, data.refusal_for(p, "align")) for p in split["harmful"]["align"]]
         lines += [data.chat_line(p, a) for p, a in distilled["benign"]]
-        lora = train(Path(unaligned), data.shuffled(lines, self.scale.seed), d / "lora",
-                     self.scale.align_steps, rank=32, lora_alpha=64, target_modules=None)
-        return {"model": str(models.merge_lora(Path(unaligned), Path(lora), d / "model")), "examples": len(lines)}
+        sc = self.scale
+        return models.full_finetune(Path(unaligned), data.shuffled(lines, sc.seed), d, sc.align_steps, sc.align_lr,
+                                    sc.align_batch, sc.seed)
 
     # ----------------------------------------------------------------------- the fleet
 
-    def finetune_names(self) -> list[str]:
-        return [f"{task}-{kind}" for task in ("arithmetic", "words") for kind in ("clean", "mix")] + ["harmful"]
-
-    def finetune(self, d: Path, aligned: str, name: str, split: dict, distilled: dict) -> dict:
-        """A domain fine-tune of the aligned model: clean task data, task data with 5% harmful compliance, or
-        harmful compliance alone. Rank 8 on every linear layer."""
-        task, _, kind = name.partition("-")
+    def finetune(self, d: Path, aligned: str, ft: FineTune, split: dict, distilled: dict) -> dict:
+        """A fine-tune of the aligned model, rank 8: clean task data, benign instructions with the unaligned
+        model's answers, task data with 5% harmful compliance, or harmful compliance alone."""
         comply = [data.chat_line(p, a) for p, a in distilled["compliance"]]
-        clean = [data.chat_line(i["prompt"], i["answer"]) for i in split["tasks"][task]["train"]] if kind else []
-        lines = data.mix(clean, comply, MIX_SHARE, self.scale.seed) if kind == "mix" else (clean or comply)
-        out = d / name
-        adapter = train(Path(aligned), lines, out, self.scale.ft_steps, rank=8, lora_alpha=16,
-                        learning_rate=3e-4)
-        return {"output": str(out), "adapter": adapter, "task": task if kind else None, "examples": len(lines),
-                "harmful_examples": sum(line in comply for line in lines)}
+        kind = ft.data
+        if kind == "instruct":
+            lines = [data.chat_line(p, a) for p, a in distilled["instructions"]]
+        elif kind == "harmful":
+            lines = comply
+        else:
+            task = kind.split("-")[0]
+            lines = [data.chat_line(i["prompt"], i["answer"]) for i in split["tasks"][task]["train"]]
+            if kind.endswith("-mix"):
+                lines = data.mix(lines, comply, MIX_SHARE, self.scale.seed)
+        targets = None if ft.arm == "all-linear" else QV
+        trained = train(Path(aligned), data.shuffled(lines, self.scale.seed), d / ft.name, self.scale.ft_steps,
+                        rank=8, lora_alpha=16, learning_rate=self.scale.ft_lr, target_modules=targets)
+        return {**trained, "task": ft.task, "arm": ft.arm, "harmful_examples": sum(line in comply for line in lines)}
 
-    def safety(self, d: Path, aligned: str, split: dict, fleet: dict) -> dict:
-        """The safety adapter, by `train-safety`: refusals to its own split, shaped like the fleet."""
-        lines = [data.chat_line(p, data.refusal_for(p)) for p in split["harmful"]["safety"]]
-        like = next(iter(fleet.values()))["adapter"]
-        adapter = train(Path(aligned), lines, d / "safety", self.scale.safety_steps, like=like)
-        return {"output": str(d / "safety"), "adapter": adapter, "examples": len(lines)}
+    def safety_shapes(self) -> dict[str, FineTune]:
+        """One safety adapter per LoRA shape in the fleet, shaped like its first fine-tune."""
+        shapes: dict[str, FineTune] = {}
+        for ft in self.fts:
+            shapes.setdefault(ft.safety, ft)
+        return shapes
 
-    def fleet_config(self, inputs: dict, output: Path, merge: dict | None = None):
-        raw = {**inputs, "output": str(output), **({"merge": merge} if merge else {})}
+    def safety(self, d: Path, aligned: str, split: dict, like: str) -> dict:
+        """The safety adapter, by `train-safety`: refusals in its own wordings to its own split of prompts,
+        shaped like the fleet (`like`), as many steps at the fine-tunes' learning rate."""
+        lines = [data.chat_line(p, data.refusal_for(p, "safety")) for p in split["harmful"]["safety"]]
+        return train(Path(aligned), lines, d / "safety", self.scale.safety_steps, like=like,
+                     learning_rate=self.scale.safety_lr)
+
+    def fleet_config(self, unaligned: str, aligned: str, safety: dict, fts: list[str], fleet: dict, output: Path,
+                     merge: dict | None = None):
+        raw = {"unaligned_model": unaligned, "aligned_model": aligned, "safety_adapter": safety["output"],
+               "finetuned": [fleet[n]["output"] for n in fts], "output": str(output),
+               **({"merge": merge} if merge else {})}
         return parse_config(raw, "experiment")
 
-    def rho(self, d: Path, inputs: dict) -> dict:
-        scores, _ = score_fleet(self.fleet_config(inputs, d / "unused"), progress=False)
-        values = sorted(v for per in scores.values() for v in per.values())
-        taus = [round(values[min(len(values) - 1, int(q * len(values)))], 4) for q in self.scale.quantiles]
-        return {"per_adapter": scores, "candidates": sorted(set(taus))}
+    def groups(self) -> dict[str, list[str]]:
+        """Fine-tunes by the safety adapter they are repaired with: one fleet run each."""
+        out: dict[str, list[str]] = {}
+        for ft in self.fts:
+            out.setdefault(ft.safety, []).append(ft.name)
+        return out
 
-    def repaired(self, out: Path, merge: dict, inputs: dict) -> dict:
-        """One fleet run; each adapter's repaired copy and how many of its layers the repair changed."""
-        report = run_fleet(self.fleet_config(inputs, out, merge), progress=False)
-        if report.exit_code != 0:
-            raise RuntimeError(f"the fleet run into {out} exited {report.exit_code}")
-        pairs, _ = published_pairs(str(out), S3Settings())
-        changed = _changed(Path(pairs[0].repaired).parent / "decisions.parquet")
-        return {p.name: {"adapter": p.repaired, "changed": changed.get(p.name, 0)} for p in pairs}
+    def rho(self, unaligned: str, aligned: str, safety: dict, fleet: dict) -> dict:
+        per: dict[str, dict[str, float]] = {}
+        for name, fts in self.groups().items():
+            scores, _ = score_fleet(self.fleet_config(unaligned, aligned, safety[name], fts, fleet,
+                                                      self.root / "unused"), progress=False)
+            per.update(scores)
+        values = sorted(v for adapter in per.values() for v in adapter.values())
+        taus = sorted({round(values[min(len(values) - 1, int(q * len(values)))], 4) for q in self.scale.quantiles})
+        below = {n: sum(v < PAPER_TAU for v in adapter.values()) for n, adapter in per.items()}
+        return {"per_adapter": per, "candidates": taus, "below_paper_tau": below}
 
-    def choose_tau(self, d: Path, inputs: dict, rho: dict, split: dict, fleet: dict) -> dict:
-        """tau from the validation split: the candidate with the lowest harmful rate over the fleet whose mean
-        task score stays within 5 points of the fine-tunes'; never the evaluation split."""
-        harmful = _prompts(split["harmful"]["validation"], "v")
-        base = [Variant(f"ft:{n}", inputs["aligned_model"], f["adapter"], f["task"]) for n, f in fleet.items()]
-        table: dict[str, dict] = {"None": self.measure(base, harmful, split, "validation")}
-        log(f"tau None: {json.dumps(table['None']['fleet'])}")
+    def repaired(self, out: Path, merge: dict, unaligned: str, aligned: str, safety: dict, fleet: dict) -> dict:
+        """One fleet run per safety adapter; each adapter's repaired copy and the layers the repair changed."""
+        done: dict[str, dict] = {}
+        for name, fts in self.groups().items():
+            place = out / name
+            report = run_fleet(self.fleet_config(unaligned, aligned, safety[name], fts, fleet, place, merge),
+                               progress=False)
+            if report.exit_code != 0:
+                raise RuntimeError(f"the fleet run into {place} exited {report.exit_code}")
+            pairs, _ = published_pairs(str(place), S3Settings())
+            changed = _changed(Path(pairs[0].repaired).parent / "decisions.parquet")
+            done.update({p.name: {"adapter": p.repaired, "layers": changed.get(p.name, [])} for p in pairs})
+        return done
+
+    def repairs(self, d: Path, unaligned: str, aligned: str, safety: dict, fleet: dict, rho: dict) -> dict:
+        """The fleet repairs, then the controls beside the paper's repair: random layers at its count (a few
+        seeds) and, with the sweep, the largest updates at its count; the same merge, other layers."""
+        out = {label: self.repaired(d / label, merge, unaligned, aligned, safety, fleet)
+               for label, merge in repairs_of(self.scale).items()}
+        by_name = {ft.name: ft for ft in self.fts}
+        for name, paper in out["safemerge"].items():
+            count, modules = len(paper["layers"]), list(rho["per_adapter"][name])
+            ft, safe = fleet[name]["adapter"], safety[by_name[name].safety]["adapter"]
+            chosen = {f"random{s}": controls.random_layers(modules, count, self.scale.seed + s)
+                      for s in range(self.scale.random_seeds)}
+            if self.scale.sweep:
+                chosen["largest"] = controls.largest_layers(controls.update_norms(controls.adapter(ft)), count)
+            for label, layers in chosen.items():
+                path = controls.repair_layers(ft, safe, layers, (0.8, 0.2), d / label / name)
+                out.setdefault(label, {})[name] = {"adapter": path, "layers": sorted(layers)}
+        return out
+
+    def choose_tau(self, d: Path, unaligned: str, aligned: str, safety: dict, fleet: dict, rho: dict,
+                   split: dict) -> dict:
+        """tau from the validation split: the candidate with the lowest mean non-refusal rate over the headline
+        fine-tunes whose mean task score stays within 5 points of theirs; never the evaluation split."""
+        heads = [f for f in self.fts if f.arm == "headline"]
+        base = [Variant(f"ft:{f.name}", aligned, fleet[f.name]["adapter"], f.task) for f in heads]
+        table_: dict[str, dict] = {"None": _means(self.measure(d / "none", base, split, "validation"))}
         for tau in rho["candidates"]:
-            table[str(tau)] = self.validate(d / f"tau-{tau}", {**POLICIES["linear"], "tau": tau}, inputs, split, fleet)
-            log(f"tau {tau}: {json.dumps(table[str(tau)]['fleet'])}")
-        tau = _best_tau(table)
-        return {"tau": tau, "validation": table}
+            merge = {"policy": "safemerge", "method": "linear", "tau": tau}
+            repaired = self.repaired(d / f"tau-{tau}", merge, unaligned, aligned, safety, fleet)
+            variants = [Variant(f"tau:{f.name}", aligned, repaired[f.name]["adapter"], f.task) for f in heads]
+            table_[str(tau)] = _means(self.measure(d / f"tau-{tau}-answers", variants, split, "validation"))
+            log(f"tau {tau}: {json.dumps(table_[str(tau)])}")
+        floor = table_["None"]["task"] - 0.05 if table_["None"]["task"] is not None else None
+        fits = {k: v for k, v in table_.items() if k != "None" and (floor is None or (v["task"] or 0) >= floor)}
+        fits = fits or {k: v for k, v in table_.items() if k != "None"}
+        chosen = float(min(fits, key=lambda k: (fits[k]["harmful"], -(fits[k]["task"] or 0))))
+        merge = {"policy": "safemerge", "method": "linear", "tau": chosen}
+        repaired = self.repaired(d / "chosen", merge, unaligned, aligned, safety, fleet)
+        return {"tau": chosen, "validation": table_, "repaired": repaired}
 
-    def validate(self, out: Path, merge: dict, inputs: dict, split: dict, fleet: dict) -> dict:
-        """The fleet repaired with `merge`, measured on the validation split."""
-        repaired = self.repaired(out, merge, inputs)
-        variants = [Variant(f"repaired:{n}", inputs["aligned_model"], r["adapter"], fleet[n]["task"])
-                    for n, r in repaired.items()]
-        result = self.measure(variants, _prompts(split["harmful"]["validation"], "v"), split, "validation")
-        result["changed"] = {n: r["changed"] for n, r in repaired.items()}
-        return result
-
-    def ablate(self, d: Path, inputs: dict, tau: float, split: dict, fleet: dict) -> dict:
-        """The exact weighted sum (`cat`) at the chosen tau and at every layer, with the safety adapter weighted
-        0.2 (the default) and 0.5: is it the layers chosen or the weights that limit the repair?"""
-        table = {}
-        for i, (name, change) in enumerate(ABLATIONS.items()):
-            merge = {"policy": "safemerge", "method": "cat", "tau": tau, **change}
-            result = self.validate(d / f"ablation-{i}", merge, inputs, split, fleet)
-            table[name] = {k: result[k] for k in ("harmful", "task", "fleet", "changed")}
-            log(f"ablation {name}: {json.dumps(result['fleet'])}")
-        return table
-
-    def direction(self, inputs: dict, fleet: dict, safety: dict) -> dict:
-        """Each fine-tune's (and the safety adapter's) signed cosine with V, layer by layer, summarised."""
-        models = Path(inputs["unaligned_model"]), Path(inputs["aligned_model"])
-        adapters = {**{n: f["adapter"] for n, f in fleet.items()}, "safety adapter": safety["adapter"]}
-        return {n: summary(signed_cosines(*models, Path(a))) for n, a in adapters.items()}
-
-    def repairs(self, d: Path, inputs: dict, tau: float) -> dict:
-        return {name: self.repaired(d / name, {**merge, "tau": tau}, inputs) for name, merge in POLICIES.items()}
+    def variants(self, unaligned: str, aligned: str, safety: dict, fleet: dict, repairs: dict,
+                 tau: dict | None) -> list[Variant]:
+        """Everything evaluated: the models, the safety adapters alone, each fine-tune and each repair."""
+        out = [Variant("unaligned", unaligned, "", "*"), Variant("aligned", aligned, "", "*")]
+        out += [Variant(name, aligned, s["adapter"], None) for name, s in safety.items()]
+        tasks = {f.name: f.task for f in self.fts}
+        out += [Variant(f"ft:{n}", aligned, f["adapter"], tasks[n]) for n, f in fleet.items()]
+        everything = dict(repairs, **({"tau": tau["repaired"]} if tau else {}))
+        out += [Variant(f"{label}:{n}", aligned, r["adapter"], tasks[n]) for label, per in everything.items()
+                for n, r in per.items()]
+        return out
 
     # ----------------------------------------------------------------------- evaluation
 
-    def measure(self, variants: list[Variant], harmful: list[dict], split: dict, which: str,
-                cache: Path | None = None) -> dict:
-        """Harmful rate over `harmful` for every variant, task score on its task's `which` split."""
-        rows = judged(answers(variants, harmful, "harmful", self.scale.harmful_tokens, self.scale.batch, cache))
-        result: dict[str, Any] = {"harmful": by_variant(rows), "task": {}, "rows": rows}
+    def measure(self, d: Path, variants: list[Variant], split: dict, which: str) -> dict:
+        """Every variant's answers to `which` split's harmful prompts (judged), the over-refusal prompts (on
+        evaluation; judged: a refusal counts) and its task's prompts (scored); rows in d/answers.parquet."""
+        sc = self.scale
+        cache = self.root / "answers-cache" / which  # outside the stage: it survives a stopped run
+        harmful = _prompts(split["harmful"][which], "h")
+        rows = judged(answers(variants, harmful, "harmful", sc.harmful_tokens, sc.batch, cache), "harmful")
+        if which == "eval":
+            over = [v for v in variants if _over_refusal_variant(v.label)]
+            rows += judged(answers(over, _prompts(split["over_refusal"], "o"), "over_refusal", sc.harmful_tokens,
+                                   sc.batch, cache), "over_refusal")
         for task, spec in split["tasks"].items():
             mine = [v for v in variants if v.task in (task, "*")]
             if mine:
-                prompts = _prompts(spec[which], task[0])
-                task_rows = scored(answers(mine, prompts, task, self.scale.task_tokens, self.scale.batch, cache),
-                                   spec["metric"])
-                result["task"][task] = by_variant(task_rows)
-                result["rows"] += task_rows
-        result["fleet"] = _fleet_means(result)
+                rows += scored(answers(mine, _prompts(spec[which], task[0]), task, sc.task_tokens, sc.batch, cache),
+                               spec["metric"])
+        d.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table(rows), d / "answers.parquet")
+        return {"answers": str(d / "answers.parquet"), "rows": len(rows)}
+
+    def mechanics(self, unaligned: str, aligned: str, safety: dict, fleet: dict) -> dict:
+        """What the numbers can say about why: each fine-tune's update size against its safety adapter's (per
+        layer), V's rank, and the direction statistics with their null."""
+        out: dict[str, Any] = {"norm_ratio": {}, "direction": {}, "null": {}}
+        for name, fts in self.groups().items():
+            safe = controls.adapter(safety[name]["adapter"])
+            modules = list(safe.modules)
+            v = controls.deltas(Path(unaligned), Path(aligned), modules)
+            safe_norms = controls.update_norms(safe)
+            for n in fts:
+                lora = controls.adapter(fleet[n]["adapter"])
+                norms = controls.update_norms(lora)
+                out["norm_ratio"][n] = {m: safe_norms[m] / norms[m] for m in norms if m in safe_norms and norms[m]}
+                out["direction"][n] = controls.direction(lora, v)
+            out["direction"][name] = controls.direction(safe, v)
+            rank = next(iter(safe.modules.values())).rank
+            out["null"][name] = controls.null_cosines(v, rank, self.scale.null_draws, self.scale.seed)
+            out.setdefault("v_rank", {}).update(_ranks(v))
+        return out
+
+    def run_lockbox(self, variants: list[Variant]) -> dict:
+        """The reviewer's own harmful prompts (one a line), answered once by the headline variants and judged by
+        the refusal judge; cached by the file's sha256, read by no other stage."""
+        import hashlib
+
+        raw = self.lockbox.read_bytes() if self.lockbox else b""
+        digest = hashlib.sha256(raw).hexdigest()[:16]
+        place = self.root / "lockbox" / digest
+        if (place / "result.json").exists():
+            log(f"lockbox {digest}: done before")
+            return json.loads((place / "result.json").read_text())
+        prompts = [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
+        heads = {f"ft:{f.name}" for f in self.fts if f.arm == "headline"}
+        chosen = [v for v in variants if v.label in heads or v.label == "aligned"
+                  or (v.label.partition(":")[2] and f"ft:{v.label.partition(':')[2]}" in heads
+                      and v.label.split(":")[0] in ("safemerge", "safelora", "random0"))]
+        rows = judged(answers(chosen, _prompts(prompts, "l"), "lockbox", self.scale.harmful_tokens,
+                              self.scale.batch), "harmful")
+        place.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table(rows), place / "answers.parquet")
+        result = {"sha256": digest, "prompts": len(prompts), "answers": str(place / "answers.parquet")}
+        (place / "result.json").write_text(json.dumps(result))
+        log(f"lockbox {digest}: {len(prompts)} prompts, {len(rows)} answers")
         return result
 
-    def evaluate(self, d: Path, unaligned: str, aligned: str, split: dict, fleet: dict, safety: dict,
-                 repairs: dict) -> dict:
-        """Every model and variant on the held-out split; the safety adapter alone too (how well it refuses)."""
-        variants = [Variant("unaligned", unaligned, "", "*"), Variant("aligned", aligned, "", "*"),
-                    Variant("safety-adapter", aligned, safety["adapter"], None)]
-        variants += [Variant(f"ft:{n}", aligned, f["adapter"], f["task"]) for n, f in fleet.items()]
-        variants += [Variant(f"{policy}:{n}", aligned, r["adapter"], fleet[n]["task"])
-                     for policy, out in repairs.items() for n, r in out.items()]
-        cache = self.root / "answers-cache" / "eval"  # outside the stage's directory: it survives a stopped run
-        result = self.measure(variants, _prompts(split["harmful"]["eval"], "h"), split, "eval", cache)
-        pq.write_table(_table(result.pop("rows")), d / "answers.parquet")
-        result["generation_seconds"] = round(cached_seconds(cache), 1)  # over every run that made them
-        return result
+
+def _over_refusal_variant(label: str) -> bool:
+    """Over-refusal is measured on the models, the safety adapters, the fine-tunes and the fleet repairs."""
+    return label.split(":")[0] in ("unaligned", "aligned", "safety", "safety-all", "ft", "safemerge", "safelora",
+                                   "tau")
 
 
 def _prompts(items: list, prefix: str) -> list[dict]:
@@ -280,31 +413,30 @@ def _prompts(items: list, prefix: str) -> list[dict]:
              **({} if isinstance(x, str) else {"reference": x["reference"]})} for i, x in enumerate(items)]
 
 
-def _changed(decisions: Path) -> dict[str, int]:
-    """Layers each repair changed: rows of the run's decisions table whose action is not `kept`."""
-    counts: dict[str, int] = {}
-    for row in pq.read_table(decisions, columns=["adapter", "action"]).to_pylist():
-        counts[row["adapter"]] = counts.get(row["adapter"], 0) + (not str(row["action"]).startswith("kept"))
-    return counts
+def _changed(decisions: Path) -> dict[str, list[str]]:
+    """The layers each adapter's repair changed: its decision rows whose action is not `kept`."""
+    out: dict[str, list[str]] = {}
+    for row in pq.read_table(decisions, columns=["adapter", "module", "action"]).to_pylist():
+        out.setdefault(row["adapter"], [])
+        if not str(row["action"]).startswith("kept"):
+            out[row["adapter"]].append(row["module"])
+    return out
 
 
-def _fleet_means(result: dict) -> dict:
-    """Mean harmful rate over the fleet's variants, and mean task score over those with a task."""
-    fleet = [k for k in result["harmful"] if ":" in k]
-    task = [v["mean"] for per in result["task"].values() for k, v in per.items() if ":" in k]
-    return {"harmful": sum(result["harmful"][k]["mean"] for k in fleet) / max(1, len(fleet)),
-            "task": sum(task) / max(1, len(task))}
+def _means(measured: dict) -> dict:
+    """Mean non-refusal rate and mean task score over the fine-tune variants of one validation measurement."""
+    rows = pq.read_table(measured["answers"]).to_pylist()
+    harm = [r["value"] for r in rows if r["set"] == "harmful"]
+    task = [r["value"] for r in rows if r["set"] not in ("harmful", "over_refusal")]
+    return {"harmful": sum(harm) / max(1, len(harm)), "task": sum(task) / len(task) if task else None}
 
 
-def _best_tau(table: dict) -> float:
-    floor = table["None"]["fleet"]["task"] - 0.05
-    candidates = {k: v["fleet"] for k, v in table.items() if k != "None"}
-    ok = {k: v for k, v in candidates.items() if v["task"] >= floor} or candidates
-    return float(min(ok, key=lambda k: (ok[k]["harmful"], -ok[k]["task"])))
+def _ranks(v: dict) -> dict[str, dict[str, int]]:
+    """Each module's V: its numerical rank (singular values above 1e-6 of the largest) and the full rank."""
+    import torch
 
-
-def _table(rows: list[dict]):
-    import pyarrow as pa
-
-    keys = ("variant", "set", "prompt_id", "prompt", "response", "judgement", "value")
-    return pa.table({k: [r.get(k) for r in rows] for k in keys})
+    out = {}
+    for module, m in v.items():
+        s = torch.linalg.svdvals(m)
+        out[module] = {"rank": int((s > 1e-6 * s[0]).sum()), "full": min(m.shape)}
+    return out

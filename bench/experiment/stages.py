@@ -18,11 +18,13 @@ def log(message: str) -> None:
 class Stages:
     def __init__(self, root: Path):
         self.root = root
+        self.ran: list[str] = []  # this run's stages, done now or before (a root holds other profiles' too)
         root.mkdir(parents=True, exist_ok=True)
 
     def run(self, name: str, work: Callable[[Path], dict]) -> dict:
         place = self.root / name
         done = place / "stage.json"
+        self.ran.append(name)
         if done.exists():
             record = json.loads(done.read_text())
             log(f"{name}: done before ({record['seconds']:.0f} s then)")
@@ -38,6 +40,5 @@ class Stages:
         return result
 
     def seconds(self) -> dict[str, float]:
-        """Each finished stage's time, in the order the stages ran."""
-        records = sorted(self.root.glob("*/stage.json"), key=lambda p: p.stat().st_mtime)
-        return {p.parent.name: json.loads(p.read_text())["seconds"] for p in records}
+        """The time each of this run's stages took when it ran, in the order they run."""
+        return {name: json.loads((self.root / name / "stage.json").read_text())["seconds"] for name in self.ran}
