@@ -49,6 +49,7 @@ class Scale:
     harmful_tokens: int = 32
     task_tokens: int = 16
     batch: int = 32
+    replicas: int = 2  # generation replicas (each loads the model and every adapter it serves)
     random_seeds: int = 3
     null_draws: int = 100
     seed: int = 0
@@ -65,7 +66,7 @@ CORE = replace(FULL, name="core", headline=("arithmetic",), all_linear=(), stres
 SMOKE = replace(FULL, name="smoke", harmful_eval=6, harmful_val=4, over_refusal=4, task_eval=4, task_val=4,
                 task_train=16, align_refusals=8, benign=8, instructions=8, safety_examples=8, compliance=8,
                 align_steps=2, align_batch=4, ft_steps=2, safety_steps=2, distill_tokens=8, harmful_tokens=8,
-                task_tokens=6, batch=8, random_seeds=2, null_draws=4, headline=("arithmetic", "instruct"),
+                task_tokens=6, batch=8, replicas=1, random_seeds=1, null_draws=4, headline=("arithmetic", "instruct"),
                 stress=("harmful",), quantiles=(0.5,))
 SCALES = {"full": FULL, "core": CORE, "smoke": SMOKE}
 
@@ -189,7 +190,7 @@ class Experiment:
         sets = {"b": split["benign"], "i": split["instructions"], "c": split["harmful"]["compliance"]}
         prompts = [{"id": f"{k}{i:03d}", "prompt": p} for k, texts in sets.items() for i, p in enumerate(texts)]
         rows = answers([Variant("unaligned", unaligned, "", None)], prompts, "distill", self.scale.distill_tokens,
-                       self.scale.batch)
+                       self.scale.batch, replicas=self.scale.replicas)
         verdicts = refusal_judgements([r["response"] for r in rows])
         kept: dict[str, list] = {"b": [], "i": [], "c": []}
         for r, v in zip(rows, verdicts, strict=True):
@@ -342,16 +343,16 @@ class Experiment:
         sc = self.scale
         cache = self.root / "answers-cache" / which  # outside the stage: it survives a stopped run
         harmful = _prompts(split["harmful"][which], "h")
-        rows = judged(answers(variants, harmful, "harmful", sc.harmful_tokens, sc.batch, cache), "harmful")
+        rows = judged(answers(variants, harmful, "harmful", sc.harmful_tokens, sc.batch, cache, sc.replicas), "harmful")
         if which == "eval":
             over = [v for v in variants if _over_refusal_variant(v.label)]
             rows += judged(answers(over, _prompts(split["over_refusal"], "o"), "over_refusal", sc.harmful_tokens,
-                                   sc.batch, cache), "over_refusal")
+                                   sc.batch, cache, sc.replicas), "over_refusal")
         for task, spec in split["tasks"].items():
             mine = [v for v in variants if v.task in (task, "*")]
             if mine:
-                rows += scored(answers(mine, _prompts(spec[which], task[0]), task, sc.task_tokens, sc.batch, cache),
-                               spec["metric"])
+                rows += scored(answers(mine, _prompts(spec[which], task[0]), task, sc.task_tokens, sc.batch, cache,
+                                       sc.replicas), spec["metric"])
         d.mkdir(parents=True, exist_ok=True)
         pq.write_table(table(rows), d / "answers.parquet")
         return {"answers": str(d / "answers.parquet"), "rows": len(rows)}
@@ -393,7 +394,7 @@ class Experiment:
                   or (v.label.partition(":")[2] and f"ft:{v.label.partition(':')[2]}" in heads
                       and v.label.split(":")[0] in ("safemerge", "safelora", "random0"))]
         rows = judged(answers(chosen, _prompts(prompts, "l"), "lockbox", self.scale.harmful_tokens,
-                              self.scale.batch), "harmful")
+                              self.scale.batch, replicas=self.scale.replicas), "harmful")
         place.mkdir(parents=True, exist_ok=True)
         pq.write_table(table(rows), place / "answers.parquet")
         result = {"sha256": digest, "prompts": len(prompts), "answers": str(place / "answers.parquet")}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from .pipeline import PAPER_TAU
+from .scoring import judged
 from .stats import holm, paired, rate
 
 HEAD = ("safemerge", "random", "safelora")  # the headline's repairs, beside each fine-tune
@@ -38,10 +39,14 @@ def _diff(d: dict | None, p: float | None = None) -> str:
 
 
 class Answers:
-    """One split's answers: per (variant, set) the 0/1 values in prompt order."""
+    """One split's answers: per (variant, set) the 0/1 values in prompt order. Answers to harmful and
+    over-refusal prompts are judged again here by the package's judges, so the page always shows what the
+    judge as it now is says (the stage that made the answers may predate a change to it)."""
 
     def __init__(self, path: str):
         self.rows = pq.read_table(path).to_pylist()
+        for kind in ("harmful", "over_refusal"):
+            judged([r for r in self.rows if r["set"] == kind], kind)
         self.values: dict[tuple[str, str], dict[str, float]] = {}
         for r in self.rows:
             self.values.setdefault((r["variant"], r["set"]), {})[r["prompt_id"]] = r["value"]

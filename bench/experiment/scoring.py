@@ -26,13 +26,13 @@ class Variant:
     task: str | None  # the task it is scored on (None: harmful prompts only)
 
 
-CHUNK = 4  # variants generated per call when answers are cached: what a stopped run loses at most
+CHUNK_ANSWERS = 2000  # answers generated per call when answers are cached: what a stopped run loses at most
 
 
 def answers(variants: list[Variant], prompts: list[dict], kind: str, max_new_tokens: int,
-            batch_size: int, cache: Path | None = None) -> list[dict]:
+            batch_size: int, cache: Path | None = None, replicas: int = 2) -> list[dict]:
     """Every variant's answer to every prompt ({id, prompt, reference?}) of one set, one row each. With `cache`,
-    each variant's answers are kept there as they are made (CHUNK variants a call), with the fingerprint of the
+    each variant's answers are kept there as they are made (CHUNK_ANSWERS answers a call), with the fingerprint of the
     adapter's bytes and of the prompts; a rerun, or another profile's run, reuses them while both match: the
     evaluation, the longest stage, resumes where it stopped."""
     rows: list[dict] = []
@@ -44,12 +44,13 @@ def answers(variants: list[Variant], prompts: list[dict], kind: str, max_new_tok
             todo.append(v)
         else:
             rows += kept
+    step = max(1, CHUNK_ANSWERS // max(1, len(prompts)))  # variants a call: each call starts a replica pool
     for model in dict.fromkeys(v.model for v in todo):  # one replica pool per base model
         mine = [v for v in todo if v.model == model]
-        for start in range(0, len(mine), CHUNK if cache else len(mine)):
-            chunk = mine[start:start + (CHUNK if cache else len(mine))]
+        for start in range(0, len(mine), step if cache else len(mine)):
+            chunk = mine[start:start + (step if cache else len(mine))]
             begun = time.monotonic()
-            made = _generate(chunk, model, prompts, kind, max_new_tokens, batch_size)
+            made = _generate(chunk, model, prompts, kind, max_new_tokens, batch_size, replicas)
             rows += made
             if cache is not None:
                 each = (time.monotonic() - begun) / len(chunk)
@@ -85,10 +86,10 @@ def _read_cache(cache: Path, variant: Variant, kind: str, fingerprint: str) -> l
 
 
 def _generate(variants: list[Variant], model: str, prompts: list[dict], kind: str, max_new_tokens: int,
-              batch_size: int) -> list[dict]:
+              batch_size: int, replicas: int) -> list[dict]:
     todo = [{"lora": v.lora, "set": kind, "prompt_id": p["id"], "prompt": p["prompt"], "variant": v.label,
              "reference": p.get("reference", "")} for v in variants for p in prompts]
-    spec = EvalSpec(harmful_prompts="-", max_new_tokens=max_new_tokens, batch_size=batch_size, replicas=2)
+    spec = EvalSpec(harmful_prompts="-", max_new_tokens=max_new_tokens, batch_size=batch_size, replicas=replicas)
     return generate(spec, model, S3Settings(), todo, [])
 
 
