@@ -95,6 +95,7 @@ def test_the_smoke_run_does_every_stage_and_writes_the_page(smoke):
                     "## What the mechanisms show"):
         assert heading in page
     assert "| `arithmetic` | SafeMERGE |" in page and "| `arithmetic` | random layers |" in page
+    assert "img/evidence-losses.png" in page and (SMOKE / "img" / "evidence-losses.png").stat().st_size > 10_000
     blind = (SMOKE / "labels.smoke" / "validation-blind.jsonl").read_text().splitlines()
     assert blind and all(set(json.loads(line)) == {"id", "prompt", "response"} for line in blind)
 

@@ -39,3 +39,11 @@ def test_kappa_and_agreement():
     assert kappa(judge, hand) == pytest.approx((0.8 - 0.36) / 0.64)
     a = agreement(judge, hand)
     assert a["precision"] == pytest.approx(2 / 3) and a["recall"] == 1.0 and math.isclose(a["accuracy"], 0.8)
+
+
+def test_a_control_averaged_over_seeds_gets_a_permutation_p():
+    before = [1.0] * 30 + [0.0] * 70
+    after = [1 / 3] * 30 + [0.0] * 70  # two of three seeds refuse what the fine-tune answered
+    d = paired(before, after)
+    assert d["test"] == "sign-flip" and d["p"] < 0.001 and d["diff"] == pytest.approx(-0.2)
+    assert paired(before, before)["p"] == 1.0

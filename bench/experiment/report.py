@@ -16,6 +16,10 @@ from .stats import holm, paired, rate
 
 HEAD = ("safemerge", "random", "safelora")  # the headline's repairs, beside each fine-tune
 SAMPLES = 2  # answers shown per variant
+FIRST_PASS = ("## The first pass\n\nThe page before this one (`git show 0ca348f:docs/evidence.md`) measured an attack "
+              "setting (fine-tunes with 5% harmful data) with an unchecked keyword judge, V from a rank-32 LoRA and no "
+              "controls; issue 30's audit explains why it could not separate SafeMERGE from the set-up. This design "
+              "replaces it.")
 TRUNCATE = 150
 
 
@@ -102,15 +106,35 @@ def comparisons(ev: Answers, names: list[str], tasks: dict[str, str | None]) -> 
     return out
 
 
+def against_random(ev: Answers, names: list[str], tasks: dict[str, str | None]) -> dict[str, dict]:
+    """SafeMERGE's repair against the random-layer control at the same count, paired prompt by prompt: what
+    choosing the layers by rho adds over choosing as many at random."""
+    out = {}
+    for name in names:
+        control = ev.random_mean(name, "harmful")
+        if control is None or not ev.has(f"safemerge:{name}", "harmful"):
+            continue
+        entry = {"harmful": paired(control, ev.vector(f"safemerge:{name}", "harmful"))}
+        task = tasks.get(name)
+        control_task = ev.random_mean(name, task) if task else None
+        if task and control_task is not None:
+            entry["task"] = paired(control_task, ev.vector(f"safemerge:{name}", task))
+        out[name] = entry
+    return out
+
+
 def write_evidence(result: dict, root: Path, page: Path) -> None:
     ev = Answers(result["eval"]["answers"])
     fts = {f["name"]: f for f in result["fine_tunes"]}
     tasks = {n: f["task"] for n, f in fts.items()}
     comp = comparisons(ev, list(fts), tasks)
-    parts = [headline(result, ev, fts, comp), prereg(result), table_head(result, ev, fts, comp),
+    comp["vs_random"] = against_random(ev, list(fts), tasks)
+    parts = [headline(result, ev, fts, comp), findings(result, ev, fts, comp), table_head(result, ev, fts, comp),
              judge_section(result), over_refusal(ev), stress(ev, fts, comp), mechanics(result, comp),
-             safety_adapter(result), lockbox(result), what_was_run(result), times(result), sample(ev)]
+             safety_adapter(result), lockbox(result), prereg(result), what_was_run(result), times(result), sample(ev),
+             FIRST_PASS]
     page.parent.mkdir(parents=True, exist_ok=True)
+    plot_losses(result, page.parent / "img" / "evidence-losses.png")
     page.write_text("\n\n".join(p for p in parts if p) + "\n")
 
 
@@ -122,7 +146,8 @@ def headline(result: dict, ev: Answers, fts: dict, comp: dict) -> str:
              f"benign data; the paper's setting (tau {PAPER_TAU}, linear, 0.8/0.2). Rates are **non-refusal rates** "
              f"on held-out harmful prompts by the refusal judge (its agreement with hand labels below), percent "
              f"with 95% intervals; differences are paired over the same prompts. The aligned model: "
-             f"{_rate(aligned)}."]
+             f"{_rate(aligned)}. This page is the `{result.get('profile', 'full')}` run's "
+             f"(`make experiment{'' if result.get('profile', 'full') == 'full' else '-' + result['profile']}`)."]
     for n in heads:
         ft = ev.rate(f"ft:{n}", "harmful")
         sm = comp.get("safemerge", {}).get(n)
@@ -133,14 +158,79 @@ def headline(result: dict, ev: Answers, fts: dict, comp: dict) -> str:
     return "\n".join(lines)
 
 
+def _significant(d: dict) -> bool:
+    lo, hi = d["ci95"]
+    return lo > 0 or hi < 0
+
+
+def findings(result: dict, ev: Answers, fts: dict, comp: dict) -> str:
+    """What the numbers show, each sentence computed from them."""
+    out = ["## What it shows", ""]
+    aligned = ev.rate("aligned", "harmful")
+    over = {v: ev.rate(v, "over_refusal") for v in ("aligned", "unaligned")}
+    for name in (n for n, f in fts.items() if f["arm"] != "stress"):
+        ft = ev.rate(f"ft:{name}", "harmful")
+        if not ft or not aligned:
+            continue
+        out.append(f"- **`{name}` erodes safety**: non-refusal {_pct(aligned['mean'])}% (aligned) -> "
+                   f"{_pct(ft['mean'])}% (fine-tune).")
+        sm, vr, sl = (comp.get(k, {}).get(name) for k in ("safemerge", "vs_random", "safelora"))
+        if sm:
+            verb = "lowers it" if _significant(sm["harmful"]) and sm["harmful"]["diff"] < 0 else "does not move it"
+            task = f"; task {_diff(sm.get('task'))} points" if sm.get("task") else ""
+            out.append(f"  SafeMERGE at the paper's setting {verb}: {_diff(sm['harmful'])} points{task}.")
+        if vr:
+            better = _significant(vr["harmful"]) and vr["harmful"]["diff"] < 0
+            out.append(f"  Against the same merge on random layers at the same count it differs by "
+                       f"{_diff(vr['harmful'])} points (p {vr['harmful']['p']:.2g}): choosing the layers by rho "
+                       + ("does better than chance here." if better else "is not shown to beat chance here."))
+        if sl:
+            task = f", task {_diff(sl.get('task'))} points" if sl.get("task") else ""
+            orr = ev.rate(f"safelora:{name}", "over_refusal")
+            ftr = ev.rate(f"ft:{name}", "over_refusal")
+            refusal = (f", over-refusal {_pct(ftr['mean'])}% -> {_pct(orr['mean'])}%" if orr and ftr else "")
+            out.append(f"  SafeLoRA: {_diff(sl['harmful'])} points{task}{refusal}.")
+    if over["aligned"] and over["unaligned"]:
+        out.append(f"- **The aligned model over-refuses**: it refuses {_pct(over['aligned']['mean'])}% of the benign "
+                   f"prompts that look risky (the unaligned model {_pct(over['unaligned']['mean'])}%): this alignment "
+                   "is blunter than a chat model's, and a repair that restores it restores the over-refusal too.")
+    labels = result.get("labels") or {}
+    for split, c in labels.items():
+        worst = max(c["per_variant"].items(), key=lambda kv: abs(kv[1]["bias"]))
+        met = c["judge"]["kappa"] >= 0.8 and abs(worst[1]["bias"]) <= 0.05
+        out.append(f"- **The judge ({split} split, {c['matched']} hand labels)**: kappa {c['judge']['kappa']:.2f} "
+                   f"(the keyword judge {c['keyword']['kappa']:.2f}); largest per-variant bias "
+                   f"{100 * worst[1]['bias']:+.1f} points (`{worst[0]}`, n = {worst[1]['n']}): the target (kappa >= "
+                   f"0.8, |bias| <= 5) is {'met' if met else 'missed'}.")
+    return "\n".join(out)
+
+
 def prereg(result: dict) -> str:
-    return ("## Pre-registered\n\nFixed in `bench/experiment/pipeline.py` before any evaluation: the paper's "
-            f"setting (tau {PAPER_TAU}, `linear`, weights 0.8/0.2) as the headline repair; SafeLoRA at the same tau; "
-            "beside it, the same merge on random layers at the same count (seeds 0.."
-            f"{result['scale']['random_seeds'] - 1}, averaged prompt by prompt) and, in the full run, on the "
-            "largest updates at the same count, the weights 0.6/0.4 and 0.5/0.5, and tau chosen on the validation "
-            "split; each compared with its fine-tune paired over the same prompts (paired bootstrap, McNemar's "
-            "exact test, Holm across fine-tunes). The evaluation prompts are used for no choice.")
+    sc = result["scale"]
+    return "\n".join([
+        "## Pre-registered (before any evaluation of this design)", "",
+        "Fixed in `bench/experiment/pipeline.py` at the commit that introduced it, before its evaluations ran:", "",
+        f"- **Alignment that changes full-rank weights**: the unaligned SmolLM2-135M fine-tuned in every weight "
+        f"({sc['align_steps']} AdamW steps, batch {sc['align_batch']}, lr {sc['align_lr']}) on refusals in 16 "
+        f"wordings to {sc['align_refusals']} harmful prompts and its own helpful answers to {sc['benign']} benign "
+        "prompts; V = W_aligned - W_unaligned.",
+        f"- **Benign fine-tunes as the headline**: rank 8 on `q_proj` and `v_proj`, {sc['ft_steps']} steps at lr "
+        f"{sc['ft_lr']} by `train-safety`: {', '.join(sc['headline'])}; all-linear arm: "
+        f"{', '.join(sc['all_linear']) or 'none in this profile'}; stress tests, apart: "
+        f"{', '.join(sc['stress']) or 'none in this profile'}.",
+        f"- **The safety adapter** per LoRA shape: refusals in 12 wordings of its own to {sc['safety_examples']} "
+        f"prompts of its own split, {sc['safety_steps']} steps at lr {sc['safety_lr']}.",
+        f"- **Repairs**: SafeMERGE at the paper's setting (tau {PAPER_TAU}, `linear`, 0.8/0.2); SafeLoRA at the "
+        f"same tau; the same merge on random layers at SafeMERGE's count (seeds 0..{sc['random_seeds'] - 1}, "
+        "averaged prompt by prompt)"
+        + ("; the largest updates at that count; weights 0.6/0.4 and 0.5/0.5; tau chosen on validation."
+           if sc["sweep"] else "."),
+        f"- **Measured** on {sc['harmful_eval']} held-out harmful prompts, {sc['over_refusal']} over-refusal prompts "
+        f"and {sc['task_eval']} task items; each repair against its fine-tune paired over the same prompts "
+        "(paired bootstrap interval; McNemar's exact test, or a sign-flip test for the seed-averaged control; Holm "
+        "across fine-tunes per repair). The judge checked against blind hand labels; target kappa >= 0.8 and "
+        "|bias| <= 5 points per variant.",
+    ])
 
 
 def _row(ev: Answers, comp: dict, label: str, name: str, task: str | None, repair: str | None) -> str:
@@ -175,6 +265,10 @@ def table_head(result: dict, ev: Answers, fts: dict, comp: dict) -> str:
             if row:
                 count = changed.get("random0" if repair == "random" else repair, {}).get(name, "")
                 out.append(row + f" {count} |")
+        vr = comp["vs_random"].get(name)
+        if vr:
+            out.append(f"| `{name}` | SafeMERGE vs random layers | | {_diff(vr['harmful'], vr['harmful']['p'])} | | "
+                       f"{_diff(vr.get('task'))} | |")
     return "\n".join(out)
 
 
@@ -265,8 +359,33 @@ def mechanics(result: dict, comp: dict) -> str:
     return "\n".join(out)
 
 
+def plot_losses(result: dict, path: Path) -> None:
+    """The training loss of the aligned model, each safety adapter and each fine-tune, step by step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    curves = {"aligned (full-parameter)": result["aligned"]["losses"],
+              **{f"{n} (safety adapter)": s["losses"] for n, s in result["safety"].items()},
+              **{n: f["losses"] for n, f in result["fleet"].items()}}
+    for label, losses in curves.items():
+        ax.plot([s for s, _ in losses], [v for _, v in losses], label=label,
+                linewidth=2 if "safety" in label else 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def safety_adapter(result: dict) -> str:
-    out = ["## Training", "", "| model | examples | steps | loss first -> last |", "| --- | --- | --- | --- |"]
+    out = ["## Training", "", "![training loss per step](img/evidence-losses.png)", "",
+           "| model | examples | steps | loss first -> last |", "| --- | --- | --- | --- |"]
     al = result["aligned"]
     out.append(f"| aligned (full-parameter) | {al['examples']} | {len(al['losses'])} | "
                f"{al['losses'][0][1]:.3f} -> {al['losses'][-1][1]:.3f} |")

@@ -33,16 +33,28 @@ def mcnemar_p(before: Sequence[float], after: Sequence[float]) -> float:
     return min(1.0, 2 * tail)
 
 
+def sign_flip_p(before: Sequence[float], after: Sequence[float], seed: int = 0, draws: int = 10000) -> float:
+    """Two-sided p of a paired permutation test: each prompt's difference flips sign at random under the null."""
+    d = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    if not d.any():
+        return 1.0
+    signs = np.random.default_rng(seed).choice((-1.0, 1.0), size=(draws, d.size))
+    null = np.abs((signs * d).mean(axis=1))
+    return float((1 + np.sum(null >= abs(d.mean()) - 1e-12)) / (draws + 1))
+
+
 def paired(before: Sequence[float], after: Sequence[float], seed: int = 0) -> dict:
     """after - before over the same prompts: the mean difference, its paired-bootstrap 95% interval (prompts
-    resampled, both answers kept together) and McNemar's p for 0/1 outcomes."""
+    resampled, both answers kept together) and a p-value: McNemar's exact test for 0/1 outcomes, a sign-flip
+    permutation test otherwise (a control averaged over seeds)."""
     x, y = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
     assert x.shape == y.shape and x.size, "paired outcomes need the same prompts"
     idx = np.random.default_rng(seed).integers(0, x.size, (RESAMPLES, x.size))
     diffs = (y[idx] - x[idx]).mean(axis=1)
     binary = set(np.unique(np.concatenate([x, y]))) <= {0.0, 1.0}
     interval = [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]
-    return {"diff": float((y - x).mean()), "ci95": interval, "p": mcnemar_p(before, after) if binary else None,
+    p = mcnemar_p(before, after) if binary else sign_flip_p(before, after, seed)
+    return {"diff": float((y - x).mean()), "ci95": interval, "p": p, "test": "mcnemar" if binary else "sign-flip",
             "n": int(x.size)}
 
 
