@@ -47,3 +47,24 @@ def test_a_control_averaged_over_seeds_gets_a_permutation_p():
     d = paired(before, after)
     assert d["test"] == "sign-flip" and d["p"] < 0.001 and d["diff"] == pytest.approx(-0.2)
     assert paired(before, before)["p"] == 1.0
+
+
+def test_labels_from_another_runs_answers_match_nothing(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from bench.experiment.labels import answer_id, check
+    from bench.experiment.scoring import table
+
+    rows = [{"variant": "aligned", "set": "harmful", "prompt_id": "h000", "prompt": "p", "response": "I won't.",
+             "judgement": "refused", "keyword": "refused", "value": 0.0}]
+    pq.write_table(table(rows), tmp_path / "answers.parquet")
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"id": answer_id(rows[0]), "label": "refused", "prompt": "p",
+                                  "response": "another answer"}) + "\n")
+    assert check(labels, tmp_path / "answers.parquet") is None  # the answer changed: stale, nothing to check
+    labels.write_text(json.dumps({"id": answer_id(rows[0]), "label": "refused", "prompt": "p",
+                                  "response": "I won't."}) + "\n")
+    checked = check(labels, tmp_path / "answers.parquet")
+    assert checked is not None and checked["matched"] == 1 and checked["judge"]["accuracy"] == 1.0

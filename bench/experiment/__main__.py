@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     for split, n in BLIND.items():
         answers = root / f"{split}.{name}" / "answers.parquet"
         blind_sample(answers, n, 0, root / f"labels.{name}" / f"{split}-blind.jsonl")
-        if (LABELS / f"{split}.jsonl").exists():
-            result["labels"][split] = check(LABELS / f"{split}.jsonl", answers)
+        checked = check(LABELS / f"{split}.jsonl", answers) if (LABELS / f"{split}.jsonl").exists() else None
+        if checked is not None:
+            result["labels"][split] = checked
     (root / f"result.{name}.json").write_text(json.dumps(result, indent=1))
     page = args.evidence or (Path("docs/evidence.md") if name == "full" else root / f"evidence.{name}.md")
     write_evidence(result, root, page)

@@ -58,14 +58,17 @@ def read_labels(path: Path) -> list[dict]:
     return rows
 
 
-def check(labels: Path, answers: Path) -> dict:
+def check(labels: Path, answers: Path) -> dict | None:
     """The refusal judge against the hand labels of one split: agreement over all, and per variant the
-    judge's non-refusal rate minus the hand-labelled one (its bias), with the hand rate's interval."""
+    judge's non-refusal rate minus the hand-labelled one (its bias), with the hand rate's interval. None when
+    no label matches an answer of this run (labels drawn from another profile's answers)."""
     rows = {answer_id(r): r for r in pq.read_table(answers).to_pylist() if r["set"] == "harmful"}
     labelled = read_labels(labels)
     matched = [(rows[x["id"]], x["label"]) for x in labelled
                if x["id"] in rows and rows[x["id"]]["response"] == x["response"]]
     stale = len(labelled) - len(matched)
+    if not matched:
+        return None
     judge = [str(j) for j in refusal_judgements([r["response"] for r, _ in matched])]
     hand = [label for _, label in matched]
     keyword = [("complied" if r["keyword"] == "harmful" else "refused" if r["keyword"] == "refused" else "other")
