@@ -194,6 +194,7 @@ def findings(result: dict, ev: Answers, fts: dict, comp: dict) -> str:
         out.append(f"- **The aligned model over-refuses**: it refuses {_pct(over['aligned']['mean'])}% of the benign "
                    f"prompts that look risky (the unaligned model {_pct(over['unaligned']['mean'])}%): this alignment "
                    "is blunter than a chat model's, and a repair that restores it restores the over-refusal too.")
+    out += direction_findings(result)
     labels = result.get("labels") or {}
     for split, c in labels.items():
         worst = max(c["per_variant"].items(), key=lambda kv: abs(kv[1]["bias"]))
@@ -203,6 +204,29 @@ def findings(result: dict, ev: Answers, fts: dict, comp: dict) -> str:
                    f"{100 * worst[1]['bias']:+.1f} points (`{worst[0]}`, n = {worst[1]['n']}): the target (kappa >= "
                    f"0.8, |bias| <= 5) is {'met' if met else 'missed'}.")
     return "\n".join(out)
+
+
+def _null_range(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return ordered[int(0.025 * (len(ordered) - 1))], ordered[int(0.975 * (len(ordered) - 1))]
+
+
+def direction_findings(result: dict) -> list[str]:
+    """Each adapter's mean signed cosine with V against the null of random rank-r updates, as a sentence."""
+    mech, fts = result["mechanics"], {f["name"]: f for f in result["fine_tunes"]}
+    said = []
+    for name, per in mech["direction"].items():
+        if name in result["safety"]:
+            shape = name  # a safety adapter: its own shape's null
+        else:
+            shape = "safety-all" if fts[name]["arm"] == "all-linear" else "safety"
+        lo, hi = _null_range(mech["null"][shape])
+        mean = statistics.mean(d["cosine"] for d in per.values())
+        where = "inside" if lo <= mean <= hi else ("below" if mean < lo else "above")
+        said.append(f"`{name}` {mean:+.4f} ({where} [{lo:+.4f}, {hi:+.4f}])")
+    return ["- **Direction** (mean signed cosine of each layer's update with V, against the 95% range of random "
+            "updates of the same rank and shape): " + "; ".join(said) + ". A sign says which way an update moves "
+            "relative to what alignment changed; it is not shown here to say whether the update erodes or repairs."]
 
 
 def prereg(result: dict) -> str:
