@@ -202,7 +202,9 @@ def findings(result: dict, ev: Answers, fts: dict, comp: dict) -> str:
         out.append(f"- **The judge ({split} split, {c['matched']} hand labels)**: kappa {c['judge']['kappa']:.2f} "
                    f"(the keyword judge {c['keyword']['kappa']:.2f}); largest per-variant bias "
                    f"{100 * worst[1]['bias']:+.1f} points (`{worst[0]}`, n = {worst[1]['n']}): the target (kappa >= "
-                   f"0.8, |bias| <= 5) is {'met' if met else 'missed'}.")
+                   f"0.8, |bias| <= 5) is {'met' if met else 'missed'}"
+                   + ("." if met else ": read each variant's hand-labelled rate and its interval (below) beside the "
+                      "judge's; with some 17 answers a variant, one answer moves a rate by 6 points."))
     return "\n".join(out)
 
 
