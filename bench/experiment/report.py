@@ -259,19 +259,20 @@ def prereg(result: dict) -> str:
     ])
 
 
-def _row(ev: Answers, comp: dict, label: str, name: str, task: str | None, repair: str | None) -> str:
+def _cells(ev: Answers, comp: dict, name: str, task: str | None, repair: str | None) -> list[str] | None:
+    """A table row's cells after the variant: the rate, its paired difference, the task score, its difference;
+    None where the repair was not run."""
     if repair is None:
-        harm, d, t, dt = ev.rate(f"ft:{name}", "harmful"), "", ev.rate(f"ft:{name}", task) if task else None, ""
-        layers = ""
-    else:
-        entry = comp.get(repair, {}).get(name)
-        if entry is None:
-            return ""
-        harm, t = entry["rate"], entry.get("task_rate")
-        d = _diff(entry["harmful"], entry["harmful"].get("p_holm"))
-        dt = _diff(entry.get("task"))
-        layers = ""
-    return f"| `{name}` | {label} | {_rate(harm)} | {d} | {_rate(t)} | {dt} | {layers}"
+        return [_rate(ev.rate(f"ft:{name}", "harmful")), "", _rate(ev.rate(f"ft:{name}", task) if task else None), ""]
+    entry = comp.get(repair, {}).get(name)
+    if entry is None:
+        return None
+    return [_rate(entry["rate"]), _diff(entry["harmful"], entry["harmful"].get("p_holm")),
+            _rate(entry.get("task_rate")), _diff(entry.get("task"))]
+
+
+def _line(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def table_head(result: dict, ev: Answers, fts: dict, comp: dict) -> str:
@@ -284,17 +285,16 @@ def table_head(result: dict, ev: Answers, fts: dict, comp: dict) -> str:
     for name, f in fts.items():
         if f["arm"] == "stress":
             continue
-        task = f["task"]
-        out.append(_row(ev, comp, "fine-tune", name, task, None) + " |")
-        for repair, label in (("safemerge", "SafeMERGE"), ("random", "random layers"), ("safelora", "SafeLoRA")):
-            row = _row(ev, comp, label, name, task, repair)
-            if row:
-                count = changed.get("random0" if repair == "random" else repair, {}).get(name, "")
-                out.append(row + f" {count} |")
+        for repair, label in ((None, "fine-tune"), ("safemerge", "SafeMERGE"), ("random", "random layers"),
+                              ("safelora", "SafeLoRA")):
+            cells = _cells(ev, comp, name, f["task"], repair)
+            if cells is not None:
+                count = changed.get("random0" if repair == "random" else repair or "", {}).get(name, "")
+                out.append(_line(f"`{name}`", label, *cells, count))
         vr = comp["vs_random"].get(name)
         if vr:
-            out.append(f"| `{name}` | SafeMERGE vs random layers | | {_diff(vr['harmful'], vr['harmful']['p'])} | | "
-                       f"{_diff(vr.get('task'))} | |")
+            out.append(_line(f"`{name}`", "SafeMERGE vs random layers", "", _diff(vr["harmful"], vr["harmful"]["p"]),
+                             "", _diff(vr.get("task")), ""))
     return "\n".join(out)
 
 
@@ -338,11 +338,10 @@ def stress(ev: Answers, fts: dict, comp: dict) -> str:
            "| fine-tune | variant | non-refusal % | vs fine-tune, Holm p | task % | task vs fine-tune |",
            "| --- | --- | --- | --- | --- | --- |"]
     for n in names:
-        out.append(_row(ev, comp, "fine-tune", n, fts[n]["task"], None).rsplit("|", 1)[0] + "|")
-        for repair, label in (("safemerge", "SafeMERGE"), ("safelora", "SafeLoRA")):
-            row = _row(ev, comp, label, n, fts[n]["task"], repair)
-            if row:
-                out.append(row.rsplit("|", 1)[0] + "|")
+        for repair, label in ((None, "fine-tune"), ("safemerge", "SafeMERGE"), ("safelora", "SafeLoRA")):
+            cells = _cells(ev, comp, n, fts[n]["task"], repair)
+            if cells is not None:
+                out.append(_line(f"`{n}`", label, *cells))
     return "\n".join(out)
 
 

@@ -29,14 +29,19 @@ class Variant:
 CHUNK_ANSWERS = 2000  # answers generated per call when answers are cached: what a stopped run loses at most
 
 
-def answers(variants: list[Variant], prompts: list[dict], kind: str, max_new_tokens: int,
-            batch_size: int, cache: Path | None = None, replicas: int = 2) -> list[dict]:
+def decoding(max_new_tokens: int, batch_size: int, replicas: int) -> EvalSpec:
+    """How answers are generated: the package's own evaluation settings (greedy; its generation fields)."""
+    return EvalSpec(harmful_prompts="-", max_new_tokens=max_new_tokens, batch_size=batch_size, replicas=replicas)
+
+
+def answers(variants: list[Variant], prompts: list[dict], kind: str, spec: EvalSpec,
+            cache: Path | None = None) -> list[dict]:
     """Every variant's answer to every prompt ({id, prompt, reference?}) of one set, one row each. With `cache`,
     each variant's answers are kept there as they are made (CHUNK_ANSWERS answers a call), with the fingerprint of the
     adapter's bytes and of the prompts; a rerun, or another profile's run, reuses them while both match: the
     evaluation, the longest stage, resumes where it stopped."""
     rows: list[dict] = []
-    prints = {v.label: _fingerprint(v, prompts, max_new_tokens) for v in variants}
+    prints = {v.label: _fingerprint(v, prompts, spec.max_new_tokens) for v in variants}
     todo = []
     for v in variants:
         kept = _read_cache(cache, v, kind, prints[v.label]) if cache is not None else None
@@ -50,7 +55,7 @@ def answers(variants: list[Variant], prompts: list[dict], kind: str, max_new_tok
         for start in range(0, len(mine), step if cache else len(mine)):
             chunk = mine[start:start + (step if cache else len(mine))]
             begun = time.monotonic()
-            made = _generate(chunk, model, prompts, kind, max_new_tokens, batch_size, replicas)
+            made = _generate(chunk, model, prompts, kind, spec)
             rows += made
             if cache is not None:
                 each = (time.monotonic() - begun) / len(chunk)
@@ -85,11 +90,9 @@ def _read_cache(cache: Path, variant: Variant, kind: str, fingerprint: str) -> l
     return kept["rows"] if kept.get("fingerprint") == fingerprint else None
 
 
-def _generate(variants: list[Variant], model: str, prompts: list[dict], kind: str, max_new_tokens: int,
-              batch_size: int, replicas: int) -> list[dict]:
+def _generate(variants: list[Variant], model: str, prompts: list[dict], kind: str, spec: EvalSpec) -> list[dict]:
     todo = [{"lora": v.lora, "set": kind, "prompt_id": p["id"], "prompt": p["prompt"], "variant": v.label,
              "reference": p.get("reference", "")} for v in variants for p in prompts]
-    spec = EvalSpec(harmful_prompts="-", max_new_tokens=max_new_tokens, batch_size=batch_size, replicas=replicas)
     return generate(spec, model, S3Settings(), todo, [])
 
 
